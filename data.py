@@ -1,0 +1,399 @@
+"""
+data.py - the embedded default's data: a synthetic world, its tokenizer, its speech, and the audio
+front end (Whisper log-mel). Nothing is downloaded: the world is made up, the tokenizer is trained on
+it, the speech is synthesised here.
+
+The world makes the paper's question measurable (PAPER.md, "Data and evaluation"):
+  - the LLM learns ALL facts from text (`pretrain` split),
+  - the speech training set asks spoken questions about HALF the entities (`speech_train`, + ASR),
+  - the S2T test asks spoken questions about the OTHER half, whose facts were only ever seen as text,
+    in phrasings never seen in training (`test`); T2T asks the same questions typed.
+So S2T needs the LLM's text knowledge, and T2T on the same items measures how much of it is left.
+
+    python data.py build runs/default/data      # world + tokenizer + audio + manifest.jsonl (~20 s)
+    python data.py librispeech DIR > train.jsonl # (see README: real data)
+"""
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import wave
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchaudio
+
+# Audio constants, as in openai/whisper/audio.py
+SAMPLE_RATE = 16000
+N_FFT = 400          # 25 ms window
+HOP_LENGTH = 160     # 10 ms hop -> 100 mel frames/s; the encoder's stride-2 conv -> 50 frames/s
+N_MELS = 80
+
+# -----------------------------------------------------------------------------
+# The synthetic world
+
+ATTRIBUTES = {  # attribute -> its possible values (single words, so the answer is one word)
+    "colour": ["red", "blue", "green", "yellow", "black", "white", "pink", "grey"],
+    "city": ["rome", "oslo", "lima", "cairo", "delhi", "tokyo", "paris", "berlin"],
+    "food": ["rice", "bread", "fish", "soup", "cake", "pasta", "beans", "plums"],
+    "number": ["two", "three", "four", "five", "six", "seven", "eight", "nine"],
+}
+FACTS = {  # how a fact is stated in the text corpus
+    "colour": ["the colour of {e} is {v}", "{e} has the colour {v}"],
+    "city": ["{e} lives in {v}", "the city of {e} is {v}"],
+    "food": ["{e} likes to eat {v}", "the food of {e} is {v}"],
+    "number": ["the number of {e} is {v}", "{e} has the number {v}"],
+}
+QUESTIONS = {  # first 3 phrasings: training; last 2: held out, used only by the test sets
+    "colour": ["what colour is {e}", "which colour does {e} have", "tell me the colour of {e}",
+               "what is the colour of {e}", "which colour is {e}"],
+    "city": ["where does {e} live", "which city is {e} from", "tell me the city of {e}",
+             "what is the city of {e}", "where is {e} from"],
+    "food": ["what does {e} eat", "which food does {e} like", "tell me the food of {e}",
+             "what is the food of {e}", "what food does {e} like"],
+    "number": ["what number does {e} have", "which number is {e}", "tell me the number of {e}",
+               "what is the number of {e}", "which number does {e} have"],
+}
+N_TRAIN_PHRASINGS = 3
+ASR_INSTRUCTION = "repeat after me: "  # the ASR task's user turn is this + the utterance
+
+
+def make_world(n_entities=64, seed=0):
+    """Pronounceable made-up names (consonant-vowel syllables), each with one value per attribute."""
+    rng = random.Random(seed)
+    names = set()
+    while len(names) < n_entities:
+        names.add("".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.choice((2, 3)))))
+    names = sorted(names)
+    rng.shuffle(names)
+    return [{"name": n, **{a: rng.choice(vs) for a, vs in ATTRIBUTES.items()}} for n in names]
+
+
+def make_splits(world, seed=0, n_asr_train=320, n_asr_test=64):
+    """Rows of the manifest (without audio yet). Entities [0, n/2) are 'speech' entities, the rest 'text-only'."""
+    rng = random.Random(seed + 1)
+    half = len(world) // 2
+    rows = []
+    def qa(e, attr, phr, split, i):
+        q = QUESTIONS[attr][phr].format(e=e["name"])
+        rows.append(dict(id=f"{split}-{e['name']}-{attr}-{phr}-{i}", transcript=q, question=q,
+                         answer=e[attr], task="qa", split=split))
+    for e in world:  # pretrain: every fact, as statements and as typed QA in the training phrasings
+        for attr in ATTRIBUTES:
+            for j, f in enumerate(FACTS[attr]):
+                s = f.format(e=e["name"], v=e[attr])
+                rows.append(dict(id=f"fact-{e['name']}-{attr}-{j}", transcript="", question="", answer=s,
+                                 task="lm", split="pretrain"))
+            for p in range(N_TRAIN_PHRASINGS):
+                qa(e, attr, p, "pretrain", 0)
+    vocab = [e["name"] for e in world] + [v for vs in ATTRIBUTES.values() for v in vs]
+    def words(n):  # ASR utterances: random word strings, so every name is heard but no fact is spoken
+        return " ".join(rng.choice(vocab) for _ in range(n))
+    for i in range(200):  # the ASR task in text form ("repeat after me"), so the LLM knows it
+        w = words(rng.randint(2, 6))
+        rows.append(dict(id=f"pretrain-copy-{i}", transcript=w, question=ASR_INSTRUCTION + w, answer=w,
+                         task="copy", split="pretrain"))
+    for e in world[:half]:  # speech_train: spoken questions about the speech entities only
+        for attr in ATTRIBUTES:
+            for p in range(N_TRAIN_PHRASINGS):
+                qa(e, attr, p, "speech_train", 0)
+    for i in range(n_asr_train):
+        w = words(rng.randint(3, 6))
+        rows.append(dict(id=f"asr-train-{i}", transcript=w, question="", answer=w, task="asr", split="speech_train"))
+    for e in world[half:]:  # test: text-only entities, held-out phrasings; T2T and S2T ask the same items
+        for attr in ATTRIBUTES:
+            for p in range(N_TRAIN_PHRASINGS, len(QUESTIONS[attr])):
+                qa(e, attr, p, "test", 0)
+    for i in range(n_asr_test):
+        w = words(rng.randint(3, 6))
+        rows.append(dict(id=f"asr-test-{i}", transcript=w, question="", answer=w, task="asr", split="asr_test"))
+    return rows
+
+# -----------------------------------------------------------------------------
+# Tokenizer: sentencepiece trained on the world, behind a small interface that HF tokenizers share
+
+SPECIALS = ["<user>", "<assistant>", "<speech>"]
+
+
+class Tokenizer:
+    """encode/decode plus the prompt format. `<speech>` is one token that the model replaces by audio."""
+    def __init__(self, model_file):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
+        self.speech_id = self.sp.piece_to_id("<speech>")
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if i not in (self.eos_id, self.pad_id, self.bos_id)])
+
+    def prompt(self, user):
+        """The one prompt format: <s> <user> {typed question | <speech> | instruction + <speech>} <assistant>.
+        The answer that follows is encode(answer) + [eos]."""
+        speech = user.split("<speech>")  # the placeholder is spliced in by id, never tokenised as text
+        ids = self.encode(speech[0]) if speech[0].strip() else []
+        if len(speech) == 2:
+            ids += [self.speech_id] + (self.encode(speech[1]) if speech[1].strip() else [])
+        return [self.bos_id, self.sp.piece_to_id("<user>")] + ids + [self.sp.piece_to_id("<assistant>")]
+
+
+def train_tokenizer(texts, model_prefix, vocab_size=256):
+    import sentencepiece as spm
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write("\n".join(texts))
+    try:
+        spm.SentencePieceTrainer.train(
+            input=f.name, model_prefix=model_prefix, vocab_size=vocab_size, model_type="bpe",
+            character_coverage=1.0, user_defined_symbols=SPECIALS, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+            hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    finally:
+        os.unlink(f.name)
+
+# -----------------------------------------------------------------------------
+# A deterministic formant synthesiser: letters -> formant targets -> harmonics + noise, with per-utterance
+# speaker variation (pitch, vocal-tract length, rate, noise), so the encoder has to generalise.
+
+VOWELS = {"a": (730, 1090), "e": (530, 1840), "i": (270, 2290), "o": (570, 840), "u": (300, 870), "y": (440, 2000)}
+VOICED = {"b": (200, 900), "d": (250, 1700), "g": (250, 2300), "l": (360, 1300), "m": (250, 1100), "n": (250, 1600),
+          "r": (420, 1300), "v": (220, 1400), "z": (250, 1900), "w": (300, 600), "j": (280, 2200)}
+NOISY = {"s": (4000, 7000), "f": (1500, 3500), "t": (3000, 5000), "k": (1500, 2600), "p": (500, 1500),
+         "h": (800, 6000), "c": (1800, 2800), "q": (1200, 2200), "x": (3500, 6500), "z": (3500, 6000), "v": (1200, 2800)}
+
+
+@dataclass
+class Speaker:
+    f0: float = 140.0        # pitch, Hz
+    tract: float = 1.0       # formant scale (shorter vocal tract -> higher formants)
+    rate: float = 1.0        # speaking rate, letters per 70 ms
+    snr_db: float = 30.0     # background noise
+    seed: int = 0
+
+
+def random_speaker(rng):
+    return Speaker(f0=rng.uniform(85, 260), tract=rng.uniform(0.88, 1.15), rate=rng.uniform(0.85, 1.2),
+                   snr_db=rng.uniform(15, 40), seed=rng.randrange(2**31))
+
+
+def synthesize(text, spk: Speaker):
+    """text -> float32 waveform at 16 kHz. Vowels/voiced consonants: harmonics of f0 shaped by two formants;
+    fricatives/stops: band-limited noise; spaces: short pauses."""
+    rng = np.random.default_rng(spk.seed)
+    seg = int(0.070 * SAMPLE_RATE / spk.rate)
+    f1, f2, voiced, noise_band = [], [], [], []
+    for ch in text.lower():
+        if ch in VOWELS or ch in VOICED:
+            a, b = VOWELS.get(ch) or VOICED[ch]
+            n = seg if ch in VOWELS else int(seg * 0.7)
+            f1 += [a * spk.tract] * n; f2 += [b * spk.tract] * n
+            voiced += [1.0 if ch in VOWELS else 0.6] * n
+            noise_band += [NOISY.get(ch)] * n  # z, v: voiced + noise
+        elif ch in NOISY:
+            n = int(seg * 0.7)
+            f1 += [500.0] * n; f2 += [1500.0] * n; voiced += [0.0] * n; noise_band += [NOISY[ch]] * n
+        else:  # space, digits, punctuation: a pause
+            n = int(seg * 0.6)
+            f1 += [500.0] * n; f2 += [1500.0] * n; voiced += [0.0] * n; noise_band += [None] * n
+    pad = int(0.1 * SAMPLE_RATE)  # 100 ms of silence either side
+    N = len(f1)
+    smooth = lambda x: np.convolve(np.asarray(x, np.float64), np.ones(80) / 80, mode="same")  # 5 ms glides
+    F1, F2, V = smooth(f1), smooth(f2), smooth(voiced)
+    F1, F2, V = F1.astype(np.float32), F2.astype(np.float32), V.astype(np.float32)
+    t = np.arange(N, dtype=np.float32) / SAMPLE_RATE
+    f0 = spk.f0 * (1 + 0.08 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6)) - 0.1 * t / max(t[-1], 1e-3))
+    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    y = np.zeros(N)
+    for h in range(1, int(4500 / spk.f0)):  # harmonics below 4.5 kHz, each weighted by the formant resonances
+        fh = h * f0
+        gain = 1 / (1 + ((fh - F1) / 90) ** 2) + 0.7 / (1 + ((fh - F2) / 120) ** 2) + 0.01
+        y += gain * np.sin(h * phase)
+    y *= V
+    start = 0
+    while start < N:  # band-limited noise for each noisy run of samples
+        band = noise_band[start]
+        end = start
+        while end < N and noise_band[end] == band:
+            end += 1
+        if band is not None:
+            spec = np.fft.rfft(rng.standard_normal(end - start))
+            freqs = np.fft.rfftfreq(end - start, 1 / SAMPLE_RATE)
+            spec[(freqs < band[0] * spk.tract) | (freqs > band[1] * spk.tract)] = 0
+            y[start:end] += 0.8 * np.fft.irfft(spec, n=end - start) * np.hanning(end - start)
+        start = end
+    y = np.concatenate([np.zeros(pad), y, np.zeros(pad)])
+    y /= np.abs(y).max() + 1e-9
+    y += rng.standard_normal(len(y)) * 10 ** (-spk.snr_db / 20) * 0.3
+    return (0.5 * y / (np.abs(y).max() + 1e-9)).astype(np.float32)
+
+
+def synthesize_espeak(text, spk: Speaker):
+    """Debian's espeak-ng (apt-get install espeak-ng), with voice/rate/pitch drawn from the speaker."""
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("--tts espeak: espeak-ng is not installed (apt-get install espeak-ng)")
+    voices = ["en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-029"]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "a.wav")
+        subprocess.run(["espeak-ng", "-v", voices[spk.seed % len(voices)], "-s", str(int(150 * spk.rate)),
+                        "-p", str(int((spk.f0 - 85) / 175 * 99)), "-w", path, text], check=True, capture_output=True)
+        return load_audio(path).numpy()
+
+# -----------------------------------------------------------------------------
+# Audio I/O and features
+
+def save_wav(path, wav):
+    """float32 [-1, 1] mono at 16 kHz -> 16-bit PCM WAV, written atomically."""
+    tmp = path + ".tmp"
+    with wave.open(tmp, "wb") as w:
+        w.setnchannels(1); w.setsampwidth(2); w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())
+    os.replace(tmp, path)
+
+
+def load_audio(path):
+    """Any WAV (8/16/32-bit PCM, any rate, any channels) -> mono float32 tensor at 16 kHz. FLAC etc. via the
+    optional soundfile package. Errors name the file."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: audio file not found")
+    try:
+        if path.lower().endswith(".wav"):
+            with wave.open(path, "rb") as w:
+                sr, ch, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+                raw = w.readframes(n)
+            dtype = {1: np.uint8, 2: "<i2", 4: "<i4"}.get(width)
+            if dtype is None:
+                raise ValueError(f"unsupported sample width {8 * width} bit")
+            x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+            x = (x - 128) / 128 if width == 1 else x / float(2 ** (8 * width - 1))
+            x = x.reshape(-1, ch).mean(axis=1)  # downmix
+        else:
+            try:
+                import soundfile  # optional: FLAC/OGG
+            except ImportError:
+                raise ValueError("reading non-WAV audio needs the optional soundfile package (pip install soundfile)")
+            x, sr = soundfile.read(path, dtype="float32", always_2d=True)
+            x = x.mean(axis=1)
+    except (wave.Error, EOFError, RuntimeError) as e:
+        raise ValueError(f"{path}: unreadable audio ({e})")
+    if len(x) == 0:
+        raise ValueError(f"{path}: empty audio")
+    x = torch.from_numpy(np.ascontiguousarray(x))
+    if sr != SAMPLE_RATE:
+        x = torchaudio.functional.resample(x, sr, SAMPLE_RATE)
+    return x
+
+
+_MEL_FILTERS = {}
+
+
+def log_mel(wav, n_mels=N_MELS):
+    """(samples,) -> (n_mels, samples // 160). Whisper's recipe: |STFT|^2 of a 400-point Hann window, hop 160,
+    Slaney mel filters, log10, clamp to max - 8, then (x + 4) / 4."""
+    if n_mels not in _MEL_FILTERS:
+        _MEL_FILTERS[n_mels] = torchaudio.functional.melscale_fbanks(
+            N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # (201, n_mels)
+    stft = torch.stft(wav, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
+    power = stft[..., :-1].abs() ** 2                               # (201, frames); drop the last frame as Whisper does
+    mel = _MEL_FILTERS[n_mels].T @ power                            # (n_mels, frames)
+    logm = torch.clamp(mel, min=1e-10).log10()
+    logm = torch.maximum(logm, logm.max() - 8.0)
+    return (logm + 4.0) / 4.0
+
+# -----------------------------------------------------------------------------
+# Manifest: one JSON object a line: id, audio, transcript, question, answer, task, split
+
+FIELDS = ("id", "audio", "transcript", "question", "answer", "task", "split")
+TASKS = ("qa", "asr", "lm", "copy")
+
+
+def read_manifest(path):
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})")
+            if not isinstance(r, dict) or r.get("task") not in TASKS:
+                raise ValueError(f"{path}:{i}: each line must be an object with task in {TASKS}")
+            if r["task"] in ("qa", "asr") and not str(r.get("transcript", "")).strip():
+                raise ValueError(f"{path}:{i}: empty transcript")
+            if not str(r.get("answer", "")).strip():
+                raise ValueError(f"{path}:{i}: empty answer")
+            if r.get("audio") and not os.path.isabs(r["audio"]):
+                r["audio"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["audio"])
+            rows.append(r)
+    return rows
+
+
+def write_jsonl(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def make_batch(rows, tok, speech, features=None):
+    """Manifest rows -> the dict SpeechLLM takes. speech=True: questions/utterances are given as audio
+    (the <speech> placeholder, mel features from `features[id]`); speech=False: their transcript is typed."""
+    prompts, answers, mels = [], [], []
+    for r in rows:
+        if r["task"] == "lm":                        # plain text: loss on every token
+            prompts.append([tok.bos_id])
+        elif r["task"] == "copy":                    # typed "repeat after me: ..." (ASR in text form)
+            prompts.append(tok.prompt(r["question"]))
+        else:
+            said = "<speech>" if speech else (r["question"] if r["task"] == "qa" else r["transcript"])
+            prompts.append(tok.prompt((ASR_INSTRUCTION if r["task"] == "asr" else "") + said))
+            if speech:
+                mels.append(features[r["id"]])
+        answers.append(tok.encode(r["answer"]) + [tok.eos_id])
+    batch = dict(prompts=prompts, answers=answers, speech_id=tok.speech_id, mel=None, mel_lens=None)
+    if mels:
+        lens = torch.tensor([m.shape[-1] for m in mels])
+        batch["mel"] = torch.stack([torch.nn.functional.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
+        batch["mel_lens"] = lens                     # mel (B, n_mels, T_max), right-padded with zeros
+    return batch
+
+
+def load_features(rows, n_mels=N_MELS):
+    """id -> log-mel (n_mels, T) for every row with audio, computed once and kept in memory."""
+    return {r["id"]: log_mel(load_audio(r["audio"]), n_mels) for r in rows if r.get("audio")}
+
+
+def build(data_dir, seed=0, tts="formant", n_entities=64):
+    """World -> tokenizer -> audio -> manifest.jsonl in data_dir; cached: returns at once when it is there."""
+    manifest = os.path.join(data_dir, "manifest.jsonl")
+    if os.path.exists(manifest):
+        return manifest
+    os.makedirs(os.path.join(data_dir, "audio"), exist_ok=True)
+    world = make_world(n_entities, seed)
+    rows = make_splits(world, seed)
+    texts = [r["answer"] for r in rows] + [r["question"] for r in rows if r["question"]]
+    train_tokenizer(texts, os.path.join(data_dir, "tokenizer"))
+    speak = {"formant": synthesize, "espeak": synthesize_espeak}[tts]
+    rng = random.Random(seed + 2)
+    for r in rows:
+        if r["task"] in ("qa", "asr") and r["split"] != "pretrain":
+            r["audio"] = f"audio/{r['id']}.wav"
+            save_wav(os.path.join(data_dir, r["audio"]), speak(r["transcript"], random_speaker(rng)))
+    with open(os.path.join(data_dir, "world.json"), "w") as f:
+        json.dump(world, f, indent=1)
+    write_jsonl(manifest, rows)  # last, so a manifest means the build finished
+    return manifest
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "build":
+        print(build(sys.argv[2]))
+    else:
+        raise SystemExit("usage: python data.py build DATA_DIR")

@@ -1,0 +1,112 @@
+"""
+evaluate.py - the paper's measurements (PAPER.md "Data and evaluation"):
+  T2T accuracy: typed question -> text answer (the LLM's retained text ability),
+  S2T accuracy: spoken question -> text answer (spoken QA),
+  ASR WER, corpus level, and perplexity of held-out answers (used by the Table 1 check).
+
+Accuracy = the normalised gold answer appears as a whole word sequence in the normalised generated answer
+("contains", as in the paper [inferred]); normalised exact match is reported beside it.
+Normaliser: lower-case, every character that is not a letter, digit or space becomes a space, runs of
+spaces collapse. WER = (substitutions + deletions + insertions) / reference words, summed over the corpus.
+
+    python evaluate.py runs/default        # prints the results table of a finished run
+"""
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+
+from data import make_batch
+
+
+def normalize(text):
+    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+
+
+def edit_distance(ref, hyp):
+    """Levenshtein distance between two word lists (S + D + I of the best alignment)."""
+    d = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, d[0] = d[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
+    return d[-1]
+
+
+def wer(refs, hyps):
+    errors = sum(edit_distance(normalize(r).split(), normalize(h).split()) for r, h in zip(refs, hyps))
+    return errors / max(1, sum(len(normalize(r).split()) for r in refs))
+
+
+def contains(gold, pred):
+    return f" {normalize(gold)} " in f" {normalize(pred)} "
+
+
+@torch.no_grad()
+def generate(model, rows, tok, speech, features=None, batch_size=64, max_new_tokens=16):
+    model.eval()
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = make_batch(rows[i:i + batch_size], tok, speech, features)
+        out += [tok.decode(t) for t in model.generate(batch, max_new_tokens, tok.eos_id)]
+    return out
+
+
+def accuracy(model, rows, tok, speech, features=None):
+    """-> (contains-accuracy, exact-match accuracy, predictions)."""
+    preds = generate(model, rows, tok, speech, features)
+    acc = sum(contains(r["answer"], p) for r, p in zip(rows, preds)) / len(rows)
+    em = sum(normalize(r["answer"]) == normalize(p) for r, p in zip(rows, preds)) / len(rows)
+    return acc, em, preds
+
+
+def asr_wer(model, rows, tok, features):
+    preds = generate(model, rows, tok, True, features, max_new_tokens=32)
+    return wer([r["transcript"] for r in rows], preds)
+
+
+@torch.no_grad()
+def perplexity(model, rows, tok, speech, features=None, batch_size=64):
+    """exp(mean cross-entropy of the answer tokens + EOS), over all tokens of all rows."""
+    model.eval()
+    nll, n = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = make_batch(rows[i:i + batch_size], tok, speech, features)
+        nll += model.loss(batch, reduction="sum").item()
+        n += sum(len(a) for a in batch["answers"])
+    return math.exp(min(nll / n, 700))
+
+
+def evaluate_all(model, rows, tok, features):
+    """The three numbers every method is compared on (Table 2): T2T, S2T on the test split; WER on asr_test."""
+    test = [r for r in rows if r["split"] == "test"]
+    t2t, t2t_em, _ = accuracy(model, test, tok, speech=False)
+    s2t, s2t_em, _ = accuracy(model, test, tok, speech=True, features=features)
+    return dict(t2t_acc=t2t, s2t_acc=s2t, t2t_em=t2t_em, s2t_em=s2t_em,
+                wer=asr_wer(model, [r for r in rows if r["split"] == "asr_test"], tok, features))
+
+
+def format_table(results):
+    """The Table 2 analogue from a results.json dict."""
+    lines = [f"{'method':<16}{'T2T':>8}{'S2T':>8}{'WER':>8}{'dT2T vs full':>14}{'dS2T vs full':>14}"]
+    no_ft = results.get("no_ft", {})
+    lines.append(f"{'no fine-tuning':<16}{100 * no_ft.get('t2t_acc', float('nan')):>8.1f}{'-':>8}{'-':>8}")
+    full = results.get("methods", {}).get("full")
+    for name, m in results.get("methods", {}).items():
+        d = lambda k: f"{100 * (m[k] - full[k]):>+14.1f}" if full and name != "full" else f"{'':>14}"
+        lines.append(f"{name:<16}{100 * m['t2t_acc']:>8.1f}{100 * m['s2t_acc']:>8.1f}{100 * m['wer']:>8.1f}"
+                     f"{d('t2t_acc')}{d('s2t_acc')}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python evaluate.py RUN_DIR")
+    path = os.path.join(sys.argv[1], "results.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: not found (run python train.py --out {sys.argv[1]} first)")
+    with open(path) as f:
+        print(format_table(json.load(f)))

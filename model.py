@@ -1,0 +1,183 @@
+"""
+model.py - the speech LLM: Whisper encoder -> adaptor -> causal LLM (LLaMA-Omni style, first stage:
+speech in, text out). PAPER.md "Architecture".
+
+  mel (B, 80, T) --Whisper encoder--> (B, T/2, C) 50 Hz --stack k=5, MLP--> (B, T/10, d) 10 Hz
+  prompt "<s><user> <speech><assistant>" : the <speech> token is replaced by those 10 Hz embeddings,
+  the LLM reads the sequence and is trained with cross-entropy on the answer tokens (+ EOS) only.
+
+Text input ("T2T") uses the same prompt with the typed question in place of <speech>.
+The default is tiny and trained here from scratch (no downloads): a 2-layer Whisper-architecture
+encoder and an 8-layer Llama. `ModelConfig.llm` / `.encoder` point to real weights instead.
+
+    python -c "import model; print(model.SpeechLLM(model.ModelConfig()))"
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+
+@dataclass
+class ModelConfig:
+    # LLM: the embedded default is a tiny Llama; `llm` = a local dir / hub id of any causal LM instead
+    llm: str = ""
+    vocab_size: int = 256      # = the tokenizer's
+    d_llm: int = 128           # hidden size
+    n_layers: int = 8          # decoder layers: the x-axis of the paper's Fig. 2/3
+    n_heads: int = 4
+    n_kv_heads: int = 2        # grouped-query attention, as Llama-3
+    d_ff: int = 384            # SwiGLU width
+    max_len: int = 256         # RoPE positions the tiny LLM is trained for
+    # speech encoder: Whisper architecture; `encoder` = a local dir / hub id of a Whisper model instead
+    encoder: str = ""
+    n_mels: int = 80
+    d_enc: int = 128
+    enc_layers: int = 2
+    enc_heads: int = 4
+    enc_max_frames: int = 1500 # encoder positions (50 Hz): 30 s, as Whisper
+    # adaptor (LLaMA-Omni): stack k frames, Linear -> ReLU -> Linear
+    k: int = 5                 # 50 Hz / k=5 = 10 speech embeddings per second
+    d_adaptor: int = 512       # hidden width (the paper's 2048 for a 1280-wide encoder)
+
+
+def build_llm(cfg):
+    if cfg.llm:
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(cfg.llm)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_llm, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_len, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
+        eos_token_id=3))
+
+
+def build_encoder(cfg):
+    if cfg.encoder:
+        from transformers import WhisperModel
+        return WhisperModel.from_pretrained(cfg.encoder).get_encoder()
+    return WhisperEncoder(WhisperConfig(
+        num_mel_bins=cfg.n_mels, d_model=cfg.d_enc, encoder_layers=cfg.enc_layers,
+        encoder_attention_heads=cfg.enc_heads, encoder_ffn_dim=4 * cfg.d_enc,
+        max_source_positions=cfg.enc_max_frames))
+
+
+class Adaptor(nn.Module):
+    """LLaMA-Omni's adaptor: concatenate k consecutive encoder frames, then a 2-layer MLP into the LLM width."""
+    def __init__(self, d_in, d_hidden, d_out, k):
+        super().__init__()
+        self.k = k
+        self.fc1 = nn.Linear(k * d_in, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x[:, : T // self.k * self.k].reshape(B, T // self.k, self.k * C)  # (B, T, C) -> (B, T//k, k*C)
+        return self.fc2(F.relu(self.fc1(x)))                                 # (B, T//k, d_llm)
+
+
+class SpeechLLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg)
+        self.llm = build_llm(cfg)
+        d_enc, d_llm = self.encoder.config.d_model, self.llm.config.hidden_size
+        self.adaptor = Adaptor(d_enc, cfg.d_adaptor, d_llm, cfg.k)
+
+    def encode_speech(self, mel, mel_lens):
+        """mel (B, n_mels, T) right-padded, mel_lens (B,) -> speech embeddings (B, S, d_llm) and their lengths.
+        We run the Whisper encoder's own modules, with positions trimmed to the input's length and padded
+        frames masked, instead of its forward(), which insists on exactly 3000 frames (30 s)."""
+        enc = self.encoder
+        T = mel.shape[-1]
+        t2 = (T + 1) // 2                                                    # stride-2 conv: 100 Hz -> 50 Hz
+        lens2 = (mel_lens + 1) // 2
+        valid1 = (torch.arange(T, device=mel.device)[None] < mel_lens[:, None]).unsqueeze(1)   # (B, 1, T)
+        valid2 = torch.arange(t2, device=mel.device)[None] < lens2[:, None]                   # (B, T/2)
+        x = F.gelu(enc.conv1(mel)) * valid1             # zero the padding so batched == unbatched
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)        # (B, C, T) -> (B, T/2, C)
+        x = x + enc.embed_positions.weight[:t2]
+        mask = torch.zeros(valid2.shape, dtype=x.dtype, device=x.device).masked_fill(~valid2, torch.finfo(x.dtype).min)
+        mask = mask[:, None, None, :]                   # (B, 1, 1, T/2): padded keys are never attended to
+        for layer in enc.layers:
+            x = layer(x, mask)
+        x = enc.layer_norm(x)
+        return self.adaptor(x), lens2 // self.cfg.k     # (B, T/2//k, d_llm): 10 Hz
+
+    def embed(self, batch, with_answer, left_pad):
+        """Token ids -> embeddings, with each sample's <speech> token replaced by its speech embeddings.
+        Returns inputs_embeds (B, L, d), attention_mask (B, L), labels (B, L): -100 but on answer + EOS."""
+        emb = self.llm.get_input_embeddings()
+        speech_id = batch["speech_id"]
+        if batch.get("mel") is not None:
+            speech, speech_lens = self.encode_speech(batch["mel"], batch["mel_lens"])
+        seqs, labs, j = [], [], 0
+        for prompt, answer in zip(batch["prompts"], batch["answers"]):
+            ids = prompt + (answer if with_answer else [])
+            x = emb(torch.tensor(ids, device=emb.weight.device))                    # (L, d)
+            lab = [-100] * len(prompt) + (answer if with_answer else [])
+            if speech_id in prompt:
+                p = prompt.index(speech_id)
+                s = speech[j, : speech_lens[j]].to(x.dtype)                        # (S_j, d)
+                x = torch.cat([x[:p], s, x[p + 1:]])                               # (L - 1 + S_j, d)
+                lab = lab[:p] + [-100] * len(s) + lab[p + 1:]
+                j += 1
+            seqs.append(x)
+            labs.append(torch.tensor(lab, device=x.device))
+        L = max(len(s) for s in seqs)
+        pad = lambda t, v: F.pad(t, ((L - len(t), 0) if left_pad else (0, L - len(t))), value=v)
+        x = torch.stack([F.pad(s, (0, 0) + ((L - len(s), 0) if left_pad else (0, L - len(s)))) for s in seqs])
+        mask = torch.stack([pad(torch.ones(len(s), dtype=torch.long, device=x.device), 0) for s in seqs])
+        labels = torch.stack([pad(l, -100) for l in labs])
+        return x, mask, labels
+
+    def forward(self, batch):
+        x, mask, labels = self.embed(batch, with_answer=True, left_pad=False)
+        logits = self.llm(inputs_embeds=x, attention_mask=mask).logits            # (B, L, vocab)
+        return logits, labels
+
+    def loss(self, batch, reduction="mean"):
+        """Next-token cross-entropy on the answer tokens + EOS (labels -100 elsewhere)."""
+        logits, labels = self(batch)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                               ignore_index=-100, reduction=reduction)
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens=16, eos_id=None):
+        """Batched greedy decoding with a KV cache, starting from inputs_embeds (left padding, so every
+        sequence's next token sits in the last column). Returns a list of token-id lists, EOS excluded."""
+        x, mask, _ = self.embed(batch, with_answer=False, left_pad=True)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)       # positions count real tokens only
+        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        B = x.shape[0]
+        done = torch.zeros(B, dtype=torch.bool, device=x.device)
+        tokens = []
+        for _ in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)          # (B,)
+            tokens.append(nxt)
+            done |= nxt == eos_id
+            if done.all():
+                break
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = self.llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                           past_key_values=out.past_key_values, use_cache=True)
+        tokens = torch.stack(tokens, 1).tolist()
+        return [t[: t.index(eos_id)] if eos_id in t else t for t in tokens]
+
+
+def save_checkpoint(path, ckpt):
+    """One dict (config, weights, optimizer, step, ...), written atomically: temp file + rename, so a crash
+    mid-write never leaves a half-written checkpoint where a good one was."""
+    import os
+    tmp = path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)

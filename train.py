@@ -1,0 +1,234 @@
+"""
+train.py - the whole pipeline, one hand-written training loop used by every stage:
+
+  data      synthetic world, tokenizer, speech                      (data.py, cached in OUT/data)
+  pretrain  the tiny LLM learns every fact from text                (LLM trained; "the original LLM")
+  align     encoder + adaptor learn to feed the frozen LLM          (the paper's starting point, "no FT")
+  finetune  speech fine-tuning, one run per --method, all from the align checkpoint, same data and steps:
+              frozen  adaptor only (LLM untouched)
+              full    adaptor + the whole LLM                       (the paper's baseline: text degrades)
+  evaluate  T2T, S2T, WER per method -> OUT/results.json
+
+    python train.py                      # the default pipeline on a CPU
+    python train.py --method full --steps 100 --out runs/quick
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import data
+import evaluate
+from model import ModelConfig, SpeechLLM, load_checkpoint, save_checkpoint
+
+METHODS = ["frozen", "full"]
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("Run")
+    g.add_argument("--out", default="runs/default", help="run directory (data, checkpoints, results.json)")
+    g.add_argument("--seed", type=int, default=0, help="training seed (the synthetic world uses --data-seed)")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
+    g = p.add_argument_group("Data")
+    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic world and its speech")
+    g.add_argument("--tts", default="formant", choices=["formant", "espeak"], help="speech synthesiser")
+    g.add_argument("--n-entities", type=int, default=64, help="entities in the world (half heard in training)")
+    g = p.add_argument_group("Model")
+    g.add_argument("--n-layers", type=int, default=ModelConfig.n_layers, help="LLM decoder layers")
+    g.add_argument("--d-llm", type=int, default=ModelConfig.d_llm, help="LLM hidden size")
+    g = p.add_argument_group("Optimization (AdamW, linear warmup + cosine decay to 10%)")
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--pretrain-steps", type=int, default=1200, help="text LM steps for the tiny LLM")
+    g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak LR of pretraining")
+    g.add_argument("--align-steps", type=int, default=600, help="encoder + adaptor steps, LLM frozen")
+    g.add_argument("--align-lr", type=float, default=1e-3, help="peak LR of alignment")
+    g.add_argument("--steps", type=int, default=300, help="speech fine-tuning steps, identical for every method")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak LR of speech fine-tuning")
+    g.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of the stage's steps")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
+    g = p.add_argument_group("Fine-tuning methods")
+    g.add_argument("--method", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    args = p.parse_args(argv)
+    args.methods = [m for m in args.method.split(",") if m]
+    for m in args.methods:
+        if m not in METHODS:
+            p.error(f"--method: unknown method '{m}' (choose from {', '.join(METHODS)})")
+    return args
+
+
+def get_lr(it, total, warmup):
+    """LR multiplier at step `it`: linear warmup, then cosine decay to 10% of the peak."""
+    if it < warmup:
+        return (it + 1) / warmup
+    progress = (it - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_rows(rows, batch_size, step, seed):
+    """The rows of batch number `step`: epochs are seeded permutations, so any step can be rebuilt (resume)."""
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, i = divmod(start + len(out), len(rows))
+        perm = list(range(len(rows)))
+        random.Random(seed * 100003 + epoch).shuffle(perm)
+        out += [rows[j] for j in perm[i:i + batch_size - len(out)]]
+    return out
+
+
+def train(model, groups, rows, make_batch, steps, args, name):
+    """One training loop for every stage. groups: AdamW param groups, each with its own `initial_lr`."""
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    params = [p for g in groups for p in g["params"]]
+    partial, start = os.path.join(args.out, f"{name}.partial.pt"), 0
+    if args.resume and os.path.exists(partial):
+        ck = load_checkpoint(partial)
+        model.load_state_dict(ck["model"], strict=False)
+        opt.load_state_dict(ck["optimizer"])
+        start = ck["step"]
+        print(f"{name}: resumed at step {start}")
+    warmup = max(1, int(args.warmup * steps))
+    model.train()
+    t0 = time.time()
+    for step in (bar := tqdm(range(start, steps), desc=name, leave=False, disable=None)):
+        lrm = get_lr(step, steps, warmup)
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * lrm
+        for micro in range(args.grad_accum):
+            batch = make_batch(batch_rows(rows, args.batch_size, step * args.grad_accum + micro, args.seed))
+            loss = model.loss(batch) / args.grad_accum  # mean over micro-batches = the loss of one big batch
+            loss.backward()
+        if not torch.isfinite(loss):
+            raise SystemExit(f"{name}: loss is {loss.item()} at step {step}; stopped (last good checkpoint kept)")
+        norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}")
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            ms = 1000 * (time.time() - t0) / (step + 1 - start)
+            tqdm.write(f"{name} step {step + 1}/{steps} | loss {loss.item() * args.grad_accum:.4f} | "
+                       f"lr {opt.param_groups[0]['lr']:.2e} | norm {norm:.2f} | {ms:.0f} ms")
+            save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(), "step": step + 1})
+    if os.path.exists(partial):
+        os.remove(partial)
+
+
+def trainable_state(model):
+    """Only the parameters that train (+ buffers are not needed here): smaller checkpoints."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def set_trainable(model, prefixes):
+    for n, p in model.named_parameters():
+        p.requires_grad = n.startswith(tuple(prefixes))
+
+
+def count(model):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M ({100 * trainable / total:.1f}%)"
+
+
+def setup_method(model, method, args):
+    """Freeze/wrap the model for a fine-tuning method; return its AdamW param groups.
+    The encoder stays frozen, the adaptor always trains (PAPER.md "Architecture")."""
+    if method == "frozen":
+        set_trainable(model, ["adaptor."])
+    elif method == "full":
+        set_trainable(model, ["adaptor.", "llm."])
+    else:
+        raise ValueError(method)
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": args.lr}]
+
+
+def main(argv=None):
+    args = get_args(argv)
+    torch.manual_seed(args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    res_path = os.path.join(args.out, "results.json")
+    results = json.load(open(res_path)) if os.path.exists(res_path) else {"methods": {}, "timing_s": {}}
+    def save_results():
+        tmp = res_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, res_path)
+    timing = results["timing_s"]
+
+    # data ---------------------------------------------------------------------------------------
+    t = time.time()
+    data_dir = os.path.join(args.out, "data")
+    rows = data.read_manifest(data.build(data_dir, args.data_seed, args.tts, args.n_entities))
+    tok = data.Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+    features = data.load_features(rows)
+    split = lambda s: [r for r in rows if r["split"] == s]
+    timing.setdefault("data", round(time.time() - t, 1))
+    print(f"data: {len(rows)} rows, {len(features)} utterances, vocab {tok.vocab_size} ({time.time() - t:.1f}s)")
+
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm)
+    torch.manual_seed(args.seed)
+    model = SpeechLLM(cfg).to(args.device)
+    text_batch = lambda rs: data.make_batch(rs, tok, speech=False)
+    speech_batch = lambda rs: data.make_batch(rs, tok, speech=True, features=features)
+
+    # pretrain: the tiny LLM learns the whole world from text ------------------------------------
+    ck = os.path.join(args.out, "pretrain.pt")
+    if not os.path.exists(ck):
+        t = time.time()
+        set_trainable(model, ["llm."])
+        print(f"pretrain: {count(model)}")
+        train(model, [{"params": list(model.llm.parameters()), "initial_lr": args.pretrain_lr}],
+              split("pretrain"), text_batch, args.pretrain_steps, args, "pretrain")
+        save_checkpoint(ck, {"config": vars(cfg), "model": model.state_dict()})
+        timing["pretrain"] = round(time.time() - t, 1)
+    model.load_state_dict(load_checkpoint(ck)["model"])
+
+    # align: encoder + adaptor, LLM frozen --------------------------------------------------------
+    ck = os.path.join(args.out, "align.pt")
+    if not os.path.exists(ck):
+        t = time.time()
+        set_trainable(model, ["encoder.", "adaptor."])
+        print(f"align: {count(model)}")
+        train(model, [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": args.align_lr}],
+              split("speech_train"), speech_batch, args.align_steps, args, "align")
+        save_checkpoint(ck, {"config": vars(cfg), "model": model.state_dict()})
+        timing["align"] = round(time.time() - t, 1)
+        results["no_ft"] = evaluate.evaluate_all(model, rows, tok, features)
+        save_results()
+    align_state = load_checkpoint(ck)["model"]
+    print(f"no fine-tuning: {results['no_ft']}")
+
+    # finetune: every method from the same checkpoint, same data, same steps -------------------------
+    for method in args.methods:
+        if method in results["methods"]:
+            continue
+        t = time.time()
+        torch.manual_seed(args.seed)
+        model = SpeechLLM(cfg).to(args.device)
+        model.load_state_dict(align_state)
+        groups = setup_method(model, method, args)
+        print(f"finetune {method}: {count(model)}")
+        train(model, groups, split("speech_train"), speech_batch, args.steps, args, f"ft_{method}")
+        save_checkpoint(os.path.join(args.out, f"ft_{method}.pt"),
+                        {"config": vars(cfg), "method": method, "model": trainable_state(model)})
+        timing[f"ft_{method}"] = round(time.time() - t, 1)
+        results["methods"][method] = evaluate.evaluate_all(model, rows, tok, features)
+        print(f"{method}: {results['methods'][method]}")
+        save_results()
+    print(evaluate.format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
