@@ -14,7 +14,6 @@ So S2T needs the LLM's text knowledge, and T2T on the same items measures how mu
     python data.py librispeech DIR > train.jsonl # (see README: real data)
 """
 import json
-import math
 import os
 import random
 import shutil
@@ -74,9 +73,10 @@ def make_world(n_entities=64, seed=0):
     return [{"name": n, **{a: rng.choice(vs) for a, vs in ATTRIBUTES.items()}} for n in names]
 
 
-def make_splits(world, seed=0, n_asr_train=320, n_asr_test=64):
+def make_splits(world, seed=0):
     """Rows of the manifest (without audio yet). Entities [0, n/2) are 'speech' entities, the rest 'text-only'."""
     rng = random.Random(seed + 1)
+    n_asr_train, n_asr_test, n_copy = 5 * len(world), len(world), 3 * len(world)
     half = len(world) // 2
     rows = []
     def qa(e, attr, phr, split, i):
@@ -94,7 +94,7 @@ def make_splits(world, seed=0, n_asr_train=320, n_asr_test=64):
     vocab = [e["name"] for e in world] + [v for vs in ATTRIBUTES.values() for v in vs]
     def words(n):  # ASR utterances: random word strings, so every name is heard but no fact is spoken
         return " ".join(rng.choice(vocab) for _ in range(n))
-    for i in range(200):  # the ASR task in text form ("repeat after me"), so the LLM knows it
+    for i in range(n_copy):  # the ASR task in text form ("repeat after me"), so the LLM knows it
         w = words(rng.randint(2, 6))
         rows.append(dict(id=f"pretrain-copy-{i}", transcript=w, question=ASR_INSTRUCTION + w, answer=w,
                          task="copy", split="pretrain"))
@@ -342,9 +342,10 @@ def write_jsonl(path, rows):
     os.replace(tmp, path)
 
 
-def make_batch(rows, tok, speech, features=None):
+def make_batch(rows, tok, speech, features=None, encoded=False):
     """Manifest rows -> the dict SpeechLLM takes. speech=True: questions/utterances are given as audio
-    (the <speech> placeholder, mel features from `features[id]`); speech=False: their transcript is typed."""
+    (the <speech> placeholder, features[id] = mel (n_mels, T), or encoder states (C, T/2) when encoded=True);
+    speech=False: their transcript is typed in its place."""
     prompts, answers, mels = [], [], []
     for r in rows:
         if r["task"] == "lm":                        # plain text: loss on every token
@@ -357,11 +358,11 @@ def make_batch(rows, tok, speech, features=None):
             if speech:
                 mels.append(features[r["id"]])
         answers.append(tok.encode(r["answer"]) + [tok.eos_id])
-    batch = dict(prompts=prompts, answers=answers, speech_id=tok.speech_id, mel=None, mel_lens=None)
+    batch = dict(prompts=prompts, answers=answers, speech_id=tok.speech_id, speech=None, encoded=encoded)
     if mels:
         lens = torch.tensor([m.shape[-1] for m in mels])
-        batch["mel"] = torch.stack([torch.nn.functional.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
-        batch["mel_lens"] = lens                     # mel (B, n_mels, T_max), right-padded with zeros
+        batch["speech"] = torch.stack([torch.nn.functional.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
+        batch["speech_lens"] = lens                  # (B, n_mels or C, T_max), right-padded with zeros
     return batch
 
 

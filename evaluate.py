@@ -19,7 +19,6 @@ import sys
 
 import torch
 
-from data import make_batch
 
 
 def normalize(text):
@@ -46,47 +45,43 @@ def contains(gold, pred):
 
 
 @torch.no_grad()
-def generate(model, rows, tok, speech, features=None, batch_size=64, max_new_tokens=16):
+def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):
+    """make: rows -> batch (data.make_batch with the input modality bound: typed or spoken)."""
     model.eval()
     out = []
     for i in range(0, len(rows), batch_size):
-        batch = make_batch(rows[i:i + batch_size], tok, speech, features)
-        out += [tok.decode(t) for t in model.generate(batch, max_new_tokens, tok.eos_id)]
+        out += [tok.decode(t) for t in model.generate(make(rows[i:i + batch_size]), max_new_tokens, tok.eos_id)]
     return out
 
 
-def accuracy(model, rows, tok, speech, features=None):
+def accuracy(model, rows, make, tok):
     """-> (contains-accuracy, exact-match accuracy, predictions)."""
-    preds = generate(model, rows, tok, speech, features)
+    preds = generate(model, rows, make, tok)
     acc = sum(contains(r["answer"], p) for r, p in zip(rows, preds)) / len(rows)
     em = sum(normalize(r["answer"]) == normalize(p) for r, p in zip(rows, preds)) / len(rows)
     return acc, em, preds
 
 
-def asr_wer(model, rows, tok, features):
-    preds = generate(model, rows, tok, True, features, max_new_tokens=32)
-    return wer([r["transcript"] for r in rows], preds)
-
-
 @torch.no_grad()
-def perplexity(model, rows, tok, speech, features=None, batch_size=64):
+def perplexity(model, rows, make, batch_size=64):
     """exp(mean cross-entropy of the answer tokens + EOS), over all tokens of all rows."""
     model.eval()
     nll, n = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        batch = make_batch(rows[i:i + batch_size], tok, speech, features)
+        batch = make(rows[i:i + batch_size])
         nll += model.loss(batch, reduction="sum").item()
         n += sum(len(a) for a in batch["answers"])
     return math.exp(min(nll / n, 700))
 
 
-def evaluate_all(model, rows, tok, features):
-    """The three numbers every method is compared on (Table 2): T2T, S2T on the test split; WER on asr_test."""
+def evaluate_all(model, rows, tok, make_text, make_speech):
+    """The numbers every method is compared on (Table 2): T2T and S2T on the test split, WER on asr_test."""
     test = [r for r in rows if r["split"] == "test"]
-    t2t, t2t_em, _ = accuracy(model, test, tok, speech=False)
-    s2t, s2t_em, _ = accuracy(model, test, tok, speech=True, features=features)
-    return dict(t2t_acc=t2t, s2t_acc=s2t, t2t_em=t2t_em, s2t_em=s2t_em,
-                wer=asr_wer(model, [r for r in rows if r["split"] == "asr_test"], tok, features))
+    asr = [r for r in rows if r["split"] == "asr_test"]
+    t2t, t2t_em, _ = accuracy(model, test, make_text, tok)
+    s2t, s2t_em, _ = accuracy(model, test, make_speech, tok)
+    hyps = generate(model, asr, make_speech, tok, max_new_tokens=32)
+    return dict(t2t_acc=t2t, s2t_acc=s2t, wer=wer([r["transcript"] for r in asr], hyps), t2t_em=t2t_em, s2t_em=s2t_em)
 
 
 def format_table(results):

@@ -88,8 +88,8 @@ class SpeechLLM(nn.Module):
         d_enc, d_llm = self.encoder.config.d_model, self.llm.config.hidden_size
         self.adaptor = Adaptor(d_enc, cfg.d_adaptor, d_llm, cfg.k)
 
-    def encode_speech(self, mel, mel_lens):
-        """mel (B, n_mels, T) right-padded, mel_lens (B,) -> speech embeddings (B, S, d_llm) and their lengths.
+    def run_encoder(self, mel, mel_lens):
+        """mel (B, n_mels, T) right-padded, mel_lens (B,) -> encoder states (B, C, T/2) at 50 Hz and their lengths.
         We run the Whisper encoder's own modules, with positions trimmed to the input's length and padded
         frames masked, instead of its forward(), which insists on exactly 3000 frames (30 s)."""
         enc = self.encoder
@@ -105,16 +105,39 @@ class SpeechLLM(nn.Module):
         mask = mask[:, None, None, :]                   # (B, 1, 1, T/2): padded keys are never attended to
         for layer in enc.layers:
             x = layer(x, mask)
-        x = enc.layer_norm(x)
-        return self.adaptor(x), lens2 // self.cfg.k     # (B, T/2//k, d_llm): 10 Hz
+        return enc.layer_norm(x).transpose(1, 2), lens2  # (B, C, T/2), channels first like the mel input
+
+    def encode_speech(self, batch):
+        """-> speech embeddings (B, S, d_llm) at 10 Hz and their lengths S_i. The batch holds mel features, or
+        (batch["encoded"]) encoder states precomputed once while the encoder is frozen (see precompute_encoder)."""
+        dev = self.adaptor.fc1.weight.device
+        h, lens = batch["speech"].to(dev), batch["speech_lens"].to(dev)
+        if not batch.get("encoded"):
+            h, lens = self.run_encoder(h, lens)
+        return self.adaptor(h.transpose(1, 2)), lens // self.cfg.k   # (B, T/2, C) -> (B, T/2//k, d_llm)
+
+    @torch.no_grad()
+    def precompute_encoder(self, features, batch_size=64):
+        """{id: mel (n_mels, T)} -> {id: encoder states (C, T/2)}: the encoder is frozen during fine-tuning,
+        so its outputs never change and need computing only once (identical to running it every step)."""
+        self.encoder.eval()
+        out, ids = {}, list(features)
+        for i in range(0, len(ids), batch_size):
+            mels = [features[j] for j in ids[i:i + batch_size]]
+            lens = torch.tensor([m.shape[-1] for m in mels])
+            mel = torch.stack([F.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])
+            dev = next(self.parameters()).device
+            h, lens2 = self.run_encoder(mel.to(dev), lens.to(dev))
+            out.update({j: h[b, :, : lens2[b]].cpu() for b, j in enumerate(ids[i:i + batch_size])})
+        return out
 
     def embed(self, batch, with_answer, left_pad):
         """Token ids -> embeddings, with each sample's <speech> token replaced by its speech embeddings.
         Returns inputs_embeds (B, L, d), attention_mask (B, L), labels (B, L): -100 but on answer + EOS."""
         emb = self.llm.get_input_embeddings()
         speech_id = batch["speech_id"]
-        if batch.get("mel") is not None:
-            speech, speech_lens = self.encode_speech(batch["mel"], batch["mel_lens"])
+        if batch.get("speech") is not None:
+            speech, speech_lens = self.encode_speech(batch)
         seqs, labs, j = [], [], 0
         for prompt, answer in zip(batch["prompts"], batch["answers"]):
             ids = prompt + (answer if with_answer else [])
@@ -165,7 +188,7 @@ class SpeechLLM(nn.Module):
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             pos = pos[:, -1:] + 1
             out = self.llm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
-                           past_key_values=out.past_key_values, use_cache=True)
+                           cache=out.cache, use_cache=True)  # `cache` was `past_key_values` before transformers 5.2x
         tokens = torch.stack(tokens, 1).tolist()
         return [t[: t.index(eos_id)] if eos_id in t else t for t in tokens]
 

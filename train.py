@@ -5,9 +5,12 @@ train.py - the whole pipeline, one hand-written training loop used by every stag
   pretrain  the tiny LLM learns every fact from text                (LLM trained; "the original LLM")
   align     encoder + adaptor learn to feed the frozen LLM          (the paper's starting point, "no FT")
   finetune  speech fine-tuning, one run per --method, all from the align checkpoint, same data and steps:
-              frozen  adaptor only (LLM untouched)
-              full    adaptor + the whole LLM                       (the paper's baseline: text degrades)
-  evaluate  T2T, S2T, WER per method -> OUT/results.json
+              frozen         adaptor only (LLM untouched)
+              full           adaptor + the whole LLM                (the paper's baseline: text degrades)
+              layer_lr       full, with Eq. 3 per-layer LRs from the original LLM's textual importance
+              lora           adaptor + LoRA on q,k,v,o,gate,up,down, LLM frozen
+              lora_layer_lr  LoRA with Eq. 3 per-layer LRs (ours, not in the paper)
+  evaluate  T2T, S2T, WER per method; importance before/after -> OUT/results.json, OUT/importance.json
 
     python train.py                      # the default pipeline on a CPU
     python train.py --method full --steps 100 --out runs/quick
@@ -17,7 +20,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 
 import torch
@@ -25,9 +27,11 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import importance as imp
+import lora
 from model import ModelConfig, SpeechLLM, load_checkpoint, save_checkpoint
 
-METHODS = ["frozen", "full"]
+METHODS = ["frozen", "full", "layer_lr", "lora", "lora_layer_lr"]
 
 
 def get_args(argv=None):
@@ -52,14 +56,30 @@ def get_args(argv=None):
     g.add_argument("--align-steps", type=int, default=600, help="encoder + adaptor steps, LLM frozen")
     g.add_argument("--align-lr", type=float, default=1e-3, help="peak LR of alignment")
     g.add_argument("--steps", type=int, default=300, help="speech fine-tuning steps, identical for every method")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak LR of speech fine-tuning")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak LR of speech fine-tuning (full, layer_lr)")
+    g.add_argument("--lora-lr", type=float, default=2e-3, help="peak LR of the LoRA methods (see README)")
     g.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of the stage's steps")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines")
     g = p.add_argument_group("Fine-tuning methods")
     g.add_argument("--method", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    g.add_argument("--lora-r", type=int, default=8, help="LoRA rank r (the paper: 8 for 1B, 16 for 8B)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2r, as the paper)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
+    g.add_argument("--lora-targets", default=",".join(lora.TARGETS), help="comma list of Linear names to adapt")
+    g.add_argument("--lam", type=float, default=0.4, help="λ of Eq. 3: the most text-important layer trains at 1-λ")
+    g = p.add_argument_group("Importance analysis")
+    g.add_argument("--calib-frac", type=float, default=1 / 30, help="calibration share of the speech training set")
+    g.add_argument("--importance-kind", default="taylor", choices=list(imp.KINDS), help="importance estimator")
     args = p.parse_args(argv)
+    if args.lora_r < 1:
+        p.error(f"--lora-r: must be >= 1, got {args.lora_r}")
+    if not 0 < args.calib_frac <= 1:
+        p.error(f"--calib-frac: must be in (0, 1], got {args.calib_frac}")
+    if not 0 <= args.lam <= 1:
+        p.error(f"--lam: must be in [0, 1], got {args.lam}")
+    args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
     args.methods = [m for m in args.method.split(",") if m]
     for m in args.methods:
         if m not in METHODS:
@@ -100,7 +120,7 @@ def train(model, groups, rows, make_batch, steps, args, name):
         print(f"{name}: resumed at step {start}")
     warmup = max(1, int(args.warmup * steps))
     model.train()
-    t0 = time.time()
+    t0, losses = time.time(), []
     for step in (bar := tqdm(range(start, steps), desc=name, leave=False, disable=None)):
         lrm = get_lr(step, steps, warmup)
         for g in opt.param_groups:
@@ -114,7 +134,8 @@ def train(model, groups, rows, make_batch, steps, args, name):
         norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item() * args.grad_accum:.3f}")
+        losses.append(loss.item() * args.grad_accum)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
             tqdm.write(f"{name} step {step + 1}/{steps} | loss {loss.item() * args.grad_accum:.4f} | "
@@ -122,6 +143,7 @@ def train(model, groups, rows, make_batch, steps, args, name):
             save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(), "step": step + 1})
     if os.path.exists(partial):
         os.remove(partial)
+    return losses
 
 
 def trainable_state(model):
@@ -141,16 +163,35 @@ def count(model):
     return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M ({100 * trainable / total:.1f}%)"
 
 
-def setup_method(model, method, args):
-    """Freeze/wrap the model for a fine-tuning method; return its AdamW param groups.
-    The encoder stays frozen, the adaptor always trains (PAPER.md "Architecture")."""
-    if method == "frozen":
-        set_trainable(model, ["adaptor."])
-    elif method == "full":
-        set_trainable(model, ["adaptor.", "llm."])
+def setup_method(model, method, args, scales):
+    """Freeze/wrap the model for a fine-tuning method; return its AdamW param groups, each with `initial_lr`.
+    The encoder stays frozen, the adaptor always trains at the base LR (PAPER.md "Architecture")."""
+    if method.startswith("lora"):
+        lora.inject_lora(model.llm, args.lora_targets.split(","), args.lora_r, args.lora_alpha, args.lora_dropout)
+        lora.mark_only_lora_as_trainable(model, also=("adaptor.",))
+        base_lr = args.lora_lr
     else:
-        raise ValueError(method)
-    return [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": args.lr}]
+        set_trainable(model, ["adaptor."] + (["llm."] if method != "frozen" else []))
+        base_lr = args.lr
+    if method.endswith("layer_lr"):  # Eq. (3): one group per LLM layer; embeddings, head, adaptor at base LR
+        groups = imp.layer_param_groups(model.named_parameters(), scales, base_lr)
+        print(imp.format_lr_table(groups))
+        return groups
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": base_lr}]
+
+
+def analyse(model, calib, eval_rows, make_text, make_speech, args, table1=False):
+    """Textual importance (transcripts typed) and speech importance (audio) on the same calibration samples;
+    optionally the Table 1 check: perplexity on held-out answers after zeroing 3% of the weights."""
+    out = {}
+    for kind, make in (("text", make_text), ("speech", make_speech)):
+        batches = [make(calib[i:i + args.batch_size]) for i in range(0, len(calib), args.batch_size)]
+        scores = imp.estimate_importance(model, batches, args.importance_kind)
+        out[kind] = scores
+        if table1:
+            ppl = lambda: evaluate.perplexity(model, eval_rows, make)
+            out[f"table1_{kind}"] = imp.table1(model, scores, ppl, frac=0.03, seed=args.seed)
+    return out
 
 
 def main(argv=None):
@@ -159,11 +200,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     res_path = os.path.join(args.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else {"methods": {}, "timing_s": {}}
-    def save_results():
-        tmp = res_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, res_path)
+    save_results = lambda: save_json(res_path, results)
     timing = results["timing_s"]
 
     # data ---------------------------------------------------------------------------------------
@@ -188,11 +225,15 @@ def main(argv=None):
         t = time.time()
         set_trainable(model, ["llm."])
         print(f"pretrain: {count(model)}")
-        train(model, [{"params": list(model.llm.parameters()), "initial_lr": args.pretrain_lr}],
-              split("pretrain"), text_batch, args.pretrain_steps, args, "pretrain")
+        losses = train(model, [{"params": list(model.llm.parameters()), "initial_lr": args.pretrain_lr}],
+                       split("pretrain"), text_batch, args.pretrain_steps, args, "pretrain")
+        results.setdefault("train_loss", {})["pretrain"] = loss_summary(losses)
         save_checkpoint(ck, {"config": vars(cfg), "model": model.state_dict()})
         timing["pretrain"] = round(time.time() - t, 1)
+        results["pretrain"] = {"t2t_acc": evaluate.accuracy(model, split("test"), text_batch, tok)[0]}
+        save_results()
     model.load_state_dict(load_checkpoint(ck)["model"])
+    print(f"pretrained LLM: T2T {results['pretrain']['t2t_acc']:.3f}")
 
     # align: encoder + adaptor, LLM frozen --------------------------------------------------------
     ck = os.path.join(args.out, "align.pt")
@@ -200,14 +241,42 @@ def main(argv=None):
         t = time.time()
         set_trainable(model, ["encoder.", "adaptor."])
         print(f"align: {count(model)}")
-        train(model, [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": args.align_lr}],
-              split("speech_train"), speech_batch, args.align_steps, args, "align")
+        losses = train(model, [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": args.align_lr}],
+                       split("speech_train"), speech_batch, args.align_steps, args, "align")
+        results.setdefault("train_loss", {})["align"] = loss_summary(losses)
         save_checkpoint(ck, {"config": vars(cfg), "model": model.state_dict()})
         timing["align"] = round(time.time() - t, 1)
-        results["no_ft"] = evaluate.evaluate_all(model, rows, tok, features)
+        results["no_ft"] = evaluate.evaluate_all(model, rows, tok, text_batch, speech_batch)
         save_results()
     align_state = load_checkpoint(ck)["model"]
-    print(f"no fine-tuning: {results['no_ft']}")
+    model.load_state_dict(align_state)
+    print(f"no fine-tuning: {fmt(results['no_ft'])}")
+
+    # from here on the encoder is frozen: compute its outputs once
+    encoded = model.precompute_encoder(features)
+    ft_batch = lambda rs: data.make_batch(rs, tok, speech=True, features=encoded, encoded=True)
+    train_rows = split("speech_train")
+    calib = random.Random(args.data_seed).sample(train_rows, max(1, round(args.calib_frac * len(train_rows))))
+
+    # importance of the original model: textual (transcripts typed) and speech, + the Table 1 check -------
+    imp_path, orig_path = os.path.join(args.out, "importance.json"), os.path.join(args.out, "importance_original.pt")
+    report = json.load(open(imp_path)) if os.path.exists(imp_path) else {"distribution": {}, "top5_share": {}}
+    if not os.path.exists(orig_path):
+        t = time.time()
+        an = analyse(model, calib, split("test"), text_batch, ft_batch, args, table1=True)
+        for kind in ("text", "speech"):
+            report["distribution"][f"original_{kind}"] = imp.layer_distribution(an[kind])
+            report["top5_share"][f"original_{kind}"] = imp.top_share_by_layer(an[kind], 0.05)
+            report[f"table1_{kind}"] = an[f"table1_{kind}"]
+        t1 = an["table1_text"]
+        results["importance_validation"] = {f"{k}_ppl": v for k, v in t1.items()}
+        results["importance_validation"]["speech"] = {f"{k}_ppl": v for k, v in an["table1_speech"].items()}
+        torch.save(an["text"], orig_path)
+        timing["importance_original"] = round(time.time() - t, 1)
+        save_json(imp_path, report)
+        save_results()
+    orig = torch.load(orig_path, weights_only=True)
+    scales = imp.layer_lr_scale(imp.aggregate(orig)["layer"], args.lam)  # Eq. (3), from the ORIGINAL LLM
 
     # finetune: every method from the same checkpoint, same data, same steps -------------------------
     for method in args.methods:
@@ -217,17 +286,49 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         model = SpeechLLM(cfg).to(args.device)
         model.load_state_dict(align_state)
-        groups = setup_method(model, method, args)
+        groups = setup_method(model, method, args, scales)
         print(f"finetune {method}: {count(model)}")
-        train(model, groups, split("speech_train"), speech_batch, args.steps, args, f"ft_{method}")
-        save_checkpoint(os.path.join(args.out, f"ft_{method}.pt"),
-                        {"config": vars(cfg), "method": method, "model": trainable_state(model)})
+        losses = train(model, groups, train_rows, ft_batch, args.steps, args, f"ft_{method}")
+        save_checkpoint(os.path.join(args.out, f"ft_{method}.pt"),  # trainable parts only (adaptor (+ LoRA) for LoRA)
+                        {"config": vars(cfg), "method": method, "args": vars(args), "model": trainable_state(model)})
         timing[f"ft_{method}"] = round(time.time() - t, 1)
-        results["methods"][method] = evaluate.evaluate_all(model, rows, tok, features)
-        print(f"{method}: {results['methods'][method]}")
+        m = evaluate.evaluate_all(model, rows, tok, text_batch, ft_batch)
+        m["train_loss"] = loss_summary(losses)
+        lora.merge_lora(model)  # importance of the weights the model actually uses, W + BA
+        an = analyse(model, calib, None, text_batch, ft_batch, args)
+        shift = imp.shift_metrics(orig, an["text"])
+        m.update(importance_js=shift["js"], importance_spearman=shift["spearman"], importance_shift=shift)
+        report["distribution"][method] = imp.layer_distribution(an["text"])
+        report["top5_share"][method] = imp.top_share_by_layer(an["text"], 0.05)
+        results["methods"][method] = m
+        print(f"{method}: {fmt(m)}")
+        save_json(imp_path, report)
         save_results()
+
+    dists = {k: v for k, v in report["distribution"].items() if k != "original_speech"}
+    print("\nLayer-wise textual importance (Fig. 2 analogue):\n" + imp.bar_chart(dists))
+    png = imp.plot_distributions(dists, os.path.join(args.out, "importance.png"))
+    if png:
+        print(f"figure: {png}")
     print(evaluate.format_table(results))
     return results
+
+
+def loss_summary(losses):
+    """Mean training loss over the first and the last 10% of a stage's steps."""
+    n = max(1, len(losses) // 10)
+    return {"first": sum(losses[:n]) / n, "last": sum(losses[-n:]) / n} if losses else {}
+
+
+def fmt(metrics):
+    return " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def save_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,640 @@
+"""
+test_all.py - the whole suite: tiny seeded configs, offline, CPU, a few minutes on 2 cores.
+
+    python -m pytest -q test_all.py
+
+Sections: data/model/train/evaluate (the pipeline), lora.py, importance.py. References: autograd, finite
+differences, transformers' WhisperFeatureExtractor, peft (when installed); invariants: LoRA == base at init,
+merged == unmerged, param groups partition the trainable params, the label mask covers only the answer.
+"""
+import json
+import math
+import os
+import wave
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import data
+import evaluate
+import lora
+import train
+from importance import (aggregate, bar_chart, estimate_importance, format_lr_table, global_mask,
+                        importance_params, js_divergence, layer_distribution, layer_lr_scale,
+                        layer_param_groups, masked_eval, plot_distributions, row_col_concentration,
+                        shift_metrics, spearman, table1, top_share_by_layer)
+from lora import (LoRALinear, TARGETS, count_parameters, inject_lora, load_lora_state_dict,
+                  lora_state_dict, mark_only_lora_as_trainable, merge_lora, save_peft_adapter,
+                  unload_lora, unmerge_lora)
+from model import ModelConfig, SpeechLLM
+
+# ----------------------------------------------------------------------------- data, model, train, evaluate
+
+TINY = ModelConfig(vocab_size=256, d_llm=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                   d_enc=32, enc_layers=1, enc_heads=2, d_adaptor=64)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny synthetic world built once for the module: rows, tokenizer, mel features."""
+    d = str(tmp_path_factory.mktemp("data"))
+    rows = data.read_manifest(data.build(d, seed=0, n_entities=8))
+    tok = data.Tokenizer(os.path.join(d, "tokenizer.model"))
+    return rows, tok, data.load_features(rows), d
+
+
+def tiny_model(tok, seed=0):
+    torch.manual_seed(seed)
+    return SpeechLLM(ModelConfig(**{**vars(TINY), "vocab_size": tok.vocab_size})).eval()
+
+
+def test_splits_separate_speech_and_text_only_entities(world):
+    rows, *_ = world
+    ents = lambda split: {r["id"].split("-")[1] for r in rows if r["split"] == split and r["task"] == "qa"}
+    assert ents("speech_train").isdisjoint(ents("test"))      # S2T test facts never heard in speech
+    assert ents("test") <= ents("pretrain")                   # ... but learned from text
+    train_q = {r["question"].replace(r["id"].split("-")[1], "E") for r in rows if r["split"] != "test" and r["task"] == "qa"}
+    test_q = {r["question"].replace(r["id"].split("-")[1], "E") for r in rows if r["split"] == "test"}
+    assert train_q.isdisjoint(test_q)                          # held-out phrasings
+
+
+def test_label_mask_covers_only_answer_and_eos(world):
+    rows, tok, feats, _ = world
+    model = tiny_model(tok)
+    rs = [r for r in rows if r["split"] == "speech_train"][:6]
+    for speech in (False, True):
+        batch = data.make_batch(rs, tok, speech, feats)
+        _, _, labels = model.embed(batch, with_answer=True, left_pad=False)
+        for lab, ans in zip(labels, batch["answers"]):
+            kept = lab[lab != -100].tolist()
+            assert kept == ans and ans[-1] == tok.eos_id
+            # the answer is the contiguous tail of the real tokens
+            n_real = (lab != -100).nonzero().max().item() + 1
+            assert lab[n_real - len(ans):n_real].tolist() == ans
+
+
+def test_placeholder_becomes_T_over_k_frames(world):
+    rows, tok, feats, _ = world
+    model = tiny_model(tok)
+    rs = [r for r in rows if r.get("audio")][:5]
+    batch = data.make_batch(rs, tok, True, feats)
+    x, mask, _ = model.embed(batch, with_answer=False, left_pad=False)
+    for i, r in enumerate(rs):
+        T = feats[r["id"]].shape[-1]
+        n_speech = (T + 1) // 2 // TINY.k                          # 100 Hz -> 50 Hz (conv stride 2) -> /k
+        assert mask[i].sum().item() == len(batch["prompts"][i]) - 1 + n_speech
+
+
+def test_batched_equals_unbatched(world):
+    """Generation with left padding + KV cache equals one-by-one generation; the encoder's padding mask makes
+    batched speech embeddings equal to unbatched ones."""
+    rows, tok, feats, _ = world
+    model = tiny_model(tok, seed=3)
+    rs = [r for r in rows if r.get("audio")][:6]
+    for speech in (False, True):
+        batch = data.make_batch(rs, tok, speech, feats)
+        together = model.generate(batch, max_new_tokens=6, eos_id=-1)
+        alone = [model.generate(data.make_batch([r], tok, speech, feats), 6, eos_id=-1)[0] for r in rs]
+        assert together == alone
+    full, lens = model.encode_speech(data.make_batch(rs, tok, True, feats))
+    one, _ = model.encode_speech(data.make_batch(rs[:1], tok, True, feats))
+    torch.testing.assert_close(full[0, :lens[0]], one[0], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_matches_no_cache_greedy(world):
+    rows, tok, feats, _ = world
+    model = tiny_model(tok, seed=4)
+    r = [r for r in rows if r["split"] == "test"][0]
+    batch = data.make_batch([r], tok, False)
+    x, mask, _ = model.embed(batch, with_answer=False, left_pad=True)
+    ids, ref = list(batch["prompts"][0]), []
+    for _ in range(5):  # greedy by re-running the whole sequence every step, no cache
+        nxt = model.llm(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item()
+        ref.append(nxt); ids.append(nxt)
+    assert model.generate(batch, 5, eos_id=-1)[0] == ref
+
+
+def test_precomputed_encoder_equals_running_it(world):
+    rows, tok, feats, _ = world
+    model = tiny_model(tok)
+    rs = [r for r in rows if r.get("audio")][:4]
+    enc = model.precompute_encoder({r["id"]: feats[r["id"]] for r in rs})
+    a = model.loss(data.make_batch(rs, tok, True, feats))
+    b = model.loss(data.make_batch(rs, tok, True, enc, encoded=True))
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_log_mel_matches_whisper_feature_extractor():
+    from transformers import WhisperFeatureExtractor
+    wav = data.synthesize("what colour is kalo", data.Speaker(f0=120, seed=1))
+    ours = data.log_mel(torch.from_numpy(wav))
+    ref = WhisperFeatureExtractor(feature_size=80)(wav, sampling_rate=16000, return_tensors="np").input_features[0]
+    n = ours.shape[-1]
+    assert n == len(wav) // 160
+    np.testing.assert_allclose(ours.numpy(), ref[:, :n], atol=2e-3)
+
+
+def test_wav_io_resamples_and_downmixes(tmp_path):
+    t = np.arange(8000) / 8000
+    tone = 0.5 * np.sin(2 * np.pi * 440 * t)
+    path = str(tmp_path / "stereo8k.wav")
+    with wave.open(path, "wb") as w:
+        w.setnchannels(2); w.setsampwidth(2); w.setframerate(8000)
+        w.writeframes((np.stack([tone, tone], 1) * 32767).astype("<i2").tobytes())
+    x = data.load_audio(path)
+    assert x.shape[0] == 16000 and abs(x.abs().max().item() - 0.5) < 0.02
+
+
+def test_bad_audio_and_manifest_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        data.load_audio(str(tmp_path / "missing.wav"))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.wav"):
+        data.load_audio(str(tmp_path / "empty.wav"))
+    good = {"id": "a", "audio": "", "transcript": "hi there", "question": "hi there", "answer": "x", "task": "qa", "split": "test"}
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"m.jsonl:2: malformed"):
+        data.read_manifest(str(m))
+    m.write_text(json.dumps({**good, "transcript": " "}) + "\n")
+    with pytest.raises(ValueError, match=r"m.jsonl:1: empty transcript"):
+        data.read_manifest(str(m))
+
+
+def test_wer_hand_checked():
+    assert evaluate.wer(["a b c d"], ["a b c d"]) == 0
+    assert evaluate.wer(["a b c d"], ["a x c d"]) == 0.25            # 1 substitution
+    assert evaluate.wer(["a b c d"], ["a c d"]) == 0.25               # 1 deletion
+    assert evaluate.wer(["a b c d"], ["a b c d e f"]) == 0.5          # 2 insertions
+    assert evaluate.wer(["a b", "c d e f"], ["a", "C, d e f!"]) == 1 / 6  # corpus level, normalised
+    assert evaluate.contains("red", "it is Red.") and not evaluate.contains("red", "reddish")
+
+
+def test_frozen_parts_get_no_gradient(world):
+    rows, tok, feats, _ = world
+    args = train.get_args(["--out", "unused"])
+    batch = data.make_batch([r for r in rows if r.get("audio")][:4], tok, True, feats)
+    scales = [1.0] * TINY.n_layers
+    for method in train.METHODS:
+        model = tiny_model(tok).train()
+        groups = train.setup_method(model, method, args, scales)
+        model.loss(batch).backward()
+        in_groups = {id(p) for g in groups for p in g["params"]}
+        for n, p in model.named_parameters():
+            assert (p.grad is not None) == p.requires_grad == (id(p) in in_groups), (method, n)
+            if n.startswith("encoder."):
+                assert p.grad is None
+        if method.startswith("lora"):
+            assert all(".lora_" in n or n.startswith("adaptor.") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_lora_eval_merged_equals_unmerged(world):
+    rows, tok, feats, _ = world
+    model = tiny_model(tok)
+    lora.inject_lora(model.llm, r=4, alpha=8)
+    for m in model.modules():
+        if isinstance(m, lora.LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.2)
+    rs = [r for r in rows if r.get("audio")][:6]
+    batch = data.make_batch(rs, tok, True, feats)
+    before, gen_before = model.loss(batch), model.generate(batch, 6, eos_id=-1)
+    lora.merge_lora(model)
+    torch.testing.assert_close(model.loss(batch), before, atol=1e-5, rtol=1e-5)
+    assert model.generate(batch, 6, eos_id=-1) == gen_before
+
+
+def test_unknown_method_and_bad_flags_are_one_line_errors(capsys):
+    for argv, flag in ((["--method", "nope"], "--method"), (["--lora-r", "0"], "--lora-r"),
+                       (["--calib-frac", "1.5"], "--calib-frac"), (["--calib-frac", "0"], "--calib-frac")):
+        with pytest.raises(SystemExit):
+            train.get_args(argv)
+        assert flag in capsys.readouterr().err
+
+
+def test_get_lr_schedule():
+    assert train.get_lr(0, 100, 10) == pytest.approx(0.1)
+    assert train.get_lr(9, 100, 10) == pytest.approx(1.0)
+    assert train.get_lr(99, 100, 10) == pytest.approx(0.1, abs=1e-3)
+    assert all(train.get_lr(i, 100, 10) >= train.get_lr(i + 1, 100, 10) for i in range(10, 99))
+
+
+def test_train_main_tiny_run(tmp_path, world):
+    """The real entry point on tiny flags: every stage runs, the pretraining loss falls, results.json has
+    the contract keys, and a rerun skips finished stages."""
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    import shutil
+    shutil.copytree(world[3], os.path.join(out, "data"))
+    argv = ["--out", out, "--n-entities", "8", "--n-layers", "2", "--d-llm", "32", "--batch-size", "8",
+            "--pretrain-steps", "40", "--align-steps", "4", "--steps", "3", "--log-every", "1000",
+            "--method", "frozen,full,lora", "--calib-frac", "0.1"]
+    res = train.main(argv)
+    assert res["train_loss"]["pretrain"]["last"] < 0.8 * res["train_loss"]["pretrain"]["first"]
+    assert 0 <= res["no_ft"]["t2t_acc"] <= 1
+    for m in ("frozen", "full", "lora"):
+        assert {"t2t_acc", "s2t_acc", "wer", "importance_js", "importance_spearman"} <= set(res["methods"][m])
+    assert res["methods"]["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)  # LLM untouched
+    assert {"baseline_ppl", "top_ppl", "bottom_ppl", "random_ppl"} <= set(res["importance_validation"])
+    ck = torch.load(os.path.join(out, "ft_lora.pt"), weights_only=True)["model"]
+    assert ck and all(".lora_" in k or k.startswith("adaptor.") for k in ck)
+    again = train.main(argv)  # cached: nothing retrained, same numbers
+    assert again["methods"] == json.load(open(os.path.join(out, "results.json")))["methods"]
+
+
+# ----------------------------------------------------------------------------- lora.py
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def randomize_B(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+
+
+TOKENS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(2))
+
+
+@torch.no_grad()
+def logits(model):
+    return model(input_ids=TOKENS).logits
+
+
+def lora_llama(**kw):
+    model = tiny_llama()
+    inject_lora(model, **kw)
+    randomize_B(model)
+    return model
+
+
+def test_lora_linear_equals_base_at_init():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    expected = base(x)
+    lora = LoRALinear(base, r=4, alpha=8)
+    assert torch.equal(lora(x), expected)
+    assert lora.lora_A.shape == (4, 16) and lora.lora_B.shape == (8, 4)
+    assert not base.weight.requires_grad and lora.scaling == 2.0
+    assert "r=4" in repr(lora) and "scaling=2" in repr(lora)
+
+
+def test_merge_matches_unmerged_and_unmerge_restores():
+    model = tiny_llama()
+    base_w = {k: v.clone() for k, v in model.state_dict().items()}
+    names = inject_lora(model, r=4, alpha=8)
+    assert len(names) == 7 * 2
+    randomize_B(model)
+    unmerged = logits(model)
+    assert not torch.allclose(unmerged, logits(tiny_llama()))  # the adapter does something
+    assert merge_lora(model) == 14 and merge_lora(model) == 0  # idempotent
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
+    model.train(), model.eval()  # mode switches must not (un)merge
+    assert all(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+    assert unmerge_lora(model) == 14 and unmerge_lora(model) == 0
+    for k, v in model.state_dict().items():
+        if ".base." in k:
+            torch.testing.assert_close(v, base_w[k.replace(".base.", ".")], atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-6, rtol=0)
+
+
+def test_only_lora_trains():
+    model = tiny_llama()
+    inject_lora(model, targets=TARGETS, r=4, alpha=8)
+    mark_only_lora_as_trainable(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    assert count_parameters(model)[0] == sum(v.numel() for v in lora_state_dict(model).values())
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    B = model.model.layers[0].self_attn.q_proj.lora_B
+    B0 = B.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+    assert B.grad is not None and B.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(B, B0)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    mark_only_lora_as_trainable(model, also="lm_head.")
+    assert model.lm_head.weight.requires_grad and not model.model.embed_tokens.weight.requires_grad
+    with pytest.raises(ValueError, match="inject_lora first"):
+        mark_only_lora_as_trainable(tiny_llama())
+
+
+def test_lora_state_dict_round_trip():
+    model = lora_llama(r=4, alpha=8)
+    sd = lora_state_dict(model)
+    assert len(sd) == 2 * 14 and all(k.endswith(("lora_A", "lora_B")) for k in sd)
+    assert set(sd) <= set(model.state_dict())
+    fresh = tiny_llama()
+    inject_lora(fresh, r=4, alpha=8)
+    load_lora_state_dict(fresh, sd)
+    torch.testing.assert_close(logits(fresh), logits(model), atol=0, rtol=0)
+    with pytest.raises(KeyError, match="missing"):
+        load_lora_state_dict(fresh, dict(list(sd.items())[1:]))
+    with pytest.raises(KeyError, match="unexpected"):
+        load_lora_state_dict(fresh, {**sd, "foo.lora_A": torch.zeros(1)})
+
+
+def test_bad_rank_and_unmatched_target():
+    with pytest.raises(ValueError, match="r must be >= 1, got 0"):
+        LoRALinear(nn.Linear(4, 4), r=0, alpha=1)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="r must be >= 1"):
+        inject_lora(model, r=0)
+    with pytest.raises(ValueError, match="qkv_proj"):
+        inject_lora(model, targets=("q_proj", "qkv_proj"))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())  # untouched on error
+    assert len(inject_lora(model, targets="q_proj")) == 2  # a bare string is one target
+    assert inject_lora(model, targets=("q_proj",)) == []  # never wraps twice
+    assert not any(isinstance(m.base, LoRALinear) for m in model.modules() if isinstance(m, LoRALinear))
+
+
+def test_unload_gives_plain_model(tmp_path):
+    model = lora_llama(r=4, alpha=8)
+    expected = logits(model)
+    plain = unload_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+    assert type(plain.model.layers[0].mlp.down_proj) is nn.Linear
+    torch.testing.assert_close(logits(plain), expected, atol=1e-5, rtol=0)
+    plain.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(reloaded), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_export(tmp_path, rslora):
+    peft = pytest.importorskip("peft")
+    model = lora_llama(r=4, alpha=8, rslora=rslora)
+    save_peft_adapter(model, tmp_path, base_model_name_or_path="tiny-llama")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_rslora"] is rslora and config["r"] == 4 and config["lora_alpha"] == 8
+    assert sorted(config["target_modules"]) == sorted(TARGETS)
+    assert not list(tmp_path.glob("*.tmp"))
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs), logits(model), atol=1e-5, rtol=0)
+
+
+def test_peft_export_with_prefix(tmp_path):
+    peft = pytest.importorskip("peft")
+    wrapper = nn.Module()
+    wrapper.llm, wrapper.adaptor = lora_llama(r=4, alpha=8), nn.Linear(4, 32)
+    save_peft_adapter(wrapper, tmp_path, prefix="llm")  # trailing "." is optional
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs), logits(wrapper.llm), atol=1e-5, rtol=0)
+
+
+def test_mixed_hparams_rejected(tmp_path):
+    model = tiny_llama()
+    inject_lora(model, targets=("q_proj",), r=4, alpha=8)
+    inject_lora(model, targets=("v_proj",), r=8, alpha=16)
+    with pytest.raises(ValueError, match="mixed"):
+        save_peft_adapter(model, tmp_path)
+
+
+def test_half_precision_base():
+    torch.manual_seed(0)
+    lora = LoRALinear(nn.Linear(16, 8).to(torch.bfloat16), r=4, alpha=8)
+    assert lora.lora_A.dtype == torch.float32  # optimizer state stays in full precision
+    with torch.no_grad():
+        lora.lora_B.normal_()
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = lora(x)
+    assert y.dtype == x.dtype
+    assert lora.set_merged(True) and not lora.set_merged(True)
+    assert lora.base.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(lora(x), y, atol=0.1, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------- importance.py
+
+N_LAYERS = 3
+
+
+class Toy(nn.Module):
+    """SpeechLLM stand-in: an `.llm` and a `loss(batch)` (next-token CE on a batch of token ids)."""
+
+    def __init__(self, dtype=torch.float32, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+                          num_attention_heads=4, num_key_value_heads=2)
+        self.llm = LlamaForCausalLM(cfg).to(dtype)
+
+    def loss(self, batch):
+        logits = self.llm(input_ids=batch).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+
+def batches(n=4, bsz=4, seq=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (bsz, seq), generator=g) for _ in range(n)]
+
+
+def reference(model, data):
+    params = importance_params(model)
+    grads = [torch.autograd.grad(model.loss(b), list(params.values())) for b in data]
+    out = {}
+    for i, (k, p) in enumerate(params.items()):
+        gb = torch.stack([g[i] for g in grads])  # (n_batches, *shape)
+        out[k] = {"taylor": (gb.mean(0) * p).abs(), "taylor_sample": (gb * p).abs().mean(0),
+                  "fisher": gb.square().mean(0)}
+    return out
+
+
+def test_estimates_match_autograd_reference():
+    model, data = Toy(), batches()
+    ref = reference(model, data)
+    assert len(ref) == 7 * N_LAYERS
+    for kind in ("taylor", "taylor_sample", "fisher"):
+        imp = estimate_importance(model, data, kind=kind)
+        assert imp.keys() == ref.keys()
+        for k in imp:
+            assert imp[k].dtype == torch.float32 and imp[k].device.type == "cpu"
+            torch.testing.assert_close(imp[k], ref[k][kind].detach(), rtol=1e-4, atol=1e-9)
+    # per-batch estimates never cancel, so they dominate the accumulated-gradient one
+    t, ts = estimate_importance(model, data), estimate_importance(model, data, kind="taylor_sample")
+    assert all((ts[k] >= t[k] - 1e-7).all() for k in t)
+
+
+def test_estimate_restores_model_state_and_rejects_unknown_kind():
+    model = Toy()
+    model.train()
+    model.llm.model.embed_tokens.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    estimate_importance(model, batches(n=2))
+    assert model.training
+    assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="taylor_sample"):
+        estimate_importance(model, batches(n=1), kind="hessian")
+
+
+def test_taylor_tracks_true_loss_change_of_zeroing():
+    model, data = Toy(dtype=torch.float64), batches(n=2, seed=3)
+    imp = estimate_importance(model, data)
+    params = importance_params(model)
+    full_loss = lambda: sum(model.loss(b) for b in data).item() / len(data)
+    keys = list(imp)
+    flat = torch.cat([imp[k].flatten() for k in keys])
+    order = flat.argsort(descending=True)
+    pick = order[torch.linspace(0, len(order) - 1, 50).long()]  # 50 weights spread over the whole ranking
+    offsets = torch.tensor([0] + [imp[k].numel() for k in keys]).cumsum(0)
+    base, est, true = full_loss(), [], []
+    with torch.no_grad():
+        for i in pick.tolist():
+            j = int((offsets <= i).sum()) - 1
+            w = params[keys[j]].view(-1)
+            old = w[i - offsets[j]].item()
+            w[i - offsets[j]] = 0.0
+            true.append(abs(full_loss() - base))
+            w[i - offsets[j]] = old
+            est.append(flat[i].item())
+    assert spearman(est, true) > 0.8
+    # the largest estimates are accurate in value too (second-order terms are tiny)
+    for e, t in zip(est[:5], true[:5]):
+        assert abs(e - t) < 0.1 * t
+
+
+def test_layer_distribution_and_top_share_sum_to_one():
+    imp = estimate_importance(Toy(), batches())
+    dist, share = layer_distribution(imp), top_share_by_layer(imp, frac=0.05)
+    assert len(dist) == len(share) == N_LAYERS
+    assert math.isclose(sum(dist), 1.0) and math.isclose(sum(share), 1.0)
+    agg = aggregate(imp)
+    assert math.isclose(sum(agg["module"].values()), sum(agg["layer"]), rel_tol=1e-9)
+    assert math.isclose(sum(agg["matrix"].values()), sum(agg["layer"]), rel_tol=1e-9)
+
+
+def test_js_divergence_and_spearman():
+    p, q = [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]
+    assert js_divergence(p, p) == 0.0
+    assert math.isclose(js_divergence(p, q), js_divergence(q, p))
+    assert 0.0 < js_divergence(p, q) <= 1.0
+    assert math.isclose(js_divergence([1, 0], [0, 1]), 1.0)  # disjoint -> 1 bit, zeros handled
+    assert math.isclose(spearman(p, p), 1.0) and math.isclose(spearman([1, 2, 3, 4], [4, 3, 2, 1]), -1.0)
+    assert math.isclose(spearman([1, 2, 2, 3], [1, 2, 2, 3]), 1.0)  # ties get average ranks
+    imp = estimate_importance(Toy(), batches())
+    same = shift_metrics(imp, imp)
+    assert same["js"] == 0.0 and math.isclose(same["spearman"], 1.0) and same["top_jaccard"] == 1.0
+    assert same["argmax_before"] == same["argmax_after"]
+    other = shift_metrics(imp, estimate_importance(Toy(seed=5), batches()))
+    assert other["top_jaccard"] < 1.0
+
+
+def test_layer_lr_scale_eq3():
+    s = layer_lr_scale([3.0, 1.0, 2.0, 5.0], lam=0.4)
+    assert math.isclose(s[3], 0.6) and math.isclose(s[1], 1.0) and math.isclose(s[0], 0.8)
+    assert layer_lr_scale([2.0, 2.0, 2.0]) == [1.0, 1.0, 1.0]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError):
+            layer_lr_scale([1.0, 2.0], lam=bad)
+
+
+def _check_partition(model, groups, base_lr):
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert len(seen) == len(set(seen)) and set(seen) == trainable
+    for g in groups:
+        assert g["lr"] == g["initial_lr"] == base_lr * g["scale"]
+
+
+def test_layer_param_groups_partition():
+    model, scales = Toy(), [0.6, 0.8, 1.0]
+    groups = layer_param_groups(model.named_parameters(), scales, base_lr=1e-3)
+    _check_partition(model, groups, 1e-3)
+    assert [g["name"] for g in groups] == ["layer0", "layer1", "layer2", "rest"]
+    assert groups[0]["scale"] == 0.6
+    # weight decay only on matrices: norms go to a wd=0 twin group
+    groups = layer_param_groups(model.named_parameters(), scales, base_lr=1e-3, weight_decay=0.1)
+    _check_partition(model, groups, 1e-3)
+    assert all(p.dim() >= 2 for g in groups if g["weight_decay"] > 0 for p in g["params"])
+    assert all(p.dim() < 2 for g in groups if g["weight_decay"] == 0 for p in g["params"])
+    # only some params trainable: frozen ones are absent, empty groups dropped
+    for n, p in model.named_parameters():
+        p.requires_grad_("layers.1." in n or "lm_head" in n)
+    groups = layer_param_groups(model.named_parameters(), scales, base_lr=1e-3)
+    _check_partition(model, groups, 1e-3)
+    assert [g["name"] for g in groups] == ["layer1", "rest"]
+    assert "layer1" in format_lr_table(groups)
+    with pytest.raises(ValueError):
+        layer_param_groups(Toy().named_parameters(), [1.0, 1.0], base_lr=1e-3)
+
+
+def test_masked_eval_zeroes_right_fraction_and_restores():
+    model, data = Toy(), batches()
+    imp = estimate_importance(model, data)
+    params = importance_params(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    total = sum(p.numel() for p in params.values())
+    zeros0 = sum(int((p == 0).sum()) for p in params.values())
+    evaluate = lambda: sum(model.loss(b).item() for b in data) / len(data)
+
+    def count_zeros():
+        return sum(int((p == 0).sum()) for p in params.values()) - zeros0
+    for which in ("top", "bottom", "random"):
+        assert masked_eval(model, imp, 0.03, which, count_zeros) == round(0.03 * total)
+    res = table1(model, imp, evaluate, frac=0.03)
+    assert abs(res["top"] - res["baseline"]) > abs(res["bottom"] - res["baseline"])
+    with pytest.raises(RuntimeError):
+        masked_eval(model, imp, 0.03, "top", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    masks = global_mask(imp, 0.03, "random", seed=0)
+    assert all(torch.equal(masks[k], global_mask(imp, 0.03, "random", seed=0)[k]) for k in masks)
+
+
+def test_importance_params_same_keys_with_lora_wrapper():
+    model = Toy()
+    keys = set(importance_params(model))
+    inject_lora(model.llm, targets=("q_proj", "down_proj"), r=2, alpha=4)
+    wrapped = importance_params(model)
+    assert set(wrapped) == keys
+    assert not any("lora" in k or ".base." in k for k in wrapped)
+    assert wrapped["llm.model.layers.0.self_attn.q_proj.weight"] is model.llm.model.layers[0].self_attn.q_proj.base.weight
+    imp = estimate_importance(model, batches(n=2))
+    assert set(imp) == keys
+
+
+def test_row_col_concentration_rank1_vs_gaussian():
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(128, generator=g) * (torch.rand(128, generator=g) < 0.1)
+    v = torch.randn(96, generator=g) * (torch.rand(96, generator=g) < 0.1)
+    low_rank = row_col_concentration(torch.outer(u, v))
+    noise = row_col_concentration(torch.randn(128, 96, generator=g))
+    assert low_rank["ratio"] > 2 * noise["ratio"]
+    assert low_rank["ratio"] > 5 and noise["ratio"] < 3
+    assert noise["uniform_share"] == 0.05
+
+
+def test_display_helpers(tmp_path):
+    chart = bar_chart({"original": [0.2, 0.5, 0.3], "full FT": [0.5, 0.3, 0.2]}, width=10)
+    assert chart.count("\n") == 5 and "█" in chart and "layer  2" in chart
+    out = plot_distributions({"original": [0.2, 0.5, 0.3]}, tmp_path / "dist.png")
+    assert out is None or (tmp_path / "dist.png").exists()
+
+
+def test_all_reduce_single_process_matches(tmp_path):
+    import torch.distributed as dist
+    model, data = Toy(), batches(n=2)
+    plain = estimate_importance(model, data)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for kind in ("taylor", "fisher"):
+            reduced = estimate_importance(model, data, kind=kind, all_reduce=True)
+            ref = plain if kind == "taylor" else estimate_importance(model, data, kind=kind)
+            assert all(torch.allclose(reduced[k], ref[k]) for k in ref)
+    finally:
+        dist.destroy_process_group()
