@@ -76,7 +76,7 @@ def make_world(n_entities=64, seed=0):
 def make_splits(world, seed=0):
     """Rows of the manifest (without audio yet). Entities [0, n/2) are 'speech' entities, the rest 'text-only'."""
     rng = random.Random(seed + 1)
-    n_asr_train, n_asr_test, n_copy = 5 * len(world), len(world), 3 * len(world)
+    n_asr_train, n_asr_test, n_copy = 12 * len(world), len(world), 16 * len(world)
     half = len(world) // 2
     rows = []
     def qa(e, attr, phr, split, i):
@@ -95,7 +95,7 @@ def make_splits(world, seed=0):
     def words(n):  # ASR utterances: random word strings, so every name is heard but no fact is spoken
         return " ".join(rng.choice(vocab) for _ in range(n))
     for i in range(n_copy):  # the ASR task in text form ("repeat after me"), so the LLM knows it
-        w = words(rng.randint(2, 6))
+        w = words(rng.randint(1, 4))
         rows.append(dict(id=f"pretrain-copy-{i}", transcript=w, question=ASR_INSTRUCTION + w, answer=w,
                          task="copy", split="pretrain"))
     for e in world[:half]:  # speech_train: spoken questions about the speech entities only
@@ -103,14 +103,14 @@ def make_splits(world, seed=0):
             for p in range(N_TRAIN_PHRASINGS):
                 qa(e, attr, p, "speech_train", 0)
     for i in range(n_asr_train):
-        w = words(rng.randint(3, 6))
+        w = words(rng.randint(1, 4))
         rows.append(dict(id=f"asr-train-{i}", transcript=w, question="", answer=w, task="asr", split="speech_train"))
     for e in world[half:]:  # test: text-only entities, held-out phrasings; T2T and S2T ask the same items
         for attr in ATTRIBUTES:
             for p in range(N_TRAIN_PHRASINGS, len(QUESTIONS[attr])):
                 qa(e, attr, p, "test", 0)
     for i in range(n_asr_test):
-        w = words(rng.randint(3, 6))
+        w = words(rng.randint(2, 4))
         rows.append(dict(id=f"asr-test-{i}", transcript=w, question="", answer=w, task="asr", split="asr_test"))
     return rows
 
@@ -168,25 +168,28 @@ NOISY = {"s": (4000, 7000), "f": (1500, 3500), "t": (3000, 5000), "k": (1500, 26
          "h": (800, 6000), "c": (1800, 2800), "q": (1200, 2200), "x": (3500, 6500), "z": (3500, 6000), "v": (1200, 2800)}
 
 
+LETTER_S = 0.045  # a vowel lasts 45 ms: a 5-letter word ~ 0.2 s ~ 2 adaptor frames (10 Hz)
+
+
 @dataclass
 class Speaker:
     f0: float = 140.0        # pitch, Hz
     tract: float = 1.0       # formant scale (shorter vocal tract -> higher formants)
-    rate: float = 1.0        # speaking rate, letters per 70 ms
+    rate: float = 1.0        # speaking rate: a vowel lasts LETTER_S / rate
     snr_db: float = 30.0     # background noise
     seed: int = 0
 
 
 def random_speaker(rng):
     return Speaker(f0=rng.uniform(85, 260), tract=rng.uniform(0.88, 1.15), rate=rng.uniform(0.85, 1.2),
-                   snr_db=rng.uniform(15, 40), seed=rng.randrange(2**31))
+                   snr_db=rng.uniform(30, 50), seed=rng.randrange(2**31))
 
 
 def synthesize(text, spk: Speaker):
     """text -> float32 waveform at 16 kHz. Vowels/voiced consonants: harmonics of f0 shaped by two formants;
     fricatives/stops: band-limited noise; spaces: short pauses."""
     rng = np.random.default_rng(spk.seed)
-    seg = int(0.070 * SAMPLE_RATE / spk.rate)
+    seg = int(LETTER_S * SAMPLE_RATE / spk.rate)
     f1, f2, voiced, noise_band = [], [], [], []
     for ch in text.lower():
         if ch in VOWELS or ch in VOICED:
@@ -212,7 +215,7 @@ def synthesize(text, spk: Speaker):
     y = np.zeros(N)
     for h in range(1, int(4500 / spk.f0)):  # harmonics below 4.5 kHz, each weighted by the formant resonances
         fh = h * f0
-        gain = 1 / (1 + ((fh - F1) / 90) ** 2) + 0.7 / (1 + ((fh - F2) / 120) ** 2) + 0.01
+        gain = np.exp(-0.5 * ((fh - F1) / 110) ** 2) + 0.7 * np.exp(-0.5 * ((fh - F2) / 150) ** 2) + 1e-3
         y += gain * np.sin(h * phase)
     y *= V
     start = 0
@@ -346,7 +349,7 @@ def make_batch(rows, tok, speech, features=None, encoded=False):
     """Manifest rows -> the dict SpeechLLM takes. speech=True: questions/utterances are given as audio
     (the <speech> placeholder, features[id] = mel (n_mels, T), or encoder states (C, T/2) when encoded=True);
     speech=False: their transcript is typed in its place."""
-    prompts, answers, mels = [], [], []
+    prompts, answers, mels, transcripts = [], [], [], []
     for r in rows:
         if r["task"] == "lm":                        # plain text: loss on every token
             prompts.append([tok.bos_id])
@@ -357,8 +360,10 @@ def make_batch(rows, tok, speech, features=None, encoded=False):
             prompts.append(tok.prompt((ASR_INSTRUCTION if r["task"] == "asr" else "") + said))
             if speech:
                 mels.append(features[r["id"]])
+                transcripts.append(tok.encode(r["transcript"]))
         answers.append(tok.encode(r["answer"]) + [tok.eos_id])
-    batch = dict(prompts=prompts, answers=answers, speech_id=tok.speech_id, speech=None, encoded=encoded)
+    batch = dict(prompts=prompts, answers=answers, speech_id=tok.speech_id, speech=None, encoded=encoded,
+                 transcripts=transcripts, blank_id=tok.pad_id)
     if mels:
         lens = torch.tensor([m.shape[-1] for m in mels])
         batch["speech"] = torch.stack([torch.nn.functional.pad(m, (0, int(lens.max()) - m.shape[-1])) for m in mels])

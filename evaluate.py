@@ -84,15 +84,22 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
     return dict(t2t_acc=t2t, s2t_acc=s2t, wer=wer([r["transcript"] for r in asr], hyps), t2t_em=t2t_em, s2t_em=s2t_em)
 
 
-def format_table(results):
-    """The Table 2 analogue from a results.json dict."""
-    lines = [f"{'method':<16}{'T2T':>8}{'S2T':>8}{'WER':>8}{'dT2T vs full':>14}{'dS2T vs full':>14}"]
-    no_ft = results.get("no_ft", {})
-    lines.append(f"{'no fine-tuning':<16}{100 * no_ft.get('t2t_acc', float('nan')):>8.1f}{'-':>8}{'-':>8}")
+def format_table(results, sd=None):
+    """The Table 2 analogue (%, mean ± sd when sd is given) from a results.json dict. No fine-tuning = the
+    aligned model with the original LLM (S2T and WER from its frozen LLM)."""
+    def cell(m, s, k, w=13):
+        if k not in m:
+            return f"{'-':>{w}}"
+        txt = f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if s and k in s else "")
+        return f"{txt:>{w}}"
+    lines = [f"{'method':<16}{'T2T':>13}{'S2T':>13}{'WER':>13}{'dT2T vs full':>14}{'dS2T vs full':>14}"]
+    sd = sd or {}
+    rows = [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft"))]
+    rows += [(n, m, sd.get("methods", {}).get(n)) for n, m in results.get("methods", {}).items()]
     full = results.get("methods", {}).get("full")
-    for name, m in results.get("methods", {}).items():
-        d = lambda k: f"{100 * (m[k] - full[k]):>+14.1f}" if full and name != "full" else f"{'':>14}"
-        lines.append(f"{name:<16}{100 * m['t2t_acc']:>8.1f}{100 * m['s2t_acc']:>8.1f}{100 * m['wer']:>8.1f}"
+    for name, m, s in rows:
+        d = lambda k: f"{100 * (m[k] - full[k]):>+14.1f}" if full and name != "full" and k in m else f"{'':>14}"
+        lines.append(f"{name:<16}{cell(m, s, 't2t_acc')}{cell(m, s, 's2t_acc')}{cell(m, s, 'wer')}"
                      f"{d('t2t_acc')}{d('s2t_acc')}")
     return "\n".join(lines)
 
@@ -104,4 +111,5 @@ if __name__ == "__main__":
     if not os.path.exists(path):
         raise SystemExit(f"{path}: not found (run python train.py --out {sys.argv[1]} first)")
     with open(path) as f:
-        print(format_table(json.load(f)))
+        res = json.load(f)
+    print(format_table(res["mean"], res["sd"]) if "mean" in res else format_table(res))

@@ -169,6 +169,19 @@ class SpeechLLM(nn.Module):
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                ignore_index=-100, reduction=reduction)
 
+    def ctc_loss(self, batch):
+        """Auxiliary alignment loss (align stage only; our addition, see README): CTC between the speech
+        embeddings and the transcript's tokens, each frame scored against the LLM's own input-embedding table
+        (x @ E^T), the pad token standing in for CTC's blank. It pulls each spoken word's frames towards the
+        embedding of its token, which is what the frozen LLM can read, much faster than the answer loss alone."""
+        speech, lens = self.encode_speech(batch)                                   # (B, S, d)
+        E = self.llm.get_input_embeddings().weight                                 # (V, d)
+        logp = (speech @ E.T.to(speech.dtype)).float().log_softmax(-1)             # (B, S, V)
+        targets = batch["transcripts"]
+        flat = torch.tensor([t for ts in targets for t in ts], device=speech.device)
+        return F.ctc_loss(logp.transpose(0, 1), flat, lens, torch.tensor([len(t) for t in targets]),
+                          blank=batch["blank_id"], zero_infinity=True)
+
     @torch.no_grad()
     def generate(self, batch, max_new_tokens=16, eos_id=None):
         """Batched greedy decoding with a KV cache, starting from inputs_embeds (left padding, so every

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 
 import torch
@@ -40,11 +41,13 @@ def get_args(argv=None):
     g.add_argument("--out", default="runs/default", help="run directory (data, checkpoints, results.json)")
     g.add_argument("--seed", type=int, default=0, help="training seed (the synthetic world uses --data-seed)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument("--seeds", default="", help="comma list: repeat the comparison per seed (OUT/seed<N>), report mean ± sd")
     g.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
     g = p.add_argument_group("Data")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic world and its speech")
     g.add_argument("--tts", default="formant", choices=["formant", "espeak"], help="speech synthesiser")
     g.add_argument("--n-entities", type=int, default=64, help="entities in the world (half heard in training)")
+    g.add_argument("--data-dir", default=None, help="where the synthetic data is built/cached (default OUT/data)")
     g = p.add_argument_group("Model")
     g.add_argument("--n-layers", type=int, default=ModelConfig.n_layers, help="LLM decoder layers")
     g.add_argument("--d-llm", type=int, default=ModelConfig.d_llm, help="LLM hidden size")
@@ -65,6 +68,7 @@ def get_args(argv=None):
     g = p.add_argument_group("Fine-tuning methods")
     g.add_argument("--method", default=",".join(METHODS), help=f"comma list of {METHODS}")
     g.add_argument("--lora-r", type=int, default=8, help="LoRA rank r (the paper: 8 for 1B, 16 for 8B)")
+    g.add_argument("--lora-ranks", default="", help="comma list: also run LoRA at these ranks, alpha = 2r (Table 3)")
     g.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2r, as the paper)")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
     g.add_argument("--lora-targets", default=",".join(lora.TARGETS), help="comma list of Linear names to adapt")
@@ -84,6 +88,14 @@ def get_args(argv=None):
     for m in args.methods:
         if m not in METHODS:
             p.error(f"--method: unknown method '{m}' (choose from {', '.join(METHODS)})")
+    try:
+        ranks = [int(r) for r in args.lora_ranks.split(",") if r]
+        args.seed_list = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        p.error("--lora-ranks / --seeds: comma-separated integers expected")
+    if any(r < 1 for r in ranks):
+        p.error(f"--lora-ranks: ranks must be >= 1, got {args.lora_ranks}")
+    args.methods += [f"lora_r{r}" for r in ranks]  # Table 3: LoRA at rank r, alpha = 2r
     return args
 
 
@@ -167,7 +179,10 @@ def setup_method(model, method, args, scales):
     """Freeze/wrap the model for a fine-tuning method; return its AdamW param groups, each with `initial_lr`.
     The encoder stays frozen, the adaptor always trains at the base LR (PAPER.md "Architecture")."""
     if method.startswith("lora"):
-        lora.inject_lora(model.llm, args.lora_targets.split(","), args.lora_r, args.lora_alpha, args.lora_dropout)
+        r, alpha = args.lora_r, args.lora_alpha
+        if method.startswith("lora_r"):  # rank ablation: lora_r16 = rank 16, alpha 32
+            r = int(method[len("lora_r"):]); alpha = 2.0 * r
+        lora.inject_lora(model.llm, args.lora_targets.split(","), r, alpha, args.lora_dropout)
         lora.mark_only_lora_as_trainable(model, also=("adaptor.",))
         base_lr = args.lora_lr
     else:
@@ -196,6 +211,8 @@ def analyse(model, calib, eval_rows, make_text, make_speech, args, table1=False)
 
 def main(argv=None):
     args = get_args(argv)
+    if args.seed_list:
+        return run_seeds(args, argv)
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     res_path = os.path.join(args.out, "results.json")
@@ -205,7 +222,7 @@ def main(argv=None):
 
     # data ---------------------------------------------------------------------------------------
     t = time.time()
-    data_dir = os.path.join(args.out, "data")
+    data_dir = args.data_dir or os.path.join(args.out, "data")
     rows = data.read_manifest(data.build(data_dir, args.data_seed, args.tts, args.n_entities))
     tok = data.Tokenizer(os.path.join(data_dir, "tokenizer.model"))
     features = data.load_features(rows)
@@ -312,6 +329,43 @@ def main(argv=None):
         print(f"figure: {png}")
     print(evaluate.format_table(results))
     return results
+
+
+def run_seeds(args, argv):
+    """--seeds 0,1,2: the whole pipeline once per seed in OUT/seed<N> (one shared synthetic world), then
+    mean and sd of every metric over seeds in OUT/results.json (each seed's results kept under `seeds`)."""
+    argv = list(argv if argv is not None else sys.argv[1:])
+    i = argv.index("--seeds") if "--seeds" in argv else None
+    base = [a for j, a in enumerate(argv) if i is None or j not in (i, i + 1)]
+    base = [a for a in base if not a.startswith("--seeds=")]
+    per_seed = {}
+    for s in args.seed_list:
+        print(f"\n=== seed {s} ===")
+        per_seed[str(s)] = main(base + ["--seed", str(s), "--out", os.path.join(args.out, f"seed{s}"),
+                                       "--data-dir", args.data_dir or os.path.join(args.out, "data")])
+    leaves = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in
+                                (leaves(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(f"{pre}{k}", v)])
+                                if isinstance(v2, (int, float)) and not isinstance(v2, bool)}
+    flat = [leaves(r) for r in per_seed.values()]
+    keys = [k for k in flat[0] if all(k in f for f in flat)]
+    mean = {k: sum(f[k] for f in flat) / len(flat) for k in keys}
+    sd = {k: (sum((f[k] - mean[k]) ** 2 for f in flat) / max(1, len(flat) - 1)) ** 0.5 for k in keys}
+    unflat = lambda d: _unflatten(d)
+    out = {"seeds": per_seed, "mean": unflat(mean), "sd": unflat(sd), "n_seeds": len(flat)}
+    save_json(os.path.join(args.out, "results.json"), out)
+    print(f"\nmean over seeds {args.seeds}:\n" + evaluate.format_table(out["mean"], out["sd"]))
+    return out
+
+
+def _unflatten(flat):
+    out = {}
+    for k, v in flat.items():
+        d = out
+        *path, last = k.split(".")
+        for p in path:
+            d = d.setdefault(p, {})
+        d[last] = v
+    return out
 
 
 def loss_summary(losses):
