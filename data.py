@@ -76,7 +76,7 @@ def make_world(n_entities=64, seed=0):
 def make_splits(world, seed=0):
     """Rows of the manifest (without audio yet). Entities [0, n/2) are 'speech' entities, the rest 'text-only'."""
     rng = random.Random(seed + 1)
-    n_asr_train, n_asr_test, n_copy = 12 * len(world), len(world), 16 * len(world)
+    n_asr_train, n_asr_test, n_copy = 40 * len(world), len(world), 16 * len(world)
     half = len(world) // 2
     rows = []
     def qa(e, attr, phr, split, i):
@@ -181,7 +181,7 @@ class Speaker:
 
 
 def random_speaker(rng):
-    return Speaker(f0=rng.uniform(85, 260), tract=rng.uniform(0.88, 1.15), rate=rng.uniform(0.85, 1.2),
+    return Speaker(f0=rng.uniform(85, 220), tract=rng.uniform(0.92, 1.1), rate=rng.uniform(0.9, 1.15),
                    snr_db=rng.uniform(30, 50), seed=rng.randrange(2**31))
 
 
@@ -384,7 +384,8 @@ def build(data_dir, seed=0, tts="formant", n_entities=64):
     os.makedirs(os.path.join(data_dir, "audio"), exist_ok=True)
     world = make_world(n_entities, seed)
     rows = make_splits(world, seed)
-    texts = [r["answer"] for r in rows] + [r["question"] for r in rows if r["question"]]
+    pre = [r for r in rows if r["split"] == "pretrain"]  # the text corpus: what the LLM reads
+    texts = [r["answer"] for r in pre] + [r["question"] for r in pre if r["question"]]
     train_tokenizer(texts, os.path.join(data_dir, "tokenizer"))
     speak = {"formant": synthesize, "espeak": synthesize_espeak}[tts]
     rng = random.Random(seed + 2)

@@ -131,13 +131,15 @@ class SpeechLLM(nn.Module):
             out.update({j: h[b, :, : lens2[b]].cpu() for b, j in enumerate(ids[i:i + batch_size])})
         return out
 
-    def embed(self, batch, with_answer, left_pad):
+    def embed(self, batch, with_answer, left_pad, speech=None):
         """Token ids -> embeddings, with each sample's <speech> token replaced by its speech embeddings.
         Returns inputs_embeds (B, L, d), attention_mask (B, L), labels (B, L): -100 but on answer + EOS."""
         emb = self.llm.get_input_embeddings()
         speech_id = batch["speech_id"]
-        if batch.get("speech") is not None:
-            speech, speech_lens = self.encode_speech(batch)
+        if speech is None and batch.get("speech") is not None:
+            speech = self.encode_speech(batch)
+        if speech is not None:
+            speech, speech_lens = speech
         seqs, labs, j = [], [], 0
         for prompt, answer in zip(batch["prompts"], batch["answers"]):
             ids = prompt + (answer if with_answer else [])
@@ -158,23 +160,22 @@ class SpeechLLM(nn.Module):
         labels = torch.stack([pad(l, -100) for l in labs])
         return x, mask, labels
 
-    def forward(self, batch):
-        x, mask, labels = self.embed(batch, with_answer=True, left_pad=False)
-        logits = self.llm(inputs_embeds=x, attention_mask=mask).logits            # (B, L, vocab)
-        return logits, labels
-
-    def loss(self, batch, reduction="mean"):
-        """Next-token cross-entropy on the answer tokens + EOS (labels -100 elsewhere)."""
-        logits, labels = self(batch)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+    def loss(self, batch, reduction="mean", ctc_weight=0.0):
+        """Next-token cross-entropy on the answer tokens + EOS (labels are -100 elsewhere); with ctc_weight > 0,
+        plus the auxiliary CTC alignment loss (the align stage only)."""
+        speech = self.encode_speech(batch) if batch.get("speech") is not None else None
+        x, mask, labels = self.embed(batch, with_answer=True, left_pad=False, speech=speech)
+        logits = self.llm(inputs_embeds=x, attention_mask=mask).logits           # (B, L, vocab)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                ignore_index=-100, reduction=reduction)
+        return loss + ctc_weight * self.ctc_loss(speech, batch) if ctc_weight else loss
 
-    def ctc_loss(self, batch):
-        """Auxiliary alignment loss (align stage only; our addition, see README): CTC between the speech
-        embeddings and the transcript's tokens, each frame scored against the LLM's own input-embedding table
-        (x @ E^T), the pad token standing in for CTC's blank. It pulls each spoken word's frames towards the
-        embedding of its token, which is what the frozen LLM can read, much faster than the answer loss alone."""
-        speech, lens = self.encode_speech(batch)                                   # (B, S, d)
+    def ctc_loss(self, speech, batch):
+        """Auxiliary alignment loss (our addition for the from-scratch encoder; see README): CTC between the
+        speech embeddings and the transcript's tokens, each frame scored against the LLM's own input-embedding
+        table (x @ E^T) with the all-zero pad embedding as CTC's blank. It pulls each spoken word towards an
+        embedding the frozen LLM can read; the answer loss alone learns this far more slowly."""
+        speech, lens = speech                                                      # (B, S, d), (B,)
         E = self.llm.get_input_embeddings().weight                                 # (V, d)
         logp = (speech @ E.T.to(speech.dtype)).float().log_softmax(-1)             # (B, S, V)
         targets = batch["transcripts"]

@@ -43,6 +43,7 @@ def get_args(argv=None):
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.add_argument("--seeds", default="", help="comma list: repeat the comparison per seed (OUT/seed<N>), report mean ± sd")
     g.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
+    g.add_argument("--force", action="store_true", help="--out holds a run with other settings: delete it, start over")
     g = p.add_argument_group("Data")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic world and its speech")
     g.add_argument("--tts", default="formant", choices=["formant", "espeak"], help="speech synthesiser")
@@ -54,10 +55,11 @@ def get_args(argv=None):
     g = p.add_argument_group("Optimization (AdamW, linear warmup + cosine decay to 10%)")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--pretrain-steps", type=int, default=1200, help="text LM steps for the tiny LLM")
+    g.add_argument("--pretrain-steps", type=int, default=800, help="text LM steps for the tiny LLM")
     g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak LR of pretraining")
     g.add_argument("--align-steps", type=int, default=600, help="encoder + adaptor steps, LLM frozen")
-    g.add_argument("--align-lr", type=float, default=1e-3, help="peak LR of alignment")
+    g.add_argument("--align-lr", type=float, default=3e-3, help="peak LR of alignment")
+    g.add_argument("--align-ctc", type=float, default=1.0, help="weight of the auxiliary CTC loss in align (0: off)")
     g.add_argument("--steps", type=int, default=300, help="speech fine-tuning steps, identical for every method")
     g.add_argument("--lr", type=float, default=1e-3, help="peak LR of speech fine-tuning (full, layer_lr)")
     g.add_argument("--lora-lr", type=float, default=2e-3, help="peak LR of the LoRA methods (see README)")
@@ -119,7 +121,7 @@ def batch_rows(rows, batch_size, step, seed):
     return out
 
 
-def train(model, groups, rows, make_batch, steps, args, name):
+def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
     """One training loop for every stage. groups: AdamW param groups, each with its own `initial_lr`."""
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     params = [p for g in groups for p in g["params"]]
@@ -128,6 +130,7 @@ def train(model, groups, rows, make_batch, steps, args, name):
         ck = load_checkpoint(partial)
         model.load_state_dict(ck["model"], strict=False)
         opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])  # dropout draws continue exactly (batches are a function of step)
         start = ck["step"]
         print(f"{name}: resumed at step {start}")
     warmup = max(1, int(args.warmup * steps))
@@ -139,7 +142,7 @@ def train(model, groups, rows, make_batch, steps, args, name):
             g["lr"] = g["initial_lr"] * lrm
         for micro in range(args.grad_accum):
             batch = make_batch(batch_rows(rows, args.batch_size, step * args.grad_accum + micro, args.seed))
-            loss = model.loss(batch) / args.grad_accum  # mean over micro-batches = the loss of one big batch
+            loss = model.loss(batch, ctc_weight=ctc_weight) / args.grad_accum  # mean over micro-batches = the loss of one big batch
             loss.backward()
         if not torch.isfinite(loss):
             raise SystemExit(f"{name}: loss is {loss.item()} at step {step}; stopped (last good checkpoint kept)")
@@ -152,7 +155,8 @@ def train(model, groups, rows, make_batch, steps, args, name):
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
             tqdm.write(f"{name} step {step + 1}/{steps} | loss {loss.item() * args.grad_accum:.4f} | "
                        f"lr {opt.param_groups[0]['lr']:.2e} | norm {norm:.2f} | {ms:.0f} ms")
-            save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(), "step": step + 1})
+            save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(),
+                                      "step": step + 1, "rng": torch.get_rng_state()})
     if os.path.exists(partial):
         os.remove(partial)
     return losses
@@ -214,7 +218,7 @@ def main(argv=None):
     if args.seed_list:
         return run_seeds(args, argv)
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
+    check_out_dir(args)
     res_path = os.path.join(args.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else {"methods": {}, "timing_s": {}}
     save_results = lambda: save_json(res_path, results)
@@ -249,7 +253,7 @@ def main(argv=None):
         timing["pretrain"] = round(time.time() - t, 1)
         results["pretrain"] = {"t2t_acc": evaluate.accuracy(model, split("test"), text_batch, tok)[0]}
         save_results()
-    model.load_state_dict(load_checkpoint(ck)["model"])
+    model.load_state_dict(load_stage(ck, cfg))
     print(f"pretrained LLM: T2T {results['pretrain']['t2t_acc']:.3f}")
 
     # align: encoder + adaptor, LLM frozen --------------------------------------------------------
@@ -259,13 +263,13 @@ def main(argv=None):
         set_trainable(model, ["encoder.", "adaptor."])
         print(f"align: {count(model)}")
         losses = train(model, [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": args.align_lr}],
-                       split("speech_train"), speech_batch, args.align_steps, args, "align")
+                       split("speech_train"), speech_batch, args.align_steps, args, "align", args.align_ctc)
         results.setdefault("train_loss", {})["align"] = loss_summary(losses)
         save_checkpoint(ck, {"config": vars(cfg), "model": model.state_dict()})
         timing["align"] = round(time.time() - t, 1)
         results["no_ft"] = evaluate.evaluate_all(model, rows, tok, text_batch, speech_batch)
         save_results()
-    align_state = load_checkpoint(ck)["model"]
+    align_state = load_stage(ck, cfg)
     model.load_state_dict(align_state)
     print(f"no fine-tuning: {fmt(results['no_ft'])}")
 
@@ -329,6 +333,40 @@ def main(argv=None):
         print(f"figure: {png}")
     print(evaluate.format_table(results))
     return results
+
+
+# settings a run directory is tied to: another value means another run (adding --method values does not)
+RUN_KEYS = ["seed", "data_seed", "tts", "n_entities", "n_layers", "d_llm", "batch_size", "grad_accum",
+            "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc", "steps", "lr", "lora_lr", "warmup",
+            "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lam", "calib_frac",
+            "importance_kind"]
+
+
+def check_out_dir(args):
+    """Refuse to mix two runs in one --out: its run.json must match these settings, unless --force."""
+    os.makedirs(args.out, exist_ok=True)
+    path, mine = os.path.join(args.out, "run.json"), {k: getattr(args, k) for k in RUN_KEYS}
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        diff = [f"{k}={theirs.get(k)!r}->{v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if diff and not args.force:
+            raise SystemExit(f"--out {args.out}: holds a run with other settings ({', '.join(diff[:4])}); "
+                             f"use another --out, or --force to delete it")
+        if diff:
+            for f in os.listdir(args.out):
+                if f.endswith((".pt", ".json", ".png")):
+                    os.remove(os.path.join(args.out, f))
+    save_json(path, mine)
+
+
+def load_stage(path, cfg):
+    """A stage checkpoint, refused with a one-line error when it was made with another model config."""
+    ck = load_checkpoint(path)
+    if ck["config"] != vars(cfg):
+        diff = [k for k in ck["config"] if ck["config"][k] != vars(cfg).get(k)]
+        raise SystemExit(f"{path}: made with a different model config ({', '.join(diff)}); use --force or another --out")
+    return ck["model"]
 
 
 def run_seeds(args, argv):
