@@ -353,7 +353,19 @@ def plot_distributions(dists, path):
 
 
 # -----------------------------------------------------------------------------
-# CLI: TODO wire `python importance.py RUN_DIR` to the run directory layout (checkpoints, calibration data)
+# CLI: python importance.py RUN_DIR  - recompute and print the analysis of a finished `python train.py` run
+# (the checkpoints are reused; nothing is retrained). The functions above need none of this.
 if __name__ == "__main__":
-    raise SystemExit("usage: python importance.py RUN_DIR  (not wired yet: import the functions above; "
-                     "see the module docstring)")
+    import json
+    import os
+    import sys
+    if len(sys.argv) != 2 or not os.path.exists(os.path.join(sys.argv[1], "run.json")):
+        raise SystemExit("usage: python importance.py RUN_DIR   (a directory written by python train.py --out RUN_DIR)")
+    run = sys.argv[1]
+    with open(os.path.join(run, "run.json")) as f:
+        settings = json.load(f)
+    methods = sorted(f[3:-3] for f in os.listdir(run) if f.startswith("ft_") and f.endswith(".pt") and ".partial" not in f)
+    argv = ["--out", run, "--reanalyse", "--method", ",".join(methods)]
+    argv += [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    import train  # the pipeline knows how to rebuild each method's model from its checkpoints
+    train.main(argv)

@@ -245,6 +245,82 @@ def test_train_main_tiny_run(tmp_path, world):
     assert again["methods"] == json.load(open(os.path.join(out, "results.json")))["methods"]
 
 
+
+def _tiny_run(tmp, tok, rows, steps=8, stop_after=None, resume=False, nan_at=None):
+    """train.train on a tiny LoRA model (dropout on, so the RNG state matters), checkpointing every step."""
+    args = train.get_args(["--out", str(tmp), "--batch-size", "4", "--log-every", "1", "--lora-dropout", "0.1",
+                           "--lora-r", "2"] + (["--resume"] if resume else []))
+    os.makedirs(tmp, exist_ok=True)
+    model = tiny_model(tok).train()
+    groups = train.setup_method(model, "lora", args, [1.0] * TINY.n_layers)
+    calls = []
+    def make(rs):
+        calls.append(1)
+        if stop_after is not None and len(calls) > stop_after:
+            raise KeyboardInterrupt  # a hard stop: nothing after the last checkpoint is saved
+        return data.make_batch(rs, tok, True, FEATS)
+    if nan_at is not None:
+        loss = model.loss
+        model.loss = lambda b, **kw: loss(b, **kw) * (float("nan") if len(calls) == nan_at else 1.0)
+    pretrain = [r for r in rows if r["split"] == "speech_train"]
+    return model, train.train(model, groups, pretrain, make, steps, args, "t")
+
+
+FEATS = {}
+
+
+def test_resume_is_exact(tmp_path, world):
+    """N steps in one go == k steps, a hard stop, --resume, N - k more: same losses, same weights."""
+    rows, tok, feats, _ = world
+    FEATS.update(feats)
+    ref_model, ref_losses = _tiny_run(tmp_path / "a", tok, rows)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tmp_path / "b", tok, rows, stop_after=5)
+    assert os.path.exists(tmp_path / "b" / "t.partial.pt")
+    model, losses = _tiny_run(tmp_path / "b", tok, rows, resume=True)
+    assert losses == ref_losses[5:]
+    for (n, p), (_, q) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert not os.path.exists(tmp_path / "b" / "t.partial.pt")  # removed once the stage is done
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, world):
+    rows, tok, feats, _ = world
+    FEATS.update(feats)
+    with pytest.raises(SystemExit, match="loss is nan at step 3"):
+        _tiny_run(tmp_path, tok, rows, nan_at=4)
+    ck = torch.load(tmp_path / "t.partial.pt", weights_only=True)
+    assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_out_dir_holding_another_run_is_refused(tmp_path):
+    out = str(tmp_path / "run")
+    train.check_out_dir(train.get_args(["--out", out]))
+    open(os.path.join(out, "pretrain.pt"), "w").close()
+    with pytest.raises(SystemExit, match="holds a run with other settings.*lr"):
+        train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1"]))
+    assert os.path.exists(os.path.join(out, "pretrain.pt"))          # nothing touched
+    train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1", "--force"]))
+    assert not os.path.exists(os.path.join(out, "pretrain.pt"))
+    train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1", "--method", "full"]))  # same run, fewer methods
+
+
+def test_checkpoint_from_another_model_config_is_refused(tmp_path):
+    from model import save_checkpoint
+    path = str(tmp_path / "align.pt")
+    save_checkpoint(path, {"config": vars(TINY), "model": {}})
+    other = ModelConfig(**{**vars(TINY), "n_layers": 3})
+    with pytest.raises(SystemExit, match=r"align.pt: made with a different model config \(n_layers\)"):
+        train.load_stage(path, other)
+    assert train.load_stage(path, TINY) == {}
+
+
+def test_corrupt_audio_is_a_clear_error(tmp_path):
+    p = tmp_path / "bad.wav"
+    p.write_bytes(b"RIFF....not a wave file at all")
+    with pytest.raises(ValueError, match="bad.wav: unreadable audio"):
+        data.load_audio(str(p))
+
 # ----------------------------------------------------------------------------- lora.py
 
 def tiny_llama(seed=0):

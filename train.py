@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 
@@ -43,6 +44,7 @@ def get_args(argv=None):
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     g.add_argument("--seeds", default="", help="comma list: repeat the comparison per seed (OUT/seed<N>), report mean ± sd")
     g.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
+    g.add_argument("--reanalyse", action="store_true", help="redo evaluation + importance analysis from the checkpoints")
     g.add_argument("--force", action="store_true", help="--out holds a run with other settings: delete it, start over")
     g = p.add_argument_group("Data")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic world and its speech")
@@ -55,13 +57,13 @@ def get_args(argv=None):
     g = p.add_argument_group("Optimization (AdamW, linear warmup + cosine decay to 10%)")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--pretrain-steps", type=int, default=800, help="text LM steps for the tiny LLM")
+    g.add_argument("--pretrain-steps", type=int, default=1000, help="text LM steps for the tiny LLM")
     g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak LR of pretraining")
-    g.add_argument("--align-steps", type=int, default=600, help="encoder + adaptor steps, LLM frozen")
+    g.add_argument("--align-steps", type=int, default=1000, help="encoder + adaptor steps, LLM frozen")
     g.add_argument("--align-lr", type=float, default=3e-3, help="peak LR of alignment")
     g.add_argument("--align-ctc", type=float, default=1.0, help="weight of the auxiliary CTC loss in align (0: off)")
     g.add_argument("--steps", type=int, default=300, help="speech fine-tuning steps, identical for every method")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak LR of speech fine-tuning (full, layer_lr)")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak LR of speech fine-tuning (full, layer_lr)")
     g.add_argument("--lora-lr", type=float, default=2e-3, help="peak LR of the LoRA methods (see README)")
     g.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of the stage's steps")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
@@ -88,7 +90,7 @@ def get_args(argv=None):
     args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
     args.methods = [m for m in args.method.split(",") if m]
     for m in args.methods:
-        if m not in METHODS:
+        if m not in METHODS and not re.fullmatch(r"lora_r\d+", m):
             p.error(f"--method: unknown method '{m}' (choose from {', '.join(METHODS)})")
     try:
         ranks = [int(r) for r in args.lora_ranks.split(",") if r]
@@ -123,7 +125,7 @@ def batch_rows(rows, batch_size, step, seed):
 
 def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
     """One training loop for every stage. groups: AdamW param groups, each with its own `initial_lr`."""
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)  # one kernel for all params
     params = [p for g in groups for p in g["params"]]
     partial, start = os.path.join(args.out, f"{name}.partial.pt"), 0
     if args.resume and os.path.exists(partial):
@@ -223,6 +225,11 @@ def main(argv=None):
     results = json.load(open(res_path)) if os.path.exists(res_path) else {"methods": {}, "timing_s": {}}
     save_results = lambda: save_json(res_path, results)
     timing = results["timing_s"]
+    if args.reanalyse:  # keep the checkpoints, recompute everything measured from them
+        results["methods"] = {}
+        for f in ("importance.json", "importance_original.pt"):
+            if os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
 
     # data ---------------------------------------------------------------------------------------
     t = time.time()
@@ -309,10 +316,16 @@ def main(argv=None):
         model.load_state_dict(align_state)
         groups = setup_method(model, method, args, scales)
         print(f"finetune {method}: {count(model)}")
-        losses = train(model, groups, train_rows, ft_batch, args.steps, args, f"ft_{method}")
-        save_checkpoint(os.path.join(args.out, f"ft_{method}.pt"),  # trainable parts only (adaptor (+ LoRA) for LoRA)
-                        {"config": vars(cfg), "method": method, "args": vars(args), "model": trainable_state(model)})
-        timing[f"ft_{method}"] = round(time.time() - t, 1)
+        ck = os.path.join(args.out, f"ft_{method}.pt")
+        if os.path.exists(ck):  # finished earlier (e.g. --reanalyse): reload its trainable parts
+            state = load_checkpoint(ck)
+            model.load_state_dict(state["model"], strict=False)
+            losses = state["losses"]
+        else:
+            losses = train(model, groups, train_rows, ft_batch, args.steps, args, f"ft_{method}")
+            save_checkpoint(ck, {"config": vars(cfg), "method": method, "model": trainable_state(model),
+                                 "losses": losses})  # trainable parts only: adaptor (+ LoRA) for LoRA
+            timing[f"ft_{method}"] = round(time.time() - t, 1)
         m = evaluate.evaluate_all(model, rows, tok, text_batch, ft_batch)
         m["train_loss"] = loss_summary(losses)
         lora.merge_lora(model)  # importance of the weights the model actually uses, W + BA
