@@ -164,8 +164,11 @@ def train_tokenizer(texts, model_prefix, vocab_size=256):
 VOWELS = {"a": (730, 1090), "e": (530, 1840), "i": (270, 2290), "o": (570, 840), "u": (300, 870), "y": (440, 2000)}
 VOICED = {"b": (200, 900), "d": (250, 1700), "g": (250, 2300), "l": (360, 1300), "m": (250, 1100), "n": (250, 1600),
           "r": (420, 1300), "v": (220, 1400), "z": (250, 1900), "w": (300, 600), "j": (280, 2200)}
-NOISY = {"s": (4000, 7000), "f": (1500, 3500), "t": (3000, 5000), "k": (1500, 2600), "p": (500, 1500),
-         "h": (800, 6000), "c": (1800, 2800), "q": (1200, 2200), "x": (3500, 6500), "z": (3500, 6000), "v": (1200, 2800)}
+# Every consonant also gets its own noise band (voiced ones on top of their murmur), 20 bands spaced evenly on a
+# log scale from 400 Hz to 7.6 kHz: like real bursts and frication, the cue that tells b/d/g or p/t/k apart.
+_CONS = "bcdfghjklmnpqrstvwxz"
+_EDGES = np.geomspace(400, 7600, len(_CONS) + 1)
+NOISY = {c: (float(_EDGES[i]), float(_EDGES[i + 1])) for i, c in enumerate(_CONS)}
 
 
 LETTER_S = 0.045  # a vowel lasts 45 ms: a 5-letter word ~ 0.2 s ~ 2 adaptor frames (10 Hz)
@@ -194,12 +197,12 @@ def synthesize(text, spk: Speaker):
     for ch in text.lower():
         if ch in VOWELS or ch in VOICED:
             a, b = VOWELS.get(ch) or VOICED[ch]
-            n = seg if ch in VOWELS else int(seg * 0.7)
+            n = seg if ch in VOWELS else int(seg * 0.8)
             f1 += [a * spk.tract] * n; f2 += [b * spk.tract] * n
-            voiced += [1.0 if ch in VOWELS else 0.6] * n
-            noise_band += [NOISY.get(ch)] * n  # z, v: voiced + noise
+            voiced += [1.0 if ch in VOWELS else 0.4] * n
+            noise_band += [NOISY.get(ch)] * n  # None for vowels
         elif ch in NOISY:
-            n = int(seg * 0.7)
+            n = int(seg * 0.8)
             f1 += [500.0] * n; f2 += [1500.0] * n; voiced += [0.0] * n; noise_band += [NOISY[ch]] * n
         else:  # space, digits, punctuation: a pause
             n = int(seg * 0.6)
