@@ -246,8 +246,9 @@ def main(argv=None):
         print(f"{k:<24} {res[k] if res[k] is not None else float('nan'):>9.3f}  {goal}")
     print(f"{'matmul_peak_gflops':<24} {res['matmul_peak_gflops']:>9.3f}  (this machine)")
     print(f"total {res['total_s']:.0f} s, written to {args.out}")
-    with open(args.out, "w") as f:
+    with open(args.out + ".tmp", "w") as f:
         json.dump(res, f, indent=2)
+    os.replace(args.out + ".tmp", args.out)  # never a half-written bench.json
     return res
 
 

@@ -145,6 +145,33 @@ class Tokenizer:
         return [self.bos_id, self.sp.piece_to_id("<user>")] + ids + [self.sp.piece_to_id("<assistant>")]
 
 
+class HFTokenizer:
+    """A real model's transformers tokenizer behind the same interface (--llm). Its chat template, when it has
+    one, builds the prompt; `<speech>` is spliced in by position as id -1, which never reaches the embedding."""
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+        gguf = dict(gguf_file=os.path.basename(path)) if path.endswith(".gguf") else {}
+        self.tok = AutoTokenizer.from_pretrained(os.path.dirname(path) if gguf else path, **gguf)
+        self.eos_id, self.bos_id = self.tok.eos_token_id, self.tok.bos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.speech_id, self.vocab_size = -1, len(self.tok)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def prompt(self, user):
+        if self.tok.chat_template:
+            text = self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                add_generation_prompt=True)
+        else:
+            text = (self.tok.bos_token or "") + user + "\n"
+        before, *after = text.split("<speech>")
+        return self.encode(before) + ([self.speech_id] + self.encode(after[0]) if after else [])
+
+
 def train_tokenizer(texts, model_prefix, vocab_size=256):
     import sentencepiece as spm
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -402,8 +429,34 @@ def build(data_dir, seed=0, tts="formant", n_entities=64):
     return manifest
 
 
+def librispeech_rows(root, split="speech_train"):
+    """A LibriSpeech-layout tree (SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt + .flac files) -> ASR manifest rows."""
+    rows = []
+    for d, _, files in sorted(os.walk(root)):
+        for name in sorted(f for f in files if f.endswith(".trans.txt")):
+            with open(os.path.join(d, name)) as f:
+                for i, line in enumerate(f, 1):
+                    utt, _, text = line.strip().partition(" ")
+                    if not text:
+                        raise ValueError(f"{os.path.join(d, name)}:{i}: expected 'UTTERANCE-ID TRANSCRIPT'")
+                    audio = os.path.abspath(os.path.join(d, utt + ".flac"))
+                    if not os.path.exists(audio):
+                        raise ValueError(f"{os.path.join(d, name)}:{i}: {audio} not found")
+                    rows.append(dict(id=utt, audio=audio, transcript=text.lower(), question="",
+                                     answer=text.lower(), task="asr", split=split))
+    if not rows:
+        raise ValueError(f"{root}: no *.trans.txt files found (LibriSpeech layout expected)")
+    return rows
+
+
 if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "build":
-        print(build(sys.argv[2]))
-    else:
-        raise SystemExit("usage: python data.py build DATA_DIR")
+    try:
+        if len(sys.argv) == 3 and sys.argv[1] == "build":
+            print(build(sys.argv[2]))
+        elif len(sys.argv) in (3, 4) and sys.argv[1] == "librispeech":  # [split]: default speech_train
+            for r in librispeech_rows(*sys.argv[2:]):
+                print(json.dumps(r))
+        else:
+            raise SystemExit("usage: python data.py build DATA_DIR | python data.py librispeech DIR [SPLIT] > m.jsonl")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")

@@ -45,8 +45,11 @@ class ModelConfig:
 
 
 def build_llm(cfg):
-    if cfg.llm:
+    if cfg.llm:  # a local directory or hub id of any causal LM, or a .gguf file (needs the optional gguf package)
+        import os
         from transformers import AutoModelForCausalLM
+        if cfg.llm.endswith(".gguf"):
+            return AutoModelForCausalLM.from_pretrained(os.path.dirname(cfg.llm), gguf_file=os.path.basename(cfg.llm))
         return AutoModelForCausalLM.from_pretrained(cfg.llm)
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_llm, intermediate_size=cfg.d_ff,
@@ -143,7 +146,7 @@ class SpeechLLM(nn.Module):
         seqs, labs, j = [], [], 0
         for prompt, answer in zip(batch["prompts"], batch["answers"]):
             ids = prompt + (answer if with_answer else [])
-            x = emb(torch.tensor(ids, device=emb.weight.device))                    # (L, d)
+            x = emb(torch.tensor(ids, device=emb.weight.device).clamp(min=0))      # (L, d); <speech> replaced below
             lab = [-100] * len(prompt) + (answer if with_answer else [])
             if speech_id in prompt:
                 p = prompt.index(speech_id)

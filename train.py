@@ -51,9 +51,13 @@ def get_args(argv=None):
     g.add_argument("--tts", default="formant", choices=["formant", "espeak"], help="speech synthesiser")
     g.add_argument("--n-entities", type=int, default=64, help="entities in the world (half heard in training)")
     g.add_argument("--data-dir", default=None, help="where the synthetic data is built/cached (default OUT/data)")
+    g.add_argument("--manifest", default=None, help="your own JSONL manifest instead of the synthetic world (README)")
     g = p.add_argument_group("Model")
     g.add_argument("--n-layers", type=int, default=ModelConfig.n_layers, help="LLM decoder layers")
     g.add_argument("--d-llm", type=int, default=ModelConfig.d_llm, help="LLM hidden size")
+    g.add_argument("--llm", default="", help="a pretrained causal LM (local dir, hub id or .gguf): skips pretrain")
+    g.add_argument("--encoder", default="", help="a pretrained Whisper model (dir or hub id): encoder kept frozen")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
     g = p.add_argument_group("Optimization (AdamW, linear warmup + cosine decay to 10%)")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -125,7 +129,8 @@ def batch_rows(rows, batch_size, step, seed):
 
 def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
     """One training loop for every stage. groups: AdamW param groups, each with its own `initial_lr`."""
-    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)  # one kernel for all params
+    # fused: one kernel updates every parameter (CPU and CUDA); each group keeps its own `initial_lr`
+    opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)
     params = [p for g in groups for p in g["params"]]
     partial, start = os.path.join(args.out, f"{name}.partial.pt"), 0
     if args.resume and os.path.exists(partial):
@@ -144,7 +149,8 @@ def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
             g["lr"] = g["initial_lr"] * lrm
         for micro in range(args.grad_accum):
             batch = make_batch(batch_rows(rows, args.batch_size, step * args.grad_accum + micro, args.seed))
-            loss = model.loss(batch, ctc_weight=ctc_weight) / args.grad_accum  # mean over micro-batches = the loss of one big batch
+            # divided by grad_accum: the summed gradients are then those of the mean loss over one big batch
+            loss = model.loss(batch, ctc_weight=ctc_weight) / args.grad_accum
             loss.backward()
         if not torch.isfinite(loss):
             raise SystemExit(f"{name}: loss is {loss.item()} at step {step}; stopped (last good checkpoint kept)")
@@ -155,7 +161,7 @@ def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
-            tqdm.write(f"{name} step {step + 1}/{steps} | loss {loss.item() * args.grad_accum:.4f} | "
+            tqdm.write(f"{name} step {step + 1}/{steps} | loss {losses[-1]:.4f} | "
                        f"lr {opt.param_groups[0]['lr']:.2e} | norm {norm:.2f} | {ms:.0f} ms")
             save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(),
                                       "step": step + 1, "rng": torch.get_rng_state()})
@@ -165,7 +171,7 @@ def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
 
 
 def trainable_state(model):
-    """Only the parameters that train (+ buffers are not needed here): smaller checkpoints."""
+    """Only the parameters that train: the rest is in the stage checkpoint the run started from."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in names}
 
@@ -234,50 +240,64 @@ def main(argv=None):
     # data ---------------------------------------------------------------------------------------
     t = time.time()
     data_dir = args.data_dir or os.path.join(args.out, "data")
-    rows = data.read_manifest(data.build(data_dir, args.data_seed, args.tts, args.n_entities))
-    tok = data.Tokenizer(os.path.join(data_dir, "tokenizer.model"))
-    features = data.load_features(rows)
+    rows = data.read_manifest(args.manifest or data.build(data_dir, args.data_seed, args.tts, args.n_entities))
+    tok = data.HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(data_dir, "tokenizer.model"))
+    n_mels = ModelConfig.n_mels
+    if args.encoder:  # a real Whisper: its mel bins (80, or 128 for large-v3)
+        from transformers import WhisperConfig
+        n_mels = WhisperConfig.from_pretrained(args.encoder).num_mel_bins
+    features = data.load_features(rows, n_mels)
     split = lambda s: [r for r in rows if r["split"] == s]
     timing.setdefault("data", round(time.time() - t, 1))
     print(f"data: {len(rows)} rows, {len(features)} utterances, vocab {tok.vocab_size} ({time.time() - t:.1f}s)")
 
-    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm)
-    torch.manual_seed(args.seed)
-    model = SpeechLLM(cfg).to(args.device)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
+                      encoder=args.encoder, n_mels=n_mels)
+    def base_model():
+        """Initial (or pretrained) weights, then what the finished stages trained: their checkpoints hold only that."""
+        torch.manual_seed(args.seed)
+        m = SpeechLLM(cfg).to(args.device)
+        for stage in ("pretrain", "align"):
+            if os.path.exists(os.path.join(args.out, f"{stage}.pt")):
+                m.load_state_dict(load_stage(os.path.join(args.out, f"{stage}.pt"), cfg), strict=False)
+        if args.grad_checkpointing:
+            m.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return m
+    model = base_model()
     text_batch = lambda rs: data.make_batch(rs, tok, speech=False)
     speech_batch = lambda rs: data.make_batch(rs, tok, speech=True, features=features)
 
     # pretrain: the tiny LLM learns the whole world from text ------------------------------------
     ck = os.path.join(args.out, "pretrain.pt")
-    if not os.path.exists(ck):
+    if args.llm and "pretrain" not in results:  # a pretrained LLM: nothing to pretrain, measure where it starts
+        results["pretrain"] = {"t2t_acc": evaluate.accuracy(model, split("test"), text_batch, tok)[0]}
+    elif not os.path.exists(ck):
         t = time.time()
         set_trainable(model, ["llm."])
         print(f"pretrain: {count(model)}")
         losses = train(model, [{"params": list(model.llm.parameters()), "initial_lr": args.pretrain_lr}],
                        split("pretrain"), text_batch, args.pretrain_steps, args, "pretrain")
         results.setdefault("train_loss", {})["pretrain"] = loss_summary(losses)
-        save_checkpoint(ck, {"config": vars(cfg), "model": model.state_dict()})
+        save_checkpoint(ck, {"config": vars(cfg), "model": trainable_state(model)})  # the LLM
         timing["pretrain"] = round(time.time() - t, 1)
         results["pretrain"] = {"t2t_acc": evaluate.accuracy(model, split("test"), text_batch, tok)[0]}
         save_results()
-    model.load_state_dict(load_stage(ck, cfg))
     print(f"pretrained LLM: T2T {results['pretrain']['t2t_acc']:.3f}")
 
     # align: encoder + adaptor, LLM frozen --------------------------------------------------------
     ck = os.path.join(args.out, "align.pt")
     if not os.path.exists(ck):
         t = time.time()
-        set_trainable(model, ["encoder.", "adaptor."])
+        set_trainable(model, ["adaptor."] + ([] if args.encoder else ["encoder."]))  # a real Whisper stays frozen
         print(f"align: {count(model)}")
         losses = train(model, [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": args.align_lr}],
                        split("speech_train"), speech_batch, args.align_steps, args, "align", args.align_ctc)
         results.setdefault("train_loss", {})["align"] = loss_summary(losses)
-        save_checkpoint(ck, {"config": vars(cfg), "model": model.state_dict()})
+        save_checkpoint(ck, {"config": vars(cfg), "model": trainable_state(model)})  # encoder + adaptor
         timing["align"] = round(time.time() - t, 1)
         results["no_ft"] = evaluate.evaluate_all(model, rows, tok, text_batch, speech_batch)
         save_results()
-    align_state = load_stage(ck, cfg)
-    model.load_state_dict(align_state)
+    model = base_model()
     print(f"no fine-tuning: {fmt(results['no_ft'])}")
 
     # from here on the encoder is frozen: compute its outputs once
@@ -311,9 +331,7 @@ def main(argv=None):
         if method in results["methods"]:
             continue
         t = time.time()
-        torch.manual_seed(args.seed)
-        model = SpeechLLM(cfg).to(args.device)
-        model.load_state_dict(align_state)
+        model = base_model()
         groups = setup_method(model, method, args, scales)
         print(f"finetune {method}: {count(model)}")
         ck = os.path.join(args.out, f"ft_{method}.pt")
@@ -349,10 +367,10 @@ def main(argv=None):
 
 
 # settings a run directory is tied to: another value means another run (adding --method values does not)
-RUN_KEYS = ["seed", "data_seed", "tts", "n_entities", "n_layers", "d_llm", "batch_size", "grad_accum",
-            "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc", "steps", "lr", "lora_lr", "warmup",
-            "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lam", "calib_frac",
-            "importance_kind"]
+RUN_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encoder", "n_layers", "d_llm",
+            "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc",
+            "steps", "lr", "lora_lr", "warmup", "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout",
+            "lora_targets", "lam", "calib_frac", "importance_kind"]
 
 
 def check_out_dir(args):
@@ -362,7 +380,7 @@ def check_out_dir(args):
     if os.path.exists(path):
         with open(path) as f:
             theirs = json.load(f)
-        diff = [f"{k}={theirs.get(k)!r}->{v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        diff = [f"{k}={theirs[k]!r}->{v!r}" for k, v in mine.items() if k in theirs and theirs[k] != v]
         if diff and not args.force:
             raise SystemExit(f"--out {args.out}: holds a run with other settings ({', '.join(diff[:4])}); "
                              f"use another --out, or --force to delete it")
@@ -401,9 +419,14 @@ def run_seeds(args, argv):
     keys = [k for k in flat[0] if all(k in f for f in flat)]
     mean = {k: sum(f[k] for f in flat) / len(flat) for k in keys}
     sd = {k: (sum((f[k] - mean[k]) ** 2 for f in flat) / max(1, len(flat) - 1)) ** 0.5 for k in keys}
-    unflat = lambda d: _unflatten(d)
-    out = {"seeds": per_seed, "mean": unflat(mean), "sd": unflat(sd), "n_seeds": len(flat)}
+    out = {"seeds": per_seed, "mean": _unflatten(mean), "sd": _unflatten(sd), "n_seeds": len(flat)}
     save_json(os.path.join(args.out, "results.json"), out)
+    reports = [json.load(open(os.path.join(args.out, f"seed{s}", "importance.json"))) for s in args.seed_list]
+    dists = {k: [sum(r["distribution"][k][i] for r in reports) / len(reports) for i in range(len(v))]
+             for k, v in reports[0]["distribution"].items() if k != "original_speech"}
+    save_json(os.path.join(args.out, "importance.json"), {"distribution_mean": dists})
+    print(f"\nLayer-wise textual importance, mean over seeds {args.seeds}:\n" + imp.bar_chart(dists))
+    imp.plot_distributions(dists, os.path.join(args.out, "importance.png"))
     print(f"\nmean over seeds {args.seeds}:\n" + evaluate.format_table(out["mean"], out["sd"]))
     return out
 
