@@ -241,6 +241,10 @@ def main(argv=None):
     t = time.time()
     data_dir = args.data_dir or os.path.join(args.out, "data")
     rows = data.read_manifest(args.manifest or data.build(data_dir, args.data_seed, args.tts, args.n_entities))
+    if args.manifest and not args.llm and not os.path.exists(os.path.join(data_dir, "tokenizer.model")):
+        os.makedirs(data_dir, exist_ok=True)  # your own text, your own tokenizer for the tiny LLM
+        data.train_tokenizer([r[k] for r in rows if r["split"] == "pretrain" for k in ("question", "answer") if r[k]],
+                             os.path.join(data_dir, "tokenizer"))
     tok = data.HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(data_dir, "tokenizer.model"))
     n_mels = ModelConfig.n_mels
     if args.encoder:  # a real Whisper: its mel bins (80, or 128 for large-v3)
@@ -460,4 +464,7 @@ def save_json(path, obj):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as e:  # bad data (manifest line, audio file): the message names the file; no traceback
+        raise SystemExit(f"error: {e}")
