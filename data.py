@@ -341,7 +341,6 @@ def log_mel(wav, n_mels=N_MELS):
 # -----------------------------------------------------------------------------
 # Manifest: one JSON object a line: id, audio, transcript, question, answer, task, split
 
-FIELDS = ("id", "audio", "transcript", "question", "answer", "task", "split")
 TASKS = ("qa", "asr", "lm", "copy")
 
 

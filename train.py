@@ -182,8 +182,7 @@ def set_trainable(model, prefixes):
 
 
 def count(model):
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = lora.count_parameters(model)
     return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M ({100 * trainable / total:.1f}%)"
 
 
