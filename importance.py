@@ -366,6 +366,6 @@ if __name__ == "__main__":
         settings = json.load(f)
     methods = sorted(f[3:-3] for f in os.listdir(run) if f.startswith("ft_") and f.endswith(".pt") and ".partial" not in f)
     argv = ["--out", run, "--reanalyse", "--method", ",".join(methods)]
-    argv += [a for k, v in settings.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    argv += [a for k, v in settings.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
     import train  # the pipeline knows how to rebuild each method's model from its checkpoints
     train.main(argv)

@@ -247,6 +247,13 @@ def test_train_main_tiny_run(tmp_path, world):
     assert ck and all(".lora_" in k or k.startswith("adaptor.") for k in ck)
     again = train.main(argv)  # cached: nothing retrained, same numbers
     assert again["methods"] == json.load(open(os.path.join(out, "results.json")))["methods"]
+    import subprocess, sys  # `python importance.py RUN_DIR`: recomputes the analysis from the checkpoints
+    p = subprocess.run([sys.executable, "importance.py", out], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    redone = json.load(open(os.path.join(out, "results.json")))["methods"]
+    assert set(redone) == set(res["methods"]) and "Layer-wise textual importance" in p.stdout
+    assert redone["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)
 
 
 
