@@ -3,7 +3,7 @@ train.py - the whole pipeline, one hand-written training loop used by every stag
 
   data      synthetic world, tokenizer, speech                      (data.py, cached in OUT/data)
   pretrain  the tiny LLM learns every fact from text                (LLM trained; "the original LLM")
-  align     encoder + adaptor learn to feed the frozen LLM          (the paper's starting point, "no FT")
+  align     encoder + adaptor learn to feed the frozen LLM          (+ auxiliary CTC; the starting point, "no FT")
   finetune  speech fine-tuning, one run per --method, all from the align checkpoint, same data and steps:
               frozen         adaptor only (LLM untouched)
               full           adaptor + the whole LLM                (the paper's baseline: text degrades)
