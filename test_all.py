@@ -308,11 +308,12 @@ def test_out_dir_holding_another_run_is_refused(tmp_path):
     out = str(tmp_path / "run")
     train.check_out_dir(train.get_args(["--out", out]))
     open(os.path.join(out, "pretrain.pt"), "w").close()
+    os.makedirs(os.path.join(out, "data"))
     with pytest.raises(SystemExit, match="holds a run with other settings.*lr"):
         train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1"]))
     assert os.path.exists(os.path.join(out, "pretrain.pt"))          # nothing touched
     train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1", "--force"]))
-    assert not os.path.exists(os.path.join(out, "pretrain.pt"))
+    assert not os.path.exists(os.path.join(out, "pretrain.pt")) and not os.path.exists(os.path.join(out, "data"))
     train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1", "--method", "full"]))  # same run, fewer methods
 
 

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 
@@ -387,7 +388,8 @@ def check_out_dir(args):
         if diff and not args.force:
             raise SystemExit(f"--out {args.out}: holds a run with other settings ({', '.join(diff[:4])}); "
                              f"use another --out, or --force to delete it")
-        if diff:
+        if diff:  # --force: start over, OUT/data included (data.build would reuse a world built for other settings)
+            shutil.rmtree(os.path.join(args.out, "data"), ignore_errors=True)
             for f in os.listdir(args.out):
                 if f.endswith((".pt", ".json", ".png")):
                     os.remove(os.path.join(args.out, f))
