@@ -59,6 +59,7 @@ QUESTIONS = {  # first 3 phrasings: training; last 2: held out, used only by the
                "what is the number of {e}", "which number does {e} have"],
 }
 N_TRAIN_PHRASINGS = 3
+ASR_PER_ENTITY = 40  # ASR training utterances per entity in the world (random 1-4 word strings)
 ASR_INSTRUCTION = "repeat after me: "  # the ASR task's user turn is this + the utterance
 
 
@@ -76,7 +77,7 @@ def make_world(n_entities=64, seed=0):
 def make_splits(world, seed=0):
     """Rows of the manifest (without audio yet). Entities [0, n/2) are 'speech' entities, the rest 'text-only'."""
     rng = random.Random(seed + 1)
-    n_asr_train, n_asr_test, n_copy = 40 * len(world), len(world), 16 * len(world)
+    n_asr_train, n_asr_test, n_copy = ASR_PER_ENTITY * len(world), 2 * len(world), 16 * len(world)
     half = len(world) // 2
     rows = []
     def qa(e, attr, phr, split, i):
@@ -109,6 +110,7 @@ def make_splits(world, seed=0):
         for attr in ATTRIBUTES:
             for p in range(N_TRAIN_PHRASINGS, len(QUESTIONS[attr])):
                 qa(e, attr, p, "test", 0)
+    rng = random.Random(seed + 3)  # the ASR test set does not depend on how much ASR training data there is
     for i in range(n_asr_test):
         w = words(rng.randint(2, 4))
         rows.append(dict(id=f"asr-test-{i}", transcript=w, question="", answer=w, task="asr", split="asr_test"))

@@ -263,6 +263,14 @@ def row_col_concentration(matrix, frac=0.05, lines=0.05):
             "ratio": (row_share + col_share) / (2 * lines)}
 
 
+def concentration(mats, frac=0.05, lines=0.05):
+    """row_col_concentration averaged over matrices ({key: 2-D tensor}), overall and per module type."""
+    per = {k: row_col_concentration(m, frac, lines) for k, m in mats.items()}
+    mean = lambda ks: {s: sum(per[k][s] for k in ks) / len(ks) for s in ("row_share", "col_share", "ratio")}
+    types = sorted({_layer_module(k)[1] for k in per}, key=MODULES.index)
+    return {"all": mean(list(per)), **{t: mean([k for k in per if _layer_module(k)[1] == t]) for t in types}}
+
+
 # -----------------------------------------------------------------------------
 # Eq. (3): layer-wise learning rates
 

@@ -242,6 +242,8 @@ def test_train_main_tiny_run(tmp_path, world):
     for m in ("frozen", "full", "lora"):
         assert {"t2t_acc", "s2t_acc", "wer", "importance_js", "importance_spearman"} <= set(res["methods"][m])
     assert res["methods"]["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)  # LLM untouched
+    assert "delta_w_concentration" not in res["methods"]["frozen"]  # ΔW = 0: no structure to measure
+    assert all(res["methods"][m]["delta_w_concentration"] >= 1 for m in ("full", "lora"))
     assert {"baseline_ppl", "top_ppl", "bottom_ppl", "random_ppl"} <= set(res["importance_validation"])
     ck = torch.load(os.path.join(out, "ft_lora.pt"), weights_only=True)["model"]
     assert ck and all(".lora_" in k or k.startswith("adaptor.") for k in ck)
@@ -791,6 +793,14 @@ def test_row_col_concentration_rank1_vs_gaussian():
     assert low_rank["ratio"] > 2 * noise["ratio"]
     assert low_rank["ratio"] > 5 and noise["ratio"] < 3
     assert noise["uniform_share"] == 0.05
+    from importance import concentration  # the summary over matrices: overall mean and per module type
+    mats = {"model.layers.0.self_attn.q_proj.weight": torch.outer(u, v),
+            "model.layers.1.self_attn.q_proj.weight": torch.randn(128, 96, generator=g),
+            "model.layers.0.mlp.up_proj.weight": torch.outer(u, v)}
+    c = concentration(mats)
+    assert set(c) == {"all", "q", "up"} and c["up"]["ratio"] == pytest.approx(low_rank["ratio"])
+    assert c["all"]["ratio"] == pytest.approx((2 * low_rank["ratio"] + row_col_concentration(mats[
+        "model.layers.1.self_attn.q_proj.weight"])["ratio"]) / 3)
 
 
 def test_display_helpers(tmp_path):
