@@ -200,7 +200,7 @@ _EDGES = np.geomspace(400, 7600, len(_CONS) + 1)
 NOISY = {c: (float(_EDGES[i]), float(_EDGES[i + 1])) for i, c in enumerate(_CONS)}
 
 
-LETTER_S = 0.045  # a vowel lasts 45 ms: a 5-letter word ~ 0.2 s ~ 2 adaptor frames (10 Hz)
+LETTER_S = 0.1  # a vowel lasts 100 ms, a CV syllable ~0.18 s as in real speech: ~3 adaptor frames (10 Hz) per token
 
 
 @dataclass

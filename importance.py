@@ -93,9 +93,7 @@ def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=
                     s = (g * p.detach().float()).abs() if kind == "taylor_sample" else g.square()
                     sums[k] = sums[k].add_(s) if k in sums else s
                     p.grad = None
-        if n == 0:
-            raise ValueError("estimate_importance needs at least one calibration batch")
-        if kind == "taylor":
+        if kind == "taylor" or n == 0:  # (n = 0: a rank with no batch of its own still joins the all-reduce)
             sums = {k: _grad32(p) for k, p in params.items()}  # in the param dtype until here (bf16 models: bf16 sums)
         if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
             count = torch.tensor(float(n), device=next(iter(sums.values())).device)
@@ -103,6 +101,8 @@ def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=
                 torch.distributed.all_reduce(s)
             torch.distributed.all_reduce(count)
             n = count.item()
+        if n == 0:
+            raise ValueError("estimate_importance needs at least one calibration batch")
         if kind == "taylor":  # I_i = |∂L/∂θ_i · θ_i| with the mean gradient over the calibration batches
             return {k: (sums[k] / n * params[k].detach().float()).abs().cpu() for k in params}
         return {k: (sums[k] / n).cpu() for k in params}

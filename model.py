@@ -42,6 +42,7 @@ class ModelConfig:
     # adaptor (LLaMA-Omni): stack k frames, Linear -> ReLU -> Linear
     k: int = 5                 # 50 Hz / k=5 = 10 speech embeddings per second
     d_adaptor: int = 512       # hidden width (the paper's 2048 for a 1280-wide encoder)
+    ctc_compress: bool = False # merge CTC-aligned frames into ~1 embedding per token (ours, for the from-scratch default)
 
 
 def build_llm(cfg):
@@ -119,6 +120,31 @@ class SpeechLLM(nn.Module):
             h, lens = self.run_encoder(h, lens)
         return self.adaptor(h.transpose(1, 2)), lens // self.cfg.k   # (B, T/2, C) -> (B, T/2//k, d_llm)
 
+    def compress(self, speech, lens, blank_id):
+        """CTC compression (Gaido et al. 2021; ours, on when cfg.ctc_compress): each 10 Hz frame's nearest token
+        is argmax(x @ E^T) over the LLM's embedding table E (the CTC head of ctc_loss); frames whose token is
+        the blank are dropped, and each run of frames with the same token is averaged into one embedding. A
+        frozen LLM then reads ~1 vector per token at consecutive positions, as it reads text, instead of
+        ~3 frames per token with blanks between. (B, S, d) -> (B, S', d), S' = number of runs."""
+        if not self.cfg.ctc_compress:
+            return speech, lens
+        E = self.llm.get_input_embeddings().weight.to(speech.dtype)
+        logits = speech @ E.T                                                      # (B, S, V): the CTC head
+        ids = logits.argmax(-1)                                                    # (B, S) nearest token
+        speech = logits.softmax(-1) @ E                                            # (B, S, d) soft token embedding
+        out = []
+        for x, t in zip(speech, [i[:n] for i, n in zip(ids, lens.tolist())]):
+            run = torch.cat([t.new_ones(1), (t[1:] != t[:-1]).long()]).cumsum(0) - 1  # run index of each frame
+            keep = t != blank_id
+            if not keep.any():                                                   # all blank: keep the mean
+                keep = torch.ones_like(keep)
+            n_run = int(run[-1]) + 1
+            sums = x.new_zeros(n_run, x.shape[-1]).index_add_(0, run[keep], x[: len(t)][keep])
+            cnt = torch.bincount(run[keep], minlength=n_run)
+            out.append(sums[cnt > 0] / cnt[cnt > 0, None].to(x.dtype))           # (S'_i, d)
+        new_lens = torch.tensor([len(o) for o in out], device=speech.device)
+        return torch.stack([F.pad(o, (0, 0, 0, int(new_lens.max()) - len(o))) for o in out]), new_lens
+
     @torch.no_grad()
     def precompute_encoder(self, features, batch_size=64):
         """{id: mel (n_mels, T)} -> {id: encoder states (C, T/2)}: the encoder is frozen during fine-tuning,
@@ -140,7 +166,7 @@ class SpeechLLM(nn.Module):
         emb = self.llm.get_input_embeddings()
         speech_id = batch["speech_id"]
         if speech is None and batch.get("speech") is not None:
-            speech = self.encode_speech(batch)
+            speech = self.compress(*self.encode_speech(batch), batch["blank_id"])
         if speech is not None:
             speech, speech_lens = speech
         seqs, labs, j = [], [], 0
@@ -163,15 +189,21 @@ class SpeechLLM(nn.Module):
         labels = torch.stack([pad(l, -100) for l in labs])
         return x, mask, labels
 
-    def loss(self, batch, reduction="mean", ctc_weight=0.0):
+    def loss(self, batch, reduction="mean", ctc_weight=0.0, n_tokens=None):
         """Next-token cross-entropy on the answer tokens + EOS (labels are -100 elsewhere); with ctc_weight > 0,
-        plus the auxiliary CTC alignment loss (the align stage only)."""
+        plus the auxiliary CTC alignment loss (the align stage only). n_tokens: divide the summed cross-entropy
+        by this count instead of this batch's own (train.py passes the whole step's, so that gradient
+        accumulation and DDP give exactly the gradient of one big batch of variable-length answers)."""
         speech = self.encode_speech(batch) if batch.get("speech") is not None else None
-        x, mask, labels = self.embed(batch, with_answer=True, left_pad=False, speech=speech)
+        x, mask, labels = self.embed(batch, with_answer=True, left_pad=False,
+                                     speech=self.compress(*speech, batch["blank_id"]) if speech else None)
         logits = self.llm(inputs_embeds=x, attention_mask=mask).logits           # (B, L, vocab)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                               ignore_index=-100, reduction=reduction)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                               reduction="sum" if n_tokens is not None else reduction)
+        loss = loss / n_tokens if n_tokens is not None else loss
         return loss + ctc_weight * self.ctc_loss(speech, batch) if ctc_weight else loss
+
+    forward = loss  # so that a DistributedDataParallel wrapper, which syncs gradients through forward(), can call it
 
     def ctc_loss(self, speech, batch):
         """Auxiliary alignment loss (our addition for the from-scratch encoder; see README): CTC between the

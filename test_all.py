@@ -105,6 +105,38 @@ def test_batched_equals_unbatched(world):
     torch.testing.assert_close(full[0, :lens[0]], one[0], atol=1e-5, rtol=1e-5)
 
 
+def test_ctc_compress_merges_runs_and_drops_blanks(world):
+    """compress == a plain reference: frame -> soft token embedding softmax(x E^T) E, blank frames dropped, runs of
+    one argmax token averaged; an all-blank utterance keeps one vector."""
+    import itertools
+    _, tok, _, _ = world
+    model = tiny_model(tok)
+    model.cfg = ModelConfig(**{**vars(model.cfg), "ctc_compress": True})
+    emb = model.llm.get_input_embeddings().weight
+    with torch.no_grad():  # unit-norm rows: 10 * E[i] has token i as its nearest token
+        emb.copy_(F.normalize(torch.randn(emb.shape, generator=torch.Generator().manual_seed(0)), dim=-1))
+    E = emb.detach()
+    seqs = [[5, 5, 0, 7, 7, 7, 0, 0, 5, 9], [0, 0, 0]]
+    x = torch.zeros(2, 10, E.shape[1])
+    for b, s in enumerate(seqs):
+        x[b, :len(s)] = 10 * E[s] + 0.01 * torch.randn(len(s), E.shape[1])
+    lens = torch.tensor([10, 3])
+    out, out_lens = model.compress(x, lens, blank_id=0)
+    for b in range(2):
+        logits = x[b, :lens[b]] @ E.T
+        soft, ids = logits.softmax(-1) @ E, logits.argmax(-1).tolist()
+        runs, t = [], 0
+        for tok_id, grp in itertools.groupby(ids):
+            n = len(list(grp))
+            if tok_id != 0:
+                runs.append(soft[t:t + n].mean(0))
+            t += n
+        ref = torch.stack(runs) if runs else soft.mean(0, keepdim=True)
+        assert out_lens[b] == len(ref)
+        torch.testing.assert_close(out[b, :len(ref)], ref)
+    assert out_lens.tolist() == [4, 1] and ids == [0, 0, 0]  # runs 5,7,5,9; blank only -> one vector
+
+
 def test_generate_matches_no_cache_greedy(world):
     rows, tok, feats, _ = world
     model = tiny_model(tok, seed=4)
@@ -304,6 +336,59 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, world):
         _tiny_run(tmp_path, tok, rows, nan_at=4)
     ck = torch.load(tmp_path / "t.partial.pt", weights_only=True)
     assert ck["step"] == 3 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def _ddp_case(d, out, argv):
+    """train.train on a tiny speech model (everything trains, CTC on) for 3 steps -> (losses, final weights).
+    Run in one process, or by every rank under torchrun (test below)."""
+    rows = [r for r in data.read_manifest(os.path.join(d, "manifest.jsonl")) if r["split"] == "speech_train"][:64]
+    tok = data.Tokenizer(os.path.join(d, "tokenizer.model"))
+    feats = data.load_features(rows)
+    args = train.get_args(["--out", out, "--log-every", "1000"] + argv)
+    train.setup_ddp(args)
+    os.makedirs(out, exist_ok=True)
+    model = tiny_model(tok).train()
+    groups = [{"params": list(model.parameters()), "initial_lr": 1e-3}]
+    losses = train.train(model, groups, rows, lambda rs: data.make_batch(rs, tok, True, feats), 3, args, "t", 1.0)
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_torchrun_ddp_matches_one_process(tmp_path, world):
+    """2 ranks (gloo, CPU) x 2 micro-batches of 2 == one process with one batch of 8: same losses, same
+    weights, identical on both ranks; then the whole pipeline under torchrun, only rank 0 writing."""
+    import subprocess, sys
+    d, here = world[3], os.path.dirname(os.path.abspath(__file__))
+    run = str(tmp_path / "run")
+    (tmp_path / "ddp.py").write_text(f"""
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import test_all, train
+losses, state = test_all._ddp_case({d!r}, {str(tmp_path / "ddp")!r}, ["--batch-size", "2", "--grad-accum", "2"])
+torch.save({{"losses": losses, "state": state}}, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
+train.main(["--out", {run!r}, "--data-dir", {d!r}, "--n-entities", "8", "--n-layers", "2", "--d-llm", "32",
+            "--batch-size", "4", "--pretrain-steps", "6", "--align-steps", "2", "--steps", "2", "--log-every", "1000",
+            "--method", "full,lora", "--calib-frac", "0.1"])
+""")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "ddp.py")], capture_output=True, text=True, cwd=here,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["losses"] == r1["losses"] and all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    losses, state = _ddp_case(d, str(tmp_path / "one"), ["--batch-size", "8"])
+    assert r0["losses"] == pytest.approx(losses, rel=1e-5)
+    for k in state:
+        torch.testing.assert_close(r0["state"][k], state[k], atol=1e-5, rtol=1e-4)
+    res = json.load(open(os.path.join(run, "results.json")))
+    assert set(res["methods"]) == {"full", "lora"} and p.stdout.count("finetune full:") == 1  # rank 0 prints
+
+
+def test_autocast_bf16_trains_close_to_fp32(tmp_path, world):
+    """--dtype bf16 (autocast; weights stay fp32) on the CPU: the losses follow fp32's within bf16 precision."""
+    ref, _ = _ddp_case(world[3], str(tmp_path / "a"), ["--batch-size", "4"])
+    bf16, state = _ddp_case(world[3], str(tmp_path / "b"), ["--batch-size", "4", "--dtype", "bf16"])
+    assert bf16 == pytest.approx(ref, rel=0.05) and bf16 != ref
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
 def test_out_dir_holding_another_run_is_refused(tmp_path):

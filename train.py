@@ -14,6 +14,7 @@ train.py - the whole pipeline, one hand-written training loop used by every stag
 
     python train.py                      # the default pipeline on a CPU
     python train.py --method full --steps 100 --out runs/quick
+    torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
 """
 import argparse
 import json
@@ -24,8 +25,11 @@ import re
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -42,7 +46,9 @@ def get_args(argv=None):
     g = p.add_argument_group("Run")
     g.add_argument("--out", default="runs/default", help="run directory (data, checkpoints, results.json)")
     g.add_argument("--seed", type=int, default=0, help="training seed (the synthetic world uses --data-seed)")
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (under torchrun: each rank its own cuda:LOCAL_RANK)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="autocast dtype of forward passes; auto: bf16 on CUDA, fp32 on CPU (weights stay fp32)")
     g.add_argument("--seeds", default="", help="comma list: repeat the comparison per seed (OUT/seed<N>), report mean ± sd")
     g.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
     g.add_argument("--reanalyse", action="store_true", help="redo evaluation + importance analysis from the checkpoints")
@@ -60,13 +66,15 @@ def get_args(argv=None):
     g.add_argument("--encoder", default="", help="a pretrained Whisper model (dir or hub id): encoder kept frozen")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute LLM activations in backward")
     g = p.add_argument_group("Optimization (AdamW, linear warmup + cosine decay to 10%)")
-    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch and process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--pretrain-steps", type=int, default=1000, help="text LM steps for the tiny LLM")
     g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak LR of pretraining")
-    g.add_argument("--align-steps", type=int, default=1500, help="encoder + adaptor steps, LLM frozen")
+    g.add_argument("--align-steps", type=int, default=1000, help="encoder + adaptor steps, LLM frozen")
     g.add_argument("--align-lr", type=float, default=3e-3, help="peak LR of alignment")
     g.add_argument("--align-ctc", type=float, default=1.0, help="weight of the auxiliary CTC loss in align (0: off)")
+    g.add_argument("--ctc-compress", type=int, default=1, choices=[0, 1],
+                   help="with --align-ctc > 0: merge CTC-aligned frames into ~1 soft token embedding per token")
     g.add_argument("--steps", type=int, default=300, help="speech fine-tuning steps, identical for every method")
     g.add_argument("--lr", type=float, default=1e-3, help="peak LR of speech fine-tuning (full, layer_lr)")
     g.add_argument("--lora-lr", type=float, default=2e-3, help="peak LR of the LoRA methods (see README)")
@@ -93,6 +101,9 @@ def get_args(argv=None):
     if not 0 <= args.lam <= 1:
         p.error(f"--lam: must be in [0, 1], got {args.lam}")
     args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
+    args.rank, args.world, args.master = 0, 1, True  # one process; setup_ddp() changes these under torchrun
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     args.methods = [m for m in args.method.split(",") if m]
     for m in args.methods:
         if m not in METHODS and not re.fullmatch(r"lora_r\d+", m):
@@ -128,11 +139,45 @@ def batch_rows(rows, batch_size, step, seed):
     return out
 
 
+def setup_ddp(args):
+    """nanoGPT-style: under `torchrun --nproc_per_node N`, RANK / LOCAL_RANK / WORLD_SIZE are set and every
+    process joins one group (NCCL on GPUs, gloo on CPU). Every rank runs the same program on its shard of each
+    batch; only rank 0 writes files and prints."""
+    args.rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    args.master = args.rank == 0
+    if args.world > 1 and not dist.is_initialized():
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if not args.master:
+        sys.stdout = open(os.devnull, "w")  # rank 0 prints for everyone
+
+
+def barrier(args):
+    """Wait until rank 0 has written what the other ranks read next (a no-op in a single process)."""
+    if args.world > 1:
+        dist.barrier()
+
+
+def autocast(args):
+    """Mixed precision: forward passes in bf16/fp16 where safe, weights and optimizer state in fp32."""
+    if args.dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float16)
+
+
 def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
-    """One training loop for every stage. groups: AdamW param groups, each with its own `initial_lr`."""
+    """One training loop for every stage. groups: AdamW param groups, each with its own `initial_lr`.
+    A step's global batch is batch_size x grad_accum x world rows; this rank takes its grad_accum micro-batches."""
     # fused: one kernel updates every parameter (CPU and CUDA); each group keeps its own `initial_lr`
     opt = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.95), fused=True)
     params = [p for g in groups for p in g["params"]]
+    B, A, W = args.batch_size, args.grad_accum, args.world
+    # DDP averages the gradients over ranks during backward (and broadcasts rank 0's weights at the start)
+    fwd = DDP(model, device_ids=[torch.device(args.device).index] if args.device.startswith("cuda") else None) \
+        if W > 1 else model.loss
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "fp16")  # fp16 gradients underflow without loss scaling
     partial, start = os.path.join(args.out, f"{name}.partial.pt"), 0
     if args.resume and os.path.exists(partial):
         ck = load_checkpoint(partial)
@@ -144,29 +189,44 @@ def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
     warmup = max(1, int(args.warmup * steps))
     model.train()
     t0, losses = time.time(), []
-    for step in (bar := tqdm(range(start, steps), desc=name, leave=False, disable=None)):
+    for step in (bar := tqdm(range(start, steps), desc=name, leave=False, disable=None if args.master else True)):
         lrm = get_lr(step, steps, warmup)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * lrm
-        for micro in range(args.grad_accum):
-            batch = make_batch(batch_rows(rows, args.batch_size, step * args.grad_accum + micro, args.seed))
-            # divided by grad_accum: the summed gradients are then those of the mean loss over one big batch
-            loss = model.loss(batch, ctc_weight=ctc_weight) / args.grad_accum
-            loss.backward()
-        if not torch.isfinite(loss):
-            raise SystemExit(f"{name}: loss is {loss.item()} at step {step}; stopped (last good checkpoint kept)")
+        glob = batch_rows(rows, B * A * W, step, args.seed)
+        micro = [make_batch(glob[(m * W + args.rank) * B:(m * W + args.rank + 1) * B]) for m in range(A)]
+        # the summed cross-entropy is divided by the answer tokens of the WHOLE step (all micro-batches, all
+        # ranks; x W because DDP averages over ranks): the gradient is then exactly that of one big batch,
+        # however the answer lengths fall. (A mean per micro-batch would weight short answers up.)
+        n_tok = torch.tensor(float(sum(len(a) for b in micro for a in b["answers"])), device=args.device)
+        if W > 1:
+            dist.all_reduce(n_tok)
+        total = 0.0
+        for m, batch in enumerate(micro):
+            with fwd.no_sync() if W > 1 and m < A - 1 else nullcontext(), autocast(args):  # sync on the last only
+                loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=ctc_weight / A)  # CTC: a mean per micro-batch
+            scaler.scale(loss).backward()
+            total += loss.detach()
+        if W > 1:
+            dist.all_reduce(total)
+            total /= W
+        if not torch.isfinite(total):  # all ranks see the same reduced loss, so all stop together
+            raise SystemExit(f"{name}: loss is {total.item()} at step {step}; stopped (last good checkpoint kept)")
+        scaler.unscale_(opt)
         norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item() * args.grad_accum)
+        losses.append(total.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
             tqdm.write(f"{name} step {step + 1}/{steps} | loss {losses[-1]:.4f} | "
                        f"lr {opt.param_groups[0]['lr']:.2e} | norm {norm:.2f} | {ms:.0f} ms")
-            save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(),
-                                      "step": step + 1, "rng": torch.get_rng_state()})
-    if os.path.exists(partial):
+            if args.master:
+                save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(),
+                                          "step": step + 1, "rng": torch.get_rng_state()})
+    if args.master and os.path.exists(partial):
         os.remove(partial)
     return losses
 
@@ -212,8 +272,10 @@ def analyse(model, calib, eval_rows, make_text, make_speech, args, table1=False)
     optionally the Table 1 check: perplexity on held-out answers after zeroing 3% of the weights."""
     out = {}
     for kind, make in (("text", make_text), ("speech", make_speech)):
+        # under DDP each rank takes every world-th batch; the gradient sums are all-reduced (same result)
         batches = [make(calib[i:i + args.batch_size]) for i in range(0, len(calib), args.batch_size)]
-        scores = imp.estimate_importance(model, batches, args.importance_kind)
+        scores = imp.estimate_importance(model, batches[args.rank::args.world], args.importance_kind,
+                                         all_reduce=args.world > 1)
         out[kind] = scores
         if table1:
             ppl = lambda: evaluate.perplexity(model, eval_rows, make)
@@ -225,26 +287,34 @@ def main(argv=None):
     args = get_args(argv)
     if args.seed_list:
         return run_seeds(args, argv)
+    setup_ddp(args)
     torch.manual_seed(args.seed)
-    check_out_dir(args)
+    if args.master:
+        check_out_dir(args)
+    barrier(args)
     res_path = os.path.join(args.out, "results.json")
     results = json.load(open(res_path)) if os.path.exists(res_path) else {"methods": {}, "timing_s": {}}
-    save_results = lambda: save_json(res_path, results)
+    save_results = lambda: save_json(res_path, results) if args.master else None
     timing = results["timing_s"]
     if args.reanalyse:  # keep the checkpoints, recompute everything measured from them
         results["methods"] = {}
+        barrier(args)  # every rank has seen importance_original.pt before rank 0 removes it
         for f in ("importance.json", "importance_original.pt"):
-            if os.path.exists(os.path.join(args.out, f)):
+            if args.master and os.path.exists(os.path.join(args.out, f)):
                 os.remove(os.path.join(args.out, f))
 
     # data ---------------------------------------------------------------------------------------
     t = time.time()
     data_dir = args.data_dir or os.path.join(args.out, "data")
-    rows = data.read_manifest(args.manifest or data.build(data_dir, args.data_seed, args.tts, args.n_entities))
-    if args.manifest and not args.llm and not os.path.exists(os.path.join(data_dir, "tokenizer.model")):
+    if args.master and not args.manifest:
+        data.build(data_dir, args.data_seed, args.tts, args.n_entities)
+    if args.master and args.manifest and not args.llm and not os.path.exists(os.path.join(data_dir, "tokenizer.model")):
         os.makedirs(data_dir, exist_ok=True)  # your own text, your own tokenizer for the tiny LLM
-        data.train_tokenizer([r[k] for r in rows if r["split"] == "pretrain" for k in ("question", "answer") if r[k]],
+        pre = data.read_manifest(args.manifest)
+        data.train_tokenizer([r[k] for r in pre if r["split"] == "pretrain" for k in ("question", "answer") if r[k]],
                              os.path.join(data_dir, "tokenizer"))
+    barrier(args)
+    rows = data.read_manifest(args.manifest or os.path.join(data_dir, "manifest.jsonl"))
     tok = data.HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(data_dir, "tokenizer.model"))
     n_mels = ModelConfig.n_mels
     if args.encoder:  # a real Whisper: its mel bins (80, or 128 for large-v3)
@@ -256,7 +326,7 @@ def main(argv=None):
     print(f"data: {len(rows)} rows, {len(features)} utterances, vocab {tok.vocab_size} ({time.time() - t:.1f}s)")
 
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
-                      encoder=args.encoder, n_mels=n_mels)
+                      encoder=args.encoder, n_mels=n_mels, ctc_compress=bool(args.ctc_compress and args.align_ctc > 0))
     def base_model():
         """Initial (or pretrained) weights, then what the finished stages trained: their checkpoints hold only that."""
         torch.manual_seed(args.seed)
@@ -282,9 +352,11 @@ def main(argv=None):
         losses = train(model, [{"params": list(model.llm.parameters()), "initial_lr": args.pretrain_lr}],
                        split("pretrain"), text_batch, args.pretrain_steps, args, "pretrain")
         results.setdefault("train_loss", {})["pretrain"] = loss_summary(losses)
-        save_checkpoint(ck, {"config": vars(cfg), "model": trainable_state(model)})  # the LLM
+        if args.master:
+            save_checkpoint(ck, {"config": vars(cfg), "model": trainable_state(model)})  # the LLM
         timing["pretrain"] = round(time.time() - t, 1)
-        results["pretrain"] = {"t2t_acc": evaluate.accuracy(model, split("test"), text_batch, tok)[0]}
+        with autocast(args):
+            results["pretrain"] = {"t2t_acc": evaluate.accuracy(model, split("test"), text_batch, tok)[0]}
         save_results()
     print(f"pretrained LLM: T2T {results['pretrain']['t2t_acc']:.3f}")
 
@@ -297,10 +369,13 @@ def main(argv=None):
         losses = train(model, [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": args.align_lr}],
                        split("speech_train"), speech_batch, args.align_steps, args, "align", args.align_ctc)
         results.setdefault("train_loss", {})["align"] = loss_summary(losses)
-        save_checkpoint(ck, {"config": vars(cfg), "model": trainable_state(model)})  # encoder + adaptor
+        if args.master:
+            save_checkpoint(ck, {"config": vars(cfg), "model": trainable_state(model)})  # encoder + adaptor
         timing["align"] = round(time.time() - t, 1)
-        results["no_ft"] = evaluate.evaluate_all(model, rows, tok, text_batch, speech_batch)
+        with autocast(args):
+            results["no_ft"] = evaluate.evaluate_all(model, rows, tok, text_batch, speech_batch)
         save_results()
+    barrier(args)  # align.pt is written
     model = base_model()
     print(f"no fine-tuning: {fmt(results['no_ft'])}")
 
@@ -319,7 +394,8 @@ def main(argv=None):
     report = json.load(open(imp_path)) if os.path.exists(imp_path) else {"distribution": {}, "top5_share": {}}
     if not os.path.exists(orig_path):
         t = time.time()
-        an = analyse(model, calib, split("test"), text_batch, ft_batch, args, table1=True)
+        with autocast(args):
+            an = analyse(model, calib, split("test"), text_batch, ft_batch, args, table1=True)
         for kind in ("text", "speech"):
             report["distribution"][f"original_{kind}"] = imp.layer_distribution(an[kind])
             report["top5_share"][f"original_{kind}"] = imp.top_share_by_layer(an[kind], 0.05)
@@ -328,10 +404,12 @@ def main(argv=None):
         t1 = an["table1_text"]
         results["importance_validation"] = {f"{k}_ppl": v for k, v in t1.items()}
         results["importance_validation"]["speech"] = {f"{k}_ppl": v for k, v in an["table1_speech"].items()}
-        torch.save(an["text"], orig_path)
+        if args.master:
+            torch.save(an["text"], orig_path)
+            save_json(imp_path, report)
         timing["importance_original"] = round(time.time() - t, 1)
-        save_json(imp_path, report)
         save_results()
+    barrier(args)  # importance_original.pt is written
     orig = torch.load(orig_path, weights_only=True)
     scales = imp.layer_lr_scale(imp.aggregate(orig)["layer"], args.lam)  # Eq. (3), from the ORIGINAL LLM
 
@@ -351,13 +429,16 @@ def main(argv=None):
             losses = state["losses"]
         else:
             losses = train(model, groups, train_rows, ft_batch, args.steps, args, f"ft_{method}")
-            save_checkpoint(ck, {"config": vars(cfg), "method": method, "model": trainable_state(model),
-                                 "losses": losses})  # trainable parts only: adaptor (+ LoRA) for LoRA
+            if args.master:  # trainable parts only: adaptor (+ LoRA) for LoRA
+                save_checkpoint(ck, {"config": vars(cfg), "method": method, "model": trainable_state(model),
+                                     "losses": losses})
             timing[f"ft_{method}"] = round(time.time() - t, 1)
-        m = evaluate.evaluate_all(model, rows, tok, text_batch, ft_batch)
+        with autocast(args):
+            m = evaluate.evaluate_all(model, rows, tok, text_batch, ft_batch)
         m["train_loss"] = loss_summary(losses)
         lora.merge_lora(model)  # importance of the weights the model actually uses, W + BA
-        an = analyse(model, calib, None, text_batch, ft_batch, args)
+        with autocast(args):
+            an = analyse(model, calib, None, text_batch, ft_batch, args)
         shift = imp.shift_metrics(orig, an["text"])
         m.update(importance_js=shift["js"], importance_spearman=shift["spearman"], importance_shift=shift)
         report["distribution"][method] = imp.layer_distribution(an["text"])
@@ -368,12 +449,13 @@ def main(argv=None):
             m["delta_w_concentration"] = report["concentration"][f"{method}_delta_w"]["all"]["ratio"]
         results["methods"][method] = m
         print(f"{method}: {fmt(m)}")
-        save_json(imp_path, report)
+        if args.master:
+            save_json(imp_path, report)
         save_results()
 
     dists = {k: v for k, v in report["distribution"].items() if k != "original_speech"}
     print("\nLayer-wise textual importance (Fig. 2 analogue):\n" + imp.bar_chart(dists))
-    png = imp.plot_distributions(dists, os.path.join(args.out, "importance.png"))
+    png = imp.plot_distributions(dists, os.path.join(args.out, "importance.png")) if args.master else None
     if png:
         print(f"figure: {png}")
     conc = {k: v["all"]["ratio"] for k, v in report.get("concentration", {}).items()}
@@ -385,7 +467,7 @@ def main(argv=None):
 
 # settings a run directory is tied to: another value means another run (adding --method values does not)
 RUN_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encoder", "n_layers", "d_llm",
-            "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc",
+            "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc", "ctc_compress",
             "steps", "lr", "lora_lr", "warmup", "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout",
             "lora_targets", "lam", "calib_frac", "importance_kind"]
 
