@@ -42,7 +42,7 @@ class ModelConfig:
     # adaptor (LLaMA-Omni): stack k frames, Linear -> ReLU -> Linear
     k: int = 5                 # 50 Hz / k=5 = 10 speech embeddings per second
     d_adaptor: int = 512       # hidden width (the paper's 2048 for a 1280-wide encoder)
-    ctc_compress: bool = False # merge CTC-aligned frames into ~1 embedding per token (ours, for the from-scratch default)
+    ctc_compress: bool = False # merge CTC-aligned frames into ~1 token embedding each (ours; see compress)
 
 
 def build_llm(cfg):

@@ -266,7 +266,8 @@ def test_train_main_tiny_run(tmp_path, world):
     import shutil
     shutil.copytree(world[3], os.path.join(out, "data"))
     argv = ["--out", out, "--n-entities", "8", "--n-layers", "2", "--d-llm", "32", "--batch-size", "8",
-            "--pretrain-steps", "40", "--align-steps", "4", "--steps", "3", "--log-every", "1000",
+            "--pretrain-steps", "40", "--align-steps", "4", "--compress-steps", "2", "--steps", "3",
+            "--log-every", "1000",
             "--method", "frozen,full,lora", "--calib-frac", "0.1"]
     res = train.main(argv)
     assert res["train_loss"]["pretrain"]["last"] < 0.8 * res["train_loss"]["pretrain"]["first"]
@@ -366,8 +367,8 @@ import test_all, train
 losses, state = test_all._ddp_case({d!r}, {str(tmp_path / "ddp")!r}, ["--batch-size", "2", "--grad-accum", "2"])
 torch.save({{"losses": losses, "state": state}}, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
 train.main(["--out", {run!r}, "--data-dir", {d!r}, "--n-entities", "8", "--n-layers", "2", "--d-llm", "32",
-            "--batch-size", "4", "--pretrain-steps", "6", "--align-steps", "2", "--steps", "2", "--log-every", "1000",
-            "--method", "full,lora", "--calib-frac", "0.1"])
+            "--batch-size", "4", "--pretrain-steps", "6", "--align-steps", "2", "--compress-steps", "2",
+            "--steps", "2", "--log-every", "1000", "--method", "full,lora", "--calib-frac", "0.1"])
 """)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(tmp_path / "ddp.py")], capture_output=True, text=True, cwd=here,
@@ -485,7 +486,8 @@ def test_real_model_paths_train_every_method_and_reload(tmp_path, world, arch):
     llm, enc = save_tiny_hf(tmp_path, rows, arch), save_tiny_whisper(tmp_path)
     out = str(tmp_path / "run")
     argv = ["--out", out, "--data-dir", d, "--llm", llm, "--encoder", enc, "--batch-size", "4", "--align-steps", "2",
-            "--steps", "2", "--log-every", "1000", "--method", ",".join(train.METHODS), "--calib-frac", "0.05"]
+            "--compress-steps", "2", "--steps", "2", "--log-every", "1000", "--method", ",".join(train.METHODS),
+            "--calib-frac", "0.05"]
     res = train.main(argv)
     assert set(res["methods"]) == set(train.METHODS) and not os.path.exists(os.path.join(out, "pretrain.pt"))
     align = torch.load(os.path.join(out, "align.pt"), weights_only=True)

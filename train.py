@@ -73,8 +73,8 @@ def get_args(argv=None):
     g.add_argument("--align-steps", type=int, default=1000, help="encoder + adaptor steps, LLM frozen")
     g.add_argument("--align-lr", type=float, default=3e-3, help="peak LR of alignment")
     g.add_argument("--align-ctc", type=float, default=1.0, help="weight of the auxiliary CTC loss in align (0: off)")
-    g.add_argument("--ctc-compress", type=int, default=1, choices=[0, 1],
-                   help="with --align-ctc > 0: merge CTC-aligned frames into ~1 soft token embedding per token")
+    g.add_argument("--compress-steps", type=int, default=400,
+                   help="align phase 2, at a third of --align-lr: CTC compression on (0: never; needs --align-ctc > 0)")
     g.add_argument("--steps", type=int, default=300, help="speech fine-tuning steps, identical for every method")
     g.add_argument("--lr", type=float, default=1e-3, help="peak LR of speech fine-tuning (full, layer_lr)")
     g.add_argument("--lora-lr", type=float, default=2e-3, help="peak LR of the LoRA methods (see README)")
@@ -175,9 +175,10 @@ def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
     params = [p for g in groups for p in g["params"]]
     B, A, W = args.batch_size, args.grad_accum, args.world
     # DDP averages the gradients over ranks during backward (and broadcasts rank 0's weights at the start)
-    fwd = DDP(model, device_ids=[torch.device(args.device).index] if args.device.startswith("cuda") else None) \
-        if W > 1 else model.loss
-    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "fp16")  # fp16 gradients underflow without loss scaling
+    cuda = args.device.startswith("cuda")
+    fwd = DDP(model, device_ids=[torch.device(args.device).index] if cuda else None) if W > 1 else model.loss
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op)
+    scaler = torch.amp.GradScaler(args.device.split(":")[0], enabled=args.dtype == "fp16")
     partial, start = os.path.join(args.out, f"{name}.partial.pt"), 0
     if args.resume and os.path.exists(partial):
         ck = load_checkpoint(partial)
@@ -203,9 +204,10 @@ def train(model, groups, rows, make_batch, steps, args, name, ctc_weight=0.0):
             dist.all_reduce(n_tok)
         total = 0.0
         for m, batch in enumerate(micro):
-            with fwd.no_sync() if W > 1 and m < A - 1 else nullcontext(), autocast(args):  # sync on the last only
-                loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=ctc_weight / A)  # CTC: a mean per micro-batch
-            scaler.scale(loss).backward()
+            with fwd.no_sync() if W > 1 and m < A - 1 else nullcontext():  # all-reduce on the last micro-batch only
+                with autocast(args):
+                    loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=ctc_weight / A)  # CTC: a mean per micro-batch
+                scaler.scale(loss).backward()
             total += loss.detach()
         if W > 1:
             dist.all_reduce(total)
@@ -326,7 +328,8 @@ def main(argv=None):
     print(f"data: {len(rows)} rows, {len(features)} utterances, vocab {tok.vocab_size} ({time.time() - t:.1f}s)")
 
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
-                      encoder=args.encoder, n_mels=n_mels, ctc_compress=bool(args.ctc_compress and args.align_ctc > 0))
+                      encoder=args.encoder, n_mels=n_mels,
+                      ctc_compress=args.compress_steps > 0 and args.align_ctc > 0)
     def base_model():
         """Initial (or pretrained) weights, then what the finished stages trained: their checkpoints hold only that."""
         torch.manual_seed(args.seed)
@@ -366,9 +369,24 @@ def main(argv=None):
         t = time.time()
         set_trainable(model, ["adaptor."] + ([] if args.encoder else ["encoder."]))  # a real Whisper stays frozen
         print(f"align: {count(model)}")
-        losses = train(model, [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": args.align_lr}],
-                       split("speech_train"), speech_batch, args.align_steps, args, "align", args.align_ctc)
-        results.setdefault("train_loss", {})["align"] = loss_summary(losses)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # phase 1: CTC + answer loss on the raw 10 Hz frames (CTC compression with a still-random CTC head would
+        # merge frames at random, and training stalled: loss 8.5 after 1000 steps); saved, so phase 2 can resume
+        raw, compress = os.path.join(args.out, "align_raw.pt"), cfg.ctc_compress
+        if os.path.exists(raw):
+            model.load_state_dict(load_stage(raw, cfg), strict=False)
+        else:
+            cfg.ctc_compress = False
+            losses = train(model, [{"params": params, "initial_lr": args.align_lr}], split("speech_train"),
+                           speech_batch, args.align_steps, args, "align", args.align_ctc)
+            cfg.ctc_compress = compress
+            results.setdefault("train_loss", {})["align"] = loss_summary(losses)
+            if args.master:
+                save_checkpoint(raw, {"config": vars(cfg), "model": trainable_state(model)})
+        if compress:  # phase 2: the LLM reads the compressed soft token embeddings it will read from now on
+            losses = train(model, [{"params": params, "initial_lr": args.align_lr / 3}], split("speech_train"),
+                           speech_batch, args.compress_steps, args, "align_compress", args.align_ctc)
+            results.setdefault("train_loss", {})["align_compress"] = loss_summary(losses)
         if args.master:
             save_checkpoint(ck, {"config": vars(cfg), "model": trainable_state(model)})  # encoder + adaptor
         timing["align"] = round(time.time() - t, 1)
@@ -467,7 +485,8 @@ def main(argv=None):
 
 # settings a run directory is tied to: another value means another run (adding --method values does not)
 RUN_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encoder", "n_layers", "d_llm",
-            "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc", "ctc_compress",
+            "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc",
+            "compress_steps",
             "steps", "lr", "lora_lr", "warmup", "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout",
             "lora_targets", "lam", "calib_frac", "importance_kind"]
 
