@@ -384,11 +384,13 @@ train.main(["--out", {run!r}, "--data-dir", {d!r}, "--n-entities", "8", "--n-lay
     assert set(res["methods"]) == {"full", "lora"} and p.stdout.count("finetune full:") == 1  # rank 0 prints
 
 
-def test_autocast_bf16_trains_close_to_fp32(tmp_path, world):
-    """--dtype bf16 (autocast; weights stay fp32) on the CPU: the losses follow fp32's within bf16 precision."""
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_autocast_trains_close_to_fp32(tmp_path, world, dtype):
+    """--dtype bf16 / fp16 (autocast; weights stay fp32; fp16 with a GradScaler) on the CPU: the losses follow
+    fp32's within half precision."""
     ref, _ = _ddp_case(world[3], str(tmp_path / "a"), ["--batch-size", "4"])
-    bf16, state = _ddp_case(world[3], str(tmp_path / "b"), ["--batch-size", "4", "--dtype", "bf16"])
-    assert bf16 == pytest.approx(ref, rel=0.05) and bf16 != ref
+    half, state = _ddp_case(world[3], str(tmp_path / "b"), ["--batch-size", "4", "--dtype", dtype])
+    assert half == pytest.approx(ref, rel=0.05) and half != ref
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
