@@ -373,7 +373,8 @@ if __name__ == "__main__":
     with open(os.path.join(run, "run.json")) as f:
         settings = json.load(f)
     methods = sorted(f[3:-3] for f in os.listdir(run) if f.startswith("ft_") and f.endswith(".pt") and ".partial" not in f)
-    argv = ["--out", run, "--reanalyse", "--method", ",".join(methods)]
-    argv += [a for k, v in settings.items() if v is not None for a in (f"--{k.replace('_', '-')}", str(v))]
     import train  # the pipeline knows how to rebuild each method's model from its checkpoints
+    argv = ["--out", run, "--reanalyse", "--method", ",".join(methods)]
+    argv += [a for k, v in settings.items() if v is not None and k in train.RUN_KEYS  # (skips retired settings)
+             for a in (f"--{k.replace('_', '-')}", str(v))]
     train.main(argv)
