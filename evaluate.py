@@ -86,6 +86,33 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
     return out
 
 
+def mean_sd(runs):
+    """Mean and sample sd (n - 1) of every number in a list of results.json dicts (e.g. one per seed), as
+    dicts of the same nesting. A number missing from any run is left out."""
+    def leaves(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(leaves(v, f"{pre}{k}."))
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{pre}{k}"] = v
+        return out
+    def nest(flat):
+        out = {}
+        for k, v in flat.items():
+            *path, last = k.split(".")
+            d = out
+            for p in path:
+                d = d.setdefault(p, {})
+            d[last] = v
+        return out
+    flat = [leaves(r) for r in runs]
+    keys = [k for k in flat[0] if all(k in f for f in flat)]
+    mean = {k: sum(f[k] for f in flat) / len(flat) for k in keys}
+    sd = {k: (sum((f[k] - mean[k]) ** 2 for f in flat) / max(1, len(flat) - 1)) ** 0.5 for k in keys}
+    return nest(mean), nest(sd)
+
+
 def format_table(results, sd=None):
     """The Table 2 analogue (%, mean ± sd when sd is given) from a results.json dict. No fine-tuning = the
     aligned model with the original LLM (S2T and WER from its frozen LLM)."""

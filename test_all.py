@@ -251,6 +251,14 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys):
         assert flag in capsys.readouterr().err
 
 
+def test_mean_sd_over_seeds():
+    runs = [{"no_ft": {"wer": 0.2}, "methods": {"full": {"t2t_acc": 0.9, "name": "x", "ok": True}}, "only0": 1.0},
+            {"no_ft": {"wer": 0.4}, "methods": {"full": {"t2t_acc": 0.7, "name": "x", "ok": True}}}]
+    mean, sd = evaluate.mean_sd(runs)
+    assert mean == {"no_ft": {"wer": pytest.approx(0.3)}, "methods": {"full": {"t2t_acc": pytest.approx(0.8)}}}
+    assert sd["no_ft"]["wer"] == pytest.approx(0.1 * 2 ** 0.5) and "only0" not in mean  # sample sd; shared keys only
+
+
 def test_get_lr_schedule():
     assert train.get_lr(0, 100, 10) == pytest.approx(0.1)
     assert train.get_lr(9, 100, 10) == pytest.approx(1.0)

@@ -531,14 +531,8 @@ def run_seeds(args, argv):
         print(f"\n=== seed {s} ===")
         per_seed[str(s)] = main(base + ["--seed", str(s), "--out", os.path.join(args.out, f"seed{s}"),
                                        "--data-dir", args.data_dir or os.path.join(args.out, "data")])
-    leaves = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in
-                                (leaves(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(f"{pre}{k}", v)])
-                                if isinstance(v2, (int, float)) and not isinstance(v2, bool)}
-    flat = [leaves(r) for r in per_seed.values()]
-    keys = [k for k in flat[0] if all(k in f for f in flat)]
-    mean = {k: sum(f[k] for f in flat) / len(flat) for k in keys}
-    sd = {k: (sum((f[k] - mean[k]) ** 2 for f in flat) / max(1, len(flat) - 1)) ** 0.5 for k in keys}
-    out = {"seeds": per_seed, "mean": _unflatten(mean), "sd": _unflatten(sd), "n_seeds": len(flat)}
+    mean, sd = evaluate.mean_sd(list(per_seed.values()))
+    out = {"seeds": per_seed, "mean": mean, "sd": sd, "n_seeds": len(per_seed)}
     save_json(os.path.join(args.out, "results.json"), out)
     reports = [json.load(open(os.path.join(args.out, f"seed{s}", "importance.json"))) for s in args.seed_list]
     dists = {k: [sum(r["distribution"][k][i] for r in reports) / len(reports) for i in range(len(v))]
@@ -547,17 +541,6 @@ def run_seeds(args, argv):
     print(f"\nLayer-wise textual importance, mean over seeds {args.seeds}:\n" + imp.bar_chart(dists))
     imp.plot_distributions(dists, os.path.join(args.out, "importance.png"))
     print(f"\nmean over seeds {args.seeds}:\n" + evaluate.format_table(out["mean"], out["sd"]))
-    return out
-
-
-def _unflatten(flat):
-    out = {}
-    for k, v in flat.items():
-        d = out
-        *path, last = k.split(".")
-        for p in path:
-            d = d.setdefault(p, {})
-        d[last] = v
     return out
 
 
