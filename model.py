@@ -121,11 +121,11 @@ class SpeechLLM(nn.Module):
         return self.adaptor(h.transpose(1, 2)), lens // self.cfg.k   # (B, T/2, C) -> (B, T/2//k, d_llm)
 
     def compress(self, speech, lens, blank_id):
-        """CTC compression (Gaido et al. 2021; ours, on when cfg.ctc_compress): each 10 Hz frame's nearest token
-        is argmax(x @ E^T) over the LLM's embedding table E (the CTC head of ctc_loss); frames whose token is
-        the blank are dropped, and each run of frames with the same token is averaged into one embedding. A
-        frozen LLM then reads ~1 vector per token at consecutive positions, as it reads text, instead of
-        ~3 frames per token with blanks between. (B, S, d) -> (B, S', d), S' = number of runs."""
+        """CTC compression (Gaido et al. 2021; ours, on when cfg.ctc_compress). Scored against the LLM's embedding
+        table E (the CTC head of ctc_loss), each 10 Hz frame x becomes its soft token embedding softmax(x E^T) E;
+        frames whose nearest token argmax(x E^T) is the blank are dropped, and each run of frames with the same
+        nearest token is averaged into one embedding. A frozen LLM then reads ~1 vector per token at consecutive
+        positions, as it reads text, instead of ~3 frames per token. (B, S, d) -> (B, S', d), S' = runs kept."""
         if not self.cfg.ctc_compress:
             return speech, lens
         E = self.llm.get_input_embeddings().weight.to(speech.dtype)
