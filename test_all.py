@@ -356,10 +356,10 @@ def _ddp_case(d, out, argv):
     args = train.get_args(["--out", out, "--log-every", "1000"] + argv)
     train.setup_ddp(args)
     os.makedirs(out, exist_ok=True)
-    model = tiny_model(tok).train()
+    model = tiny_model(tok).to(args.device).train()
     groups = [{"params": list(model.parameters()), "initial_lr": 1e-3}]
     losses = train.train(model, groups, rows, lambda rs: data.make_batch(rs, tok, True, feats), 3, args, "t", 1.0)
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def test_torchrun_ddp_matches_one_process(tmp_path, world):
@@ -399,6 +399,15 @@ def test_autocast_trains_close_to_fp32(tmp_path, world, dtype):
     ref, _ = _ddp_case(world[3], str(tmp_path / "a"), ["--batch-size", "4"])
     half, state = _ddp_case(world[3], str(tmp_path / "b"), ["--batch-size", "4", "--dtype", dtype])
     assert half == pytest.approx(ref, rel=0.05) and half != ref
+    assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_default_follows_cpu_fp32(tmp_path, world):
+    """On a GPU, --device cuda trains with bf16 autocast by default (--dtype auto), close to the CPU's fp32."""
+    ref, _ = _ddp_case(world[3], str(tmp_path / "a"), ["--batch-size", "4"])
+    gpu, state = _ddp_case(world[3], str(tmp_path / "b"), ["--batch-size", "4", "--device", "cuda"])
+    assert gpu == pytest.approx(ref, rel=0.05)
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
