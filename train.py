@@ -299,8 +299,7 @@ def main(argv=None):
     save_results = lambda: save_json(res_path, results) if args.master else None
     timing = results["timing_s"]
     if args.reanalyse:  # keep the checkpoints, recompute everything measured from them
-        results["methods"] = {}
-        barrier(args)  # every rank has seen importance_original.pt before rank 0 removes it
+        results["methods"] = {}  # (the barrier after the data step keeps other ranks from reading them meanwhile)
         for f in ("importance.json", "importance_original.pt"):
             if args.master and os.path.exists(os.path.join(args.out, f)):
                 os.remove(os.path.join(args.out, f))
