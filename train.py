@@ -299,8 +299,8 @@ def main(argv=None):
     save_results = lambda: save_json(res_path, results) if args.master else None
     timing = results["timing_s"]
     if args.reanalyse:  # keep the checkpoints, recompute everything measured from them
-        results["methods"] = {}  # (the barrier after the data step keeps other ranks from reading them meanwhile)
-        for f in ("importance.json", "importance_original.pt"):
+        results["methods"] = {}
+        for f in ("importance.json", "importance_original.pt"):  # no rank reads them before the data step's barrier
             if args.master and os.path.exists(os.path.join(args.out, f)):
                 os.remove(os.path.join(args.out, f))
 
