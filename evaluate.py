@@ -121,15 +121,20 @@ def format_table(results, sd=None):
             return f"{'-':>{w}}"
         txt = f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if s and k in s else "")
         return f"{txt:>{w}}"
-    lines = [f"{'method':<16}{'T2T':>13}{'S2T':>13}{'WER':>13}{'dT2T vs full':>14}{'dS2T vs full':>14}"]
+    lines = [f"{'method':<16}{'T2T':>13}{'S2T':>13}{'WER':>13}{'dT2T vs full':>14}{'dS2T vs full':>14}"
+             f"{'importance JS':>15}"]
     sd = sd or {}
     rows = [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft"))]
     rows += [(n, m, sd.get("methods", {}).get(n)) for n, m in results.get("methods", {}).items()]
     full = results.get("methods", {}).get("full")
     for name, m, s in rows:
         d = lambda k: f"{100 * (m[k] - full[k]):>+14.1f}" if full and name != "full" and k in m else f"{'':>14}"
+        js = f"{m['importance_js']:>15.4f}" if "importance_js" in m else f"{'':>15}"
         lines.append(f"{name:<16}{cell(m, s, 't2t_acc')}{cell(m, s, 's2t_acc')}{cell(m, s, 'wer')}"
-                     f"{d('t2t_acc')}{d('s2t_acc')}")
+                     f"{d('t2t_acc')}{d('s2t_acc')}{js}")
+    if "importance_noise_js" in results:  # the same original model on a second calibration set
+        lines.append(f"importance JS noise floor (original model, another calibration set): "
+                     f"{results['importance_noise_js']:.4f}")
     return "\n".join(lines)
 
 

@@ -76,6 +76,9 @@ class Adaptor(nn.Module):
         self.k = k
         self.fc1 = nn.Linear(k * d_in, d_hidden)
         self.fc2 = nn.Linear(d_hidden, d_out)
+        # CTC's blank, scored as x · blank (ours): the LLM has no blank token, and scoring the blank against the
+        # all-zero pad embedding fixed its logit at 0, so it could never win a frame. Zero init = that start.
+        self.blank = nn.Parameter(torch.zeros(d_out))
 
     def forward(self, x):
         B, T, C = x.shape
@@ -129,7 +132,7 @@ class SpeechLLM(nn.Module):
         if not self.cfg.ctc_compress:
             return speech, lens
         E = self.llm.get_input_embeddings().weight.to(speech.dtype)
-        logits = speech @ E.T                                                      # (B, S, V): the CTC head
+        logits = self.ctc_logits(speech, blank_id)                                 # (B, S, V): the CTC head
         ids = logits.argmax(-1)                                                    # (B, S) nearest token
         speech = logits.softmax(-1) @ E                                            # (B, S, d) soft token embedding
         out = []
@@ -205,14 +208,20 @@ class SpeechLLM(nn.Module):
 
     forward = loss  # so that a DistributedDataParallel wrapper, which syncs gradients through forward(), can call it
 
+    def ctc_logits(self, speech, blank_id):
+        """The CTC head: each speech embedding scored against the LLM's input-embedding table E, (B, S, d) ->
+        (B, S, V); the blank's column (the pad token's) is scored against the adaptor's learned blank vector."""
+        logits = speech @ self.llm.get_input_embeddings().weight.T.to(speech.dtype)
+        logits[..., blank_id] = speech @ self.adaptor.blank.to(speech.dtype)
+        return logits
+
     def ctc_loss(self, speech, batch):
         """Auxiliary alignment loss (our addition for the from-scratch encoder; see README): CTC between the
         speech embeddings and the transcript's tokens, each frame scored against the LLM's own input-embedding
-        table (x @ E^T) with the all-zero pad embedding as CTC's blank. It pulls each spoken word towards an
+        table (x @ E^T), with a learned blank (ctc_logits). It pulls each spoken word towards an
         embedding the frozen LLM can read; the answer loss alone learns this far more slowly."""
         speech, lens = speech                                                      # (B, S, d), (B,)
-        E = self.llm.get_input_embeddings().weight                                 # (V, d)
-        logp = (speech @ E.T.to(speech.dtype)).float().log_softmax(-1)             # (B, S, V)
+        logp = self.ctc_logits(speech, batch["blank_id"]).float().log_softmax(-1)  # (B, S, V)
         targets = batch["transcripts"]
         flat = torch.tensor([t for ts in targets for t in ts], device=speech.device)
         return F.ctc_loss(logp.transpose(0, 1), flat, lens, torch.tensor([len(t) for t in targets]),

@@ -115,6 +115,7 @@ def test_ctc_compress_merges_runs_and_drops_blanks(world):
     emb = model.llm.get_input_embeddings().weight
     with torch.no_grad():  # unit-norm rows: 10 * E[i] has token i as its nearest token
         emb.copy_(F.normalize(torch.randn(emb.shape, generator=torch.Generator().manual_seed(0)), dim=-1))
+        model.adaptor.blank.copy_(emb[0])  # the learned blank vector; here E[0], so x E^T scores the blank too
     E = emb.detach()
     seqs = [[5, 5, 0, 7, 7, 7, 0, 0, 5, 9], [0, 0, 0]]
     x = torch.zeros(2, 10, E.shape[1])
@@ -135,6 +136,10 @@ def test_ctc_compress_merges_runs_and_drops_blanks(world):
         assert out_lens[b] == len(ref)
         torch.testing.assert_close(out[b, :len(ref)], ref)
     assert out_lens.tolist() == [4, 1] and ids == [0, 0, 0]  # runs 5,7,5,9; blank only -> one vector
+    # the blank's logit comes from the adaptor's vector, not from the (zero, in the tiny LLM) pad embedding
+    with torch.no_grad():
+        model.adaptor.blank.zero_()
+    torch.testing.assert_close(model.ctc_logits(x, blank_id=0)[..., 0], torch.zeros(2, 10))
 
 
 def test_generate_matches_no_cache_greedy(world):
@@ -276,7 +281,7 @@ def test_train_main_tiny_run(tmp_path, world):
     argv = ["--out", out, "--n-entities", "8", "--n-layers", "2", "--d-llm", "32", "--batch-size", "8",
             "--pretrain-steps", "40", "--align-steps", "4", "--compress-steps", "2", "--steps", "3",
             "--log-every", "1000",
-            "--method", "frozen,full,lora", "--calib-frac", "0.1"]
+            "--method", "frozen,full,lora", "--calib-frac", "0.1", "--calib-min", "8"]
     res = train.main(argv)
     assert res["train_loss"]["pretrain"]["last"] < 0.8 * res["train_loss"]["pretrain"]["first"]
     assert 0 <= res["no_ft"]["t2t_acc"] <= 1
@@ -286,6 +291,7 @@ def test_train_main_tiny_run(tmp_path, world):
     assert "delta_w_concentration" not in res["methods"]["frozen"]  # ΔW = 0: no structure to measure
     assert all(res["methods"][m]["delta_w_concentration"] >= 1 for m in ("full", "lora"))
     assert {"baseline_ppl", "top_ppl", "bottom_ppl", "random_ppl"} <= set(res["importance_validation"])
+    assert res["importance_noise_js"] > 0  # the same model on a second calibration set differs only by noise
     ck = torch.load(os.path.join(out, "ft_lora.pt"), weights_only=True)["model"]
     assert ck and all(".lora_" in k or k.startswith("adaptor.") for k in ck)
     again = train.main(argv)  # cached: nothing retrained, same numbers

@@ -92,12 +92,15 @@ def get_args(argv=None):
     g.add_argument("--lam", type=float, default=0.4, help="λ of Eq. 3: the most text-important layer trains at 1-λ")
     g = p.add_argument_group("Importance analysis")
     g.add_argument("--calib-frac", type=float, default=1 / 30, help="share of the spoken-QA training rows used for importance")
+    g.add_argument("--calib-min", type=int, default=128, help="... but at least this many rows (README: noise floor)")
     g.add_argument("--importance-kind", default="taylor", choices=list(imp.KINDS), help="importance estimator")
     args = p.parse_args(argv)
     if args.lora_r < 1:
         p.error(f"--lora-r: must be >= 1, got {args.lora_r}")
     if not 0 < args.calib_frac <= 1:
         p.error(f"--calib-frac: must be in (0, 1], got {args.calib_frac}")
+    if args.calib_min < 1:
+        p.error(f"--calib-min: must be >= 1, got {args.calib_min}")
     if not 0 <= args.lam <= 1:
         p.error(f"--lam: must be in [0, 1], got {args.lam}")
     args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
@@ -262,6 +265,8 @@ def setup_method(model, method, args, scales):
     else:
         set_trainable(model, ["adaptor."] + (["llm."] if method != "frozen" else []))
         base_lr = args.lr
+    if not model.cfg.ctc_compress:  # the CTC blank is then never used: frozen, or DDP would wait for its gradient
+        model.adaptor.blank.requires_grad_(False)
     if method.endswith("layer_lr"):  # Eq. (3): one group per LLM layer; embeddings, head, adaptor at base LR
         groups = imp.layer_param_groups(model.named_parameters(), scales, base_lr)
         print(imp.format_lr_table(groups))
@@ -271,9 +276,12 @@ def setup_method(model, method, args, scales):
 
 def analyse(model, calib, eval_rows, make_text, make_speech, args, table1=False):
     """Textual importance (transcripts typed) and speech importance (audio) on the same calibration samples;
-    optionally the Table 1 check: perplexity on held-out answers after zeroing 3% of the weights."""
+    optionally the Table 1 check: perplexity on held-out answers after zeroing 3% of the weights.
+    make_speech=None: textual importance only."""
     out = {}
     for kind, make in (("text", make_text), ("speech", make_speech)):
+        if make is None:
+            continue
         # under DDP each rank takes every world-th batch; the gradient sums are all-reduced (same result)
         batches = [make(calib[i:i + args.batch_size]) for i in range(0, len(calib), args.batch_size)]
         scores = imp.estimate_importance(model, batches[args.rank::args.world], args.importance_kind,
@@ -367,6 +375,7 @@ def main(argv=None):
     if not os.path.exists(ck):
         t = time.time()
         set_trainable(model, ["adaptor."] + ([] if args.encoder else ["encoder."]))  # a real Whisper stays frozen
+        model.adaptor.blank.requires_grad_(args.align_ctc > 0)  # the CTC blank: trained where CTC is
         print(f"align: {count(model)}")
         params = [p for p in model.parameters() if p.requires_grad]
         # phase 1: CTC + answer loss on the raw 10 Hz frames (CTC compression with a still-random CTC head would
@@ -401,10 +410,13 @@ def main(argv=None):
     ft_batch = lambda rs: data.make_batch(rs, tok, speech=True, features=encoded, encoded=True)
     train_rows = split("speech_train")
     # calibration set: --calib-frac of the spoken-QA training rows, as the paper's training set is all spoken QA
-    # (our ASR rows only help align a from-scratch encoder), and at least one batch: 1/30 of 288 rows is 10
+    # (our ASR rows only help align a from-scratch encoder), but at least --calib-min rows. The paper's 1/30 is
+    # thousands of dialogues; ours would be 13 rows, whose mean gradient is mostly noise. A second, disjoint
+    # set of the same size measures that noise: the shift metrics between the ORIGINAL model on the two sets.
     pool = [r for r in train_rows if r["task"] == "qa"] or train_rows
-    n_calib = min(len(pool), max(args.batch_size, round(args.calib_frac * len(pool))))
-    calib = random.Random(args.data_seed).sample(pool, n_calib)
+    n_calib = min(len(pool), max(args.calib_min, round(args.calib_frac * len(pool))))
+    order = random.Random(args.data_seed).sample(range(len(pool)), len(pool))
+    calib, calib2 = [pool[i] for i in order[:n_calib]], [pool[i] for i in order[n_calib:2 * n_calib]]
 
     # importance of the original model: textual (transcripts typed) and speech, + the Table 1 check -------
     imp_path, orig_path = os.path.join(args.out, "importance.json"), os.path.join(args.out, "importance_original.pt")
@@ -418,6 +430,10 @@ def main(argv=None):
             report["top5_share"][f"original_{kind}"] = imp.top_share_by_layer(an[kind], 0.05)
             report[f"table1_{kind}"] = an[f"table1_{kind}"]
         report["concentration"] = {"original_text": imp.concentration(an["text"])}  # Fig. 1: rows/cols
+        if len(calib2) == n_calib:  # the noise floor of importance_js / _spearman (none if the pool is too small)
+            again = analyse(model, calib2, None, text_batch, None, args)["text"]
+            report["noise_floor"] = imp.shift_metrics(an["text"], again)
+            results["importance_noise_js"] = report["noise_floor"]["js"]
         t1 = an["table1_text"]
         results["importance_validation"] = {f"{k}_ppl": v for k, v in t1.items()}
         results["importance_validation"]["speech"] = {f"{k}_ppl": v for k, v in an["table1_speech"].items()}
@@ -487,7 +503,7 @@ RUN_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encode
             "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc",
             "compress_steps",
             "steps", "lr", "lora_lr", "warmup", "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout",
-            "lora_targets", "lam", "calib_frac", "importance_kind"]
+            "lora_targets", "lam", "calib_frac", "calib_min", "importance_kind"]
 
 
 def check_out_dir(args):
