@@ -142,6 +142,18 @@ def test_ctc_compress_merges_runs_and_drops_blanks(world):
     torch.testing.assert_close(model.ctc_logits(x, blank_id=0)[..., 0], torch.zeros(2, 10))
 
 
+def test_ctc_loss_trains_the_speech_side_only(world):
+    """The auxiliary CTC loss (align, and fine-tuning with compression on) moves the encoder, the adaptor and its
+    blank vector, never the LLM's embedding table it scores against."""
+    rows, tok, feats, _ = world
+    model = tiny_model(tok).train()
+    batch = data.make_batch([r for r in rows if r.get("audio")][:4], tok, True, feats)
+    model.ctc_loss(model.encode_speech(batch), batch).backward()
+    assert model.llm.get_input_embeddings().weight.grad is None
+    assert model.adaptor.blank.grad is not None and model.adaptor.blank.grad.abs().sum() > 0
+    assert model.adaptor.fc1.weight.grad.abs().sum() > 0
+
+
 def test_generate_matches_no_cache_greedy(world):
     rows, tok, feats, _ = world
     model = tiny_model(tok, seed=4)

@@ -76,6 +76,8 @@ def get_args(argv=None):
     g.add_argument("--compress-steps", type=int, default=400,
                    help="align phase 2, at a third of --align-lr: CTC compression on (0: never; needs --align-ctc > 0)")
     g.add_argument("--steps", type=int, default=300, help="speech fine-tuning steps, identical for every method")
+    g.add_argument("--ft-ctc", type=float, default=1.0,
+                   help="weight of the CTC loss in fine-tuning, when CTC compression is on (README; 0: answer loss only)")
     g.add_argument("--lr", type=float, default=1e-3, help="peak LR of speech fine-tuning (full, layer_lr)")
     g.add_argument("--lora-lr", type=float, default=2e-3, help="peak LR of the LoRA methods (see README)")
     g.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of the stage's steps")
@@ -461,7 +463,9 @@ def main(argv=None):
             model.load_state_dict(state["model"], strict=False)
             losses = state["losses"]
         else:
-            losses = train(model, groups, train_rows, ft_batch, args.steps, args, f"ft_{method}")
+            # with CTC compression on, its CTC loss stays on too (README), identical for every method
+            losses = train(model, groups, train_rows, ft_batch, args.steps, args, f"ft_{method}",
+                           args.ft_ctc if cfg.ctc_compress else 0.0)
             if args.master:  # trainable parts only: adaptor (+ LoRA) for LoRA
                 save_checkpoint(ck, {"config": vars(cfg), "method": method, "model": trainable_state(model),
                                      "losses": losses})
@@ -502,7 +506,7 @@ def main(argv=None):
 RUN_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encoder", "n_layers", "d_llm",
             "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc",
             "compress_steps",
-            "steps", "lr", "lora_lr", "warmup", "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout",
+            "steps", "ft_ctc", "lr", "lora_lr", "warmup", "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout",
             "lora_targets", "lam", "calib_frac", "calib_min", "importance_kind"]
 
 
