@@ -137,6 +137,9 @@ class SpeechLLM(nn.Module):
         speech = logits.softmax(-1) @ E                                            # (B, S, d) soft token embedding
         out = []
         for x, t in zip(speech, [i[:n] for i, n in zip(ids, lens.tolist())]):
+            if len(t) == 0:                                                      # < 0.1 s of audio: no frame
+                out.append(x[:0])
+                continue
             run = torch.cat([t.new_ones(1), (t[1:] != t[:-1]).long()]).cumsum(0) - 1  # run index of each frame
             keep = t != blank_id
             if not keep.any():                                                   # all blank: keep the mean

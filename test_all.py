@@ -136,6 +136,8 @@ def test_ctc_compress_merges_runs_and_drops_blanks(world):
         assert out_lens[b] == len(ref)
         torch.testing.assert_close(out[b, :len(ref)], ref)
     assert out_lens.tolist() == [4, 1] and ids == [0, 0, 0]  # runs 5,7,5,9; blank only -> one vector
+    short, short_lens = model.compress(x, torch.tensor([10, 0]), blank_id=0)  # an utterance with no frame
+    assert short_lens.tolist() == [4, 0] and torch.equal(short[0], out[0])
     # the blank's logit comes from the adaptor's vector, not from the (zero, in the tiny LLM) pad embedding
     with torch.no_grad():
         model.adaptor.blank.zero_()
