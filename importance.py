@@ -20,7 +20,7 @@ and the loss comes in as a callable (default `model.loss(batch)`):
     scales = layer_lr_scale(aggregate(imp)["layer"], lam=0.4)
     opt = torch.optim.AdamW(layer_param_groups(model.named_parameters(), scales, base_lr=1e-4))
 
-Tests: python -m pytest -q _tests_importance.py
+Tests: python -m pytest -q test_all.py -k "importance or taylor or layer_lr or concentration"
 """
 import re
 

@@ -197,9 +197,10 @@ class SpeechLLM(nn.Module):
 
     def loss(self, batch, reduction="mean", ctc_weight=0.0, n_tokens=None):
         """Next-token cross-entropy on the answer tokens + EOS (labels are -100 elsewhere); with ctc_weight > 0,
-        plus the auxiliary CTC alignment loss (the align stage only). n_tokens: divide the summed cross-entropy
-        by this count instead of this batch's own (train.py passes the whole step's, so that gradient
-        accumulation and DDP give exactly the gradient of one big batch of variable-length answers)."""
+        plus the auxiliary CTC alignment loss (align, and fine-tuning while CTC compression is on). n_tokens:
+        divide the summed cross-entropy by this count instead of this batch's own (train.py passes the whole
+        step's, so that gradient accumulation and DDP give exactly the gradient of one big batch of
+        variable-length answers)."""
         speech = self.encode_speech(batch) if batch.get("speech") is not None else None
         x, mask, labels = self.embed(batch, with_answer=True, left_pad=False,
                                      speech=self.compress(*speech, batch["blank_id"]) if speech else None)
