@@ -138,6 +138,24 @@ def format_table(results, sd=None):
     return "\n".join(lines)
 
 
+def format_table1(results, sd=None):
+    """The Table 1 analogue from a results.json dict: answer perplexity after zeroing the top / bottom / random 3%
+    of the LLM's weights by importance, as a multiple of the unmasked baseline (mean ± sd of the per-seed ratios
+    when sd is given); on all test questions and on those the original model answers right from that input."""
+    val, sdv = results.get("importance_validation"), (sd or {}).get("importance_validation", {})
+    if not val:
+        return ""
+    lines = ["Table 1 analogue: answer perplexity after zeroing 3% of the LLM's weights by importance (x baseline)",
+             f"{'input':<8}{'questions':<10}{'n':>6}{'baseline':>10}{'top 3%':>18}{'bottom 3%':>18}{'random 3%':>18}"]
+    cell = lambda m, s, k: f"{m[k]:.3f}x" + (f" ± {s[k]:.3f}" if k in s else "") if k in m else "-"
+    for kind, m, s in (("text", val, sdv), ("speech", val.get("speech", {}), sdv.get("speech", {}))):
+        for subset, mm, ss in (("all", m, s), ("answered", m.get("answered", {}), s.get("answered", {}))):
+            if "baseline_ppl" in mm:
+                lines.append(f"{kind:<8}{subset:<10}{mm.get('n_rows', 0):>6.0f}{mm['baseline_ppl']:>10.3f}"
+                             + "".join(f"{cell(mm, ss, f'{w}_ratio'):>18}" for w in ("top", "bottom", "random")))
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python evaluate.py RUN_DIR")
@@ -146,4 +164,5 @@ if __name__ == "__main__":
         raise SystemExit(f"{path}: not found (run python train.py --out {sys.argv[1]} first)")
     with open(path) as f:
         res = json.load(f)
-    print(format_table(res["mean"], res["sd"]) if "mean" in res else format_table(res))
+    mean, sd = (res["mean"], res["sd"]) if "mean" in res else (res, None)
+    print(format_table(mean, sd) + "\n" + format_table1(mean, sd))

@@ -304,7 +304,13 @@ def test_train_main_tiny_run(tmp_path, world):
     assert res["methods"]["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)  # LLM untouched
     assert "delta_w_concentration" not in res["methods"]["frozen"]  # ΔW = 0: no structure to measure
     assert all(res["methods"][m]["delta_w_concentration"] >= 1 for m in ("full", "lora"))
-    assert {"baseline_ppl", "top_ppl", "bottom_ppl", "random_ppl"} <= set(res["importance_validation"])
+    val = res["importance_validation"]
+    assert {"baseline_ppl", "top_ppl", "bottom_ppl", "random_ppl"} <= set(val)
+    for v in (val, val["speech"]):  # ratios to the unmasked baseline; "answered" is a subset of the test questions
+        assert v["top_ratio"] == pytest.approx(v["top_ppl"] / v["baseline_ppl"])
+        assert not v["answered"] or 0 < v["answered"]["n_rows"] <= v["n_rows"]
+    table1 = evaluate.format_table1(res).splitlines()
+    assert table1[2].split()[:3] == ["text", "all", str(val["n_rows"])] and table1[-1].startswith("speech")
     assert res["importance_noise_js"] > 0  # the same model on a second calibration set differs only by noise
     ck = torch.load(os.path.join(out, "ft_lora.pt"), weights_only=True)["model"]
     assert ck and all(".lora_" in k or k.startswith("adaptor.") for k in ck)

@@ -276,10 +276,10 @@ def setup_method(model, method, args, scales):
     return [{"params": [p for p in model.parameters() if p.requires_grad], "initial_lr": base_lr}]
 
 
-def analyse(model, calib, eval_rows, make_text, make_speech, args, table1=False):
-    """Textual importance (transcripts typed) and speech importance (audio) on the same calibration samples;
-    optionally the Table 1 check: perplexity on held-out answers after zeroing 3% of the weights.
-    make_speech=None: textual importance only."""
+def analyse(model, calib, make_text, make_speech, args, table1_rows=None):
+    """Textual importance (transcripts typed) and speech importance (audio) on the same calibration samples
+    (make_speech=None: textual only). table1_rows {kind: {subset: rows}}: the Table 1 check on each subset,
+    perplexity of its answers after zeroing 3% of the weights by that kind's importance."""
     out = {}
     for kind, make in (("text", make_text), ("speech", make_speech)):
         if make is None:
@@ -289,9 +289,11 @@ def analyse(model, calib, eval_rows, make_text, make_speech, args, table1=False)
         scores = imp.estimate_importance(model, batches[args.rank::args.world], args.importance_kind,
                                          all_reduce=args.world > 1)
         out[kind] = scores
-        if table1:
-            ppl = lambda: evaluate.perplexity(model, eval_rows, make)
-            out[f"table1_{kind}"] = imp.table1(model, scores, ppl, frac=0.03, seed=args.seed)
+        for subset, rows in (table1_rows or {}).get(kind, {}).items():
+            if rows:
+                t1 = imp.table1(model, scores, lambda: evaluate.perplexity(model, rows, make), frac=0.03, seed=args.seed)
+                out[f"table1_{kind}_{subset}"] = {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows),
+                                                  **{f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}}
     return out
 
 
@@ -425,20 +427,25 @@ def main(argv=None):
     report = json.load(open(imp_path)) if os.path.exists(imp_path) else {"distribution": {}, "top5_share": {}}
     if not os.path.exists(orig_path):
         t = time.time()
+        # Table 1 on all held-out test answers, and on those the model answers right from that input: where it is
+        # wrong (S2T ~50%) it is often confidently wrong, and any perturbation that flattens it lowers perplexity
+        test, t1_rows = split("test"), {}
         with autocast(args):
-            an = analyse(model, calib, split("test"), text_batch, ft_batch, args, table1=True)
+            for kind, make in (("text", text_batch), ("speech", ft_batch)):
+                preds = evaluate.accuracy(model, test, make, tok)[2]
+                t1_rows[kind] = {"all": test, "answered": [r for r, p in zip(test, preds) if evaluate.contains(r["answer"], p)]}
+            an = analyse(model, calib, text_batch, ft_batch, args, t1_rows)
         for kind in ("text", "speech"):
             report["distribution"][f"original_{kind}"] = imp.layer_distribution(an[kind])
             report["top5_share"][f"original_{kind}"] = imp.top_share_by_layer(an[kind], 0.05)
-            report[f"table1_{kind}"] = an[f"table1_{kind}"]
+            report[f"table1_{kind}"] = {k: an.get(f"table1_{kind}_{k}") for k in ("all", "answered")}
         report["concentration"] = {"original_text": imp.concentration(an["text"])}  # Fig. 1: rows/cols
         if len(calib2) == n_calib:  # the noise floor of importance_js / _spearman (none if the pool is too small)
-            again = analyse(model, calib2, None, text_batch, None, args)["text"]
+            again = analyse(model, calib2, text_batch, None, args)["text"]
             report["noise_floor"] = imp.shift_metrics(an["text"], again)
             results["importance_noise_js"] = report["noise_floor"]["js"]
-        t1 = an["table1_text"]
-        results["importance_validation"] = {f"{k}_ppl": v for k, v in t1.items()}
-        results["importance_validation"]["speech"] = {f"{k}_ppl": v for k, v in an["table1_speech"].items()}
+        results["importance_validation"] = {**an["table1_text_all"], "answered": an.get("table1_text_answered", {}),
+                                            "speech": {**an["table1_speech_all"], "answered": an.get("table1_speech_answered", {})}}
         if args.master:
             torch.save(an["text"], orig_path)
             save_json(imp_path, report)
@@ -475,7 +482,7 @@ def main(argv=None):
         m["train_loss"] = loss_summary(losses)
         lora.merge_lora(model)  # importance of the weights the model actually uses, W + BA
         with autocast(args):
-            an = analyse(model, calib, None, text_batch, ft_batch, args)
+            an = analyse(model, calib, text_batch, None, args)
         shift = imp.shift_metrics(orig, an["text"])
         m.update(importance_js=shift["js"], importance_spearman=shift["spearman"], importance_shift=shift)
         report["distribution"][method] = imp.layer_distribution(an["text"])
@@ -499,6 +506,7 @@ def main(argv=None):
     print("top-5% entries on the fullest 5% of rows/cols, x an even spread (Fig. 1/4; 1 = no structure): "
           + ", ".join(f"{k} {v:.1f}" for k, v in conc.items()))
     print(evaluate.format_table(results))
+    print(evaluate.format_table1(results))
     return results
 
 
@@ -559,7 +567,8 @@ def run_seeds(args, argv):
     save_json(os.path.join(args.out, "importance.json"), {"distribution_mean": dists})
     print(f"\nLayer-wise textual importance, mean over seeds {args.seeds}:\n" + imp.bar_chart(dists))
     imp.plot_distributions(dists, os.path.join(args.out, "importance.png"))
-    print(f"\nmean over seeds {args.seeds}:\n" + evaluate.format_table(out["mean"], out["sd"]))
+    print(f"\nmean over seeds {args.seeds}:\n" + evaluate.format_table(out["mean"], out["sd"])
+          + "\n" + evaluate.format_table1(out["mean"], out["sd"]))
     return out
 
 
