@@ -146,13 +146,13 @@ def format_table1(results, sd=None):
     if not val:
         return ""
     lines = ["Table 1 analogue: answer perplexity after zeroing 3% of the LLM's weights by importance (x baseline)",
-             f"{'input':<8}{'questions':<10}{'n':>6}{'baseline':>10}{'top 3%':>18}{'bottom 3%':>18}{'random 3%':>18}"]
+             f"{'input':<8}{'questions':<10}{'n':>6}{'baseline':>10}{'top 3%':>20}{'bottom 3%':>20}{'random 3%':>20}"]
     cell = lambda m, s, k: f"{m[k]:.3f}x" + (f" ± {s[k]:.3f}" if k in s else "") if k in m else "-"
     for kind, m, s in (("text", val, sdv), ("speech", val.get("speech", {}), sdv.get("speech", {}))):
         for subset, mm, ss in (("all", m, s), ("answered", m.get("answered", {}), s.get("answered", {}))):
             if "baseline_ppl" in mm:
                 lines.append(f"{kind:<8}{subset:<10}{mm.get('n_rows', 0):>6.0f}{mm['baseline_ppl']:>10.3f}"
-                             + "".join(f"{cell(mm, ss, f'{w}_ratio'):>18}" for w in ("top", "bottom", "random")))
+                             + "".join(f"{cell(mm, ss, f'{w}_ratio'):>20}" for w in ("top", "bottom", "random")))
     return "\n".join(lines)
 
 

@@ -323,6 +323,14 @@ def test_train_main_tiny_run(tmp_path, world):
     redone = json.load(open(os.path.join(out, "results.json")))["methods"]
     assert set(redone) == set(res["methods"]) and "Layer-wise textual importance" in p.stdout
     assert redone["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)
+    # --init-from: a fine-tuning ablation from this run's pretrain + align, nothing before fine-tuning redone
+    ab = str(tmp_path / "ablation")
+    abl = train.main(argv[2:] + ["--out", ab, "--data-dir", os.path.join(out, "data"), "--init-from", out,
+                                 "--lora-lr", "0.01", "--method", "lora"])
+    assert abl["no_ft"] == res["no_ft"] and not {"pretrain", "align"} & set(abl["timing_s"])
+    assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another LR
+    with pytest.raises(SystemExit, match="pretrain_steps=40"):  # checkpoints of another pretraining: refused
+        train.main(argv[2:] + ["--out", str(tmp_path / "bad"), "--init-from", out, "--pretrain-steps", "50"])
 
 
 

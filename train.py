@@ -14,6 +14,7 @@ train.py - the whole pipeline, one hand-written training loop used by every stag
 
     python train.py                      # the default pipeline on a CPU
     python train.py --method full --steps 100 --out runs/quick
+    python train.py --out runs/abl --init-from runs/default --lora-lr 1e-3 --method lora   # pretrain + align reused
     torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
 """
 import argparse
@@ -53,6 +54,8 @@ def get_args(argv=None):
     g.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
     g.add_argument("--reanalyse", action="store_true", help="redo evaluation + importance analysis from the checkpoints")
     g.add_argument("--force", action="store_true", help="--out holds a run with other settings: delete it, start over")
+    g.add_argument("--init-from", default="",
+                   help="a finished run's OUT: start from its pretrain + align checkpoints (fine-tuning ablations in minutes)")
     g = p.add_argument_group("Data")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic world and its speech")
     g.add_argument("--tts", default="formant", choices=["formant", "espeak"], help="speech synthesiser")
@@ -316,6 +319,9 @@ def main(argv=None):
             if args.master and os.path.exists(os.path.join(args.out, f)):
                 os.remove(os.path.join(args.out, f))
 
+    if args.init_from:  # another run's pretrained LLM and aligned speech side: only fine-tuning left to do
+        init_from(args, results)
+
     # data ---------------------------------------------------------------------------------------
     t = time.time()
     data_dir = args.data_dir or os.path.join(args.out, "data")
@@ -514,7 +520,7 @@ def main(argv=None):
 RUN_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encoder", "n_layers", "d_llm",
             "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc",
             "compress_steps",
-            "steps", "ft_ctc", "lr", "lora_lr", "warmup", "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout",
+            "init_from", "steps", "ft_ctc", "lr", "lora_lr", "warmup", "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout",
             "lora_targets", "lam", "calib_frac", "calib_min", "importance_kind"]
 
 
@@ -537,6 +543,35 @@ def check_out_dir(args):
     save_json(path, mine)
 
 
+# the settings pretrain + align depend on: --init-from needs the same values in the run it starts from
+STAGE_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encoder", "n_layers", "d_llm", "batch_size",
+              "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc", "compress_steps",
+              "warmup", "weight_decay", "clip"]
+
+
+def init_from(args, results):
+    """--init-from RUN: copy RUN's pretrain + align checkpoints into --out, with the results they gave."""
+    src = args.init_from
+    if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "align.pt")):
+        raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json and align.pt)")
+    with open(os.path.join(src, "run.json")) as f:
+        theirs = json.load(f)
+    diff = [f"{k}={theirs.get(k)!r}" for k in STAGE_KEYS if theirs.get(k) != getattr(args, k)]
+    if diff:
+        raise SystemExit(f"--init-from {src}: its pretrain/align settings differ ({', '.join(diff[:4])})")
+    with open(os.path.join(src, "results.json")) as f:
+        theirs = json.load(f)
+    for k in ("pretrain", "no_ft"):
+        results.setdefault(k, theirs[k])
+    results.setdefault("train_loss", {}).update({k: v for k, v in theirs.get("train_loss", {}).items()
+                                                 if k in ("pretrain", "align", "align_compress")})
+    results["init_from"] = src
+    for f in ("pretrain.pt", "align_raw.pt", "align.pt"):
+        if args.master and os.path.exists(os.path.join(src, f)) and not os.path.exists(os.path.join(args.out, f)):
+            shutil.copyfile(os.path.join(src, f), os.path.join(args.out, f))
+    barrier(args)
+
+
 def load_stage(path, cfg):
     """A stage checkpoint, refused with a one-line error when it was made with another model config."""
     ck = load_checkpoint(path)
@@ -556,8 +591,9 @@ def run_seeds(args, argv):
     per_seed = {}
     for s in args.seed_list:
         print(f"\n=== seed {s} ===")
-        per_seed[str(s)] = main(base + ["--seed", str(s), "--out", os.path.join(args.out, f"seed{s}"),
-                                       "--data-dir", args.data_dir or os.path.join(args.out, "data")])
+        init = ["--init-from", os.path.join(args.init_from, f"seed{s}")] if args.init_from else []
+        per_seed[str(s)] = main(base + init + ["--seed", str(s), "--out", os.path.join(args.out, f"seed{s}"),
+                                              "--data-dir", args.data_dir or os.path.join(args.out, "data")])
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
     out = {"seeds": per_seed, "mean": mean, "sd": sd, "n_seeds": len(per_seed)}
     save_json(os.path.join(args.out, "results.json"), out)
