@@ -203,7 +203,13 @@ def shift_metrics(imp_orig, imp_new, frac=0.05):
     return {"js": js_divergence(p, q), "spearman": spearman(p, q),
             "argmax_before": max(range(len(p)), key=p.__getitem__),
             "argmax_after": max(range(len(q)), key=q.__getitem__),
-            "top_jaccard": inter / union if union else 1.0}
+            "top_jaccard": inter / union if union else 1.0,
+            # not normalised: how much the summed importance grew (the paper's 8B curves drop as a whole, Fig. 3)
+            "total_ratio": _total(imp_new) / max(_total(imp_orig), 1e-30)}
+
+
+def _total(imp):
+    return sum(float(v.double().sum()) for v in imp.values())
 
 
 # -----------------------------------------------------------------------------

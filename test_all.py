@@ -312,6 +312,8 @@ def test_train_main_tiny_run(tmp_path, world):
     table1 = evaluate.format_table1(res).splitlines()
     assert table1[2].split()[:3] == ["text", "all", str(val["n_rows"])] and table1[-1].startswith("speech")
     assert res["importance_noise_js"] > 0  # the same model on a second calibration set differs only by noise
+    assert res["importance_noise_total_ratio"] > 0
+    assert all(res["methods"][m]["importance_shift"]["total_ratio"] > 0 for m in ("full", "lora"))
     ck = torch.load(os.path.join(out, "ft_lora.pt"), weights_only=True)["model"]
     assert ck and all(".lora_" in k or k.startswith("adaptor.") for k in ck)
     again = train.main(argv)  # cached: nothing retrained, same numbers
@@ -845,7 +847,9 @@ def test_js_divergence_and_spearman():
     imp = estimate_importance(Toy(), batches())
     same = shift_metrics(imp, imp)
     assert same["js"] == 0.0 and math.isclose(same["spearman"], 1.0) and same["top_jaccard"] == 1.0
-    assert same["argmax_before"] == same["argmax_after"]
+    assert same["argmax_before"] == same["argmax_after"] and math.isclose(same["total_ratio"], 1.0)
+    scaled = shift_metrics(imp, {k: 3 * v for k, v in imp.items()})  # same shape, 3x the mass
+    assert math.isclose(scaled["total_ratio"], 3.0, rel_tol=1e-6) and scaled["js"] < 1e-12
     other = shift_metrics(imp, estimate_importance(Toy(seed=5), batches()))
     assert other["top_jaccard"] < 1.0
 

@@ -450,6 +450,7 @@ def main(argv=None):
             again = analyse(model, calib2, text_batch, None, args)["text"]
             report["noise_floor"] = imp.shift_metrics(an["text"], again)
             results["importance_noise_js"] = report["noise_floor"]["js"]
+            results["importance_noise_total_ratio"] = report["noise_floor"]["total_ratio"]
         results["importance_validation"] = {**an["table1_text_all"], "answered": an.get("table1_text_answered", {}),
                                             "speech": {**an["table1_speech_all"], "answered": an.get("table1_speech_answered", {})}}
         if args.master:
