@@ -333,6 +333,7 @@ def test_train_main_tiny_run(tmp_path, world):
     assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another LR
     with pytest.raises(SystemExit, match="pretrain_steps=40"):  # checkpoints of another pretraining: refused
         train.main(argv[2:] + ["--out", str(tmp_path / "bad"), "--init-from", out, "--pretrain-steps", "50"])
+    assert not os.path.exists(tmp_path / "bad")  # ... before anything was written
 
 
 

@@ -55,7 +55,7 @@ def get_args(argv=None):
     g.add_argument("--reanalyse", action="store_true", help="redo evaluation + importance analysis from the checkpoints")
     g.add_argument("--force", action="store_true", help="--out holds a run with other settings: delete it, start over")
     g.add_argument("--init-from", default="",
-                   help="a finished run's OUT: start from its pretrain + align checkpoints (fine-tuning ablations in minutes)")
+                   help="a finished run's OUT: start from its pretrain + align checkpoints (fine-tuning ablations)")
     g = p.add_argument_group("Data")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic world and its speech")
     g.add_argument("--tts", default="formant", choices=["formant", "espeak"], help="speech synthesiser")
@@ -294,9 +294,10 @@ def analyse(model, calib, make_text, make_speech, args, table1_rows=None):
         out[kind] = scores
         for subset, rows in (table1_rows or {}).get(kind, {}).items():
             if rows:
-                t1 = imp.table1(model, scores, lambda: evaluate.perplexity(model, rows, make), frac=0.03, seed=args.seed)
-                out[f"table1_{kind}_{subset}"] = {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows),
-                                                  **{f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}}
+                ppl = lambda: evaluate.perplexity(model, rows, make)
+                t1 = imp.table1(model, scores, ppl, frac=0.03, seed=args.seed)
+                ratios = {f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}
+                out[f"table1_{kind}_{subset}"] = {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
     return out
 
 
@@ -306,6 +307,7 @@ def main(argv=None):
         return run_seeds(args, argv)
     setup_ddp(args)
     torch.manual_seed(args.seed)
+    init_results = check_init_from(args) if args.init_from else None  # refused before anything is written
     if args.master:
         check_out_dir(args)
     barrier(args)
@@ -320,7 +322,7 @@ def main(argv=None):
                 os.remove(os.path.join(args.out, f))
 
     if args.init_from:  # another run's pretrained LLM and aligned speech side: only fine-tuning left to do
-        init_from(args, results)
+        init_from(args, init_results, results)
 
     # data ---------------------------------------------------------------------------------------
     t = time.time()
@@ -439,7 +441,8 @@ def main(argv=None):
         with autocast(args):
             for kind, make in (("text", text_batch), ("speech", ft_batch)):
                 preds = evaluate.accuracy(model, test, make, tok)[2]
-                t1_rows[kind] = {"all": test, "answered": [r for r, p in zip(test, preds) if evaluate.contains(r["answer"], p)]}
+                right = [r for r, p in zip(test, preds) if evaluate.contains(r["answer"], p)]
+                t1_rows[kind] = {"all": test, "answered": right}
             an = analyse(model, calib, text_batch, ft_batch, args, t1_rows)
         for kind in ("text", "speech"):
             report["distribution"][f"original_{kind}"] = imp.layer_distribution(an[kind])
@@ -451,8 +454,9 @@ def main(argv=None):
             report["noise_floor"] = imp.shift_metrics(an["text"], again)
             results["importance_noise_js"] = report["noise_floor"]["js"]
             results["importance_noise_total_ratio"] = report["noise_floor"]["total_ratio"]
-        results["importance_validation"] = {**an["table1_text_all"], "answered": an.get("table1_text_answered", {}),
-                                            "speech": {**an["table1_speech_all"], "answered": an.get("table1_speech_answered", {})}}
+        t1 = {kind: {**an[f"table1_{kind}_all"], "answered": an.get(f"table1_{kind}_answered", {})}
+              for kind in ("text", "speech")}
+        results["importance_validation"] = {**t1["text"], "speech": t1["speech"]}
         if args.master:
             torch.save(an["text"], orig_path)
             save_json(imp_path, report)
@@ -517,12 +521,13 @@ def main(argv=None):
     return results
 
 
-# settings a run directory is tied to: another value means another run (adding --method values does not)
-RUN_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encoder", "n_layers", "d_llm",
-            "batch_size", "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc",
-            "compress_steps",
-            "init_from", "steps", "ft_ctc", "lr", "lora_lr", "warmup", "weight_decay", "clip", "lora_r", "lora_alpha", "lora_dropout",
-            "lora_targets", "lam", "calib_frac", "calib_min", "importance_kind"]
+# the settings pretrain + align depend on (--init-from needs the same values in the run it starts from) ...
+STAGE_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encoder", "n_layers", "d_llm", "batch_size",
+              "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc", "compress_steps",
+              "warmup", "weight_decay", "clip"]
+# ... and all the settings a run directory is tied to: another value means another run (adding --method values does not)
+RUN_KEYS = STAGE_KEYS + ["init_from", "steps", "ft_ctc", "lr", "lora_lr", "lora_r", "lora_alpha", "lora_dropout",
+                         "lora_targets", "lam", "calib_frac", "calib_min", "importance_kind"]
 
 
 def check_out_dir(args):
@@ -544,14 +549,8 @@ def check_out_dir(args):
     save_json(path, mine)
 
 
-# the settings pretrain + align depend on: --init-from needs the same values in the run it starts from
-STAGE_KEYS = ["seed", "data_seed", "tts", "n_entities", "manifest", "llm", "encoder", "n_layers", "d_llm", "batch_size",
-              "grad_accum", "pretrain_steps", "pretrain_lr", "align_steps", "align_lr", "align_ctc", "compress_steps",
-              "warmup", "weight_decay", "clip"]
-
-
-def init_from(args, results):
-    """--init-from RUN: copy RUN's pretrain + align checkpoints into --out, with the results they gave."""
+def check_init_from(args):
+    """--init-from RUN: RUN must be finished and made with our pretrain + align settings; -> its results.json."""
     src = args.init_from
     if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "align.pt")):
         raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json and align.pt)")
@@ -561,15 +560,20 @@ def init_from(args, results):
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align settings differ ({', '.join(diff[:4])})")
     with open(os.path.join(src, "results.json")) as f:
-        theirs = json.load(f)
+        return json.load(f)
+
+
+def init_from(args, theirs, results):
+    """Copy RUN's pretrain + align checkpoints into --out, and the results they gave into ours."""
     for k in ("pretrain", "no_ft"):
         results.setdefault(k, theirs[k])
     results.setdefault("train_loss", {}).update({k: v for k, v in theirs.get("train_loss", {}).items()
                                                  if k in ("pretrain", "align", "align_compress")})
-    results["init_from"] = src
+    results["init_from"] = args.init_from
     for f in ("pretrain.pt", "align_raw.pt", "align.pt"):
-        if args.master and os.path.exists(os.path.join(src, f)) and not os.path.exists(os.path.join(args.out, f)):
-            shutil.copyfile(os.path.join(src, f), os.path.join(args.out, f))
+        src, dst = os.path.join(args.init_from, f), os.path.join(args.out, f)
+        if args.master and os.path.exists(src) and not os.path.exists(dst):
+            shutil.copyfile(src, dst)
     barrier(args)
 
 
