@@ -196,7 +196,8 @@ def spearman(p, q):
 def shift_metrics(imp_orig, imp_new, frac=0.05):
     # [inferred] the paper shows the shift only as curves; these put a number on it
     assert imp_orig.keys() == imp_new.keys(), "both importances must have the same canonical keys"
-    p, q = layer_distribution(imp_orig), layer_distribution(imp_new)
+    lo, ln = aggregate(imp_orig)["layer"], aggregate(imp_new)["layer"]  # summed importance per layer
+    p, q = [s / sum(lo) for s in lo], [s / sum(ln) for s in ln]          # as layer_distribution
     a, b = global_mask(imp_orig, frac), global_mask(imp_new, frac)
     inter = sum(int((a[k] & b[k]).sum()) for k in a)
     union = sum(int((a[k] | b[k]).sum()) for k in a)
@@ -205,11 +206,7 @@ def shift_metrics(imp_orig, imp_new, frac=0.05):
             "argmax_after": max(range(len(q)), key=q.__getitem__),
             "top_jaccard": inter / union if union else 1.0,
             # not normalised: how much the summed importance grew (the paper's 8B curves drop as a whole, Fig. 3)
-            "total_ratio": _total(imp_new) / max(_total(imp_orig), 1e-30)}
-
-
-def _total(imp):
-    return sum(float(v.double().sum()) for v in imp.values())
+            "total_ratio": sum(ln) / max(sum(lo), 1e-30)}
 
 
 # -----------------------------------------------------------------------------
