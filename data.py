@@ -61,9 +61,10 @@ QUESTIONS = {  # first 3 phrasings: training; last 2: held out, used only by the
 N_TRAIN_PHRASINGS = 3
 ASR_PER_ENTITY = 40  # ASR training utterances per entity in the world (random 1-4 word strings)
 ASR_INSTRUCTION = "repeat after me: "  # the ASR task's user turn is this + the utterance
+N_ENTITIES = 128  # the default world: more facts than the tiny LLM learns perfectly (README: why 128)
 
 
-def make_world(n_entities=64, seed=0):
+def make_world(n_entities=N_ENTITIES, seed=0):
     """Pronounceable made-up names (consonant-vowel syllables), each with one value per attribute."""
     rng = random.Random(seed)
     names = set()
@@ -407,7 +408,7 @@ def load_features(rows, n_mels=N_MELS):
     return {r["id"]: log_mel(load_audio(r["audio"]), n_mels) for r in rows if r.get("audio")}
 
 
-def build(data_dir, seed=0, tts="formant", n_entities=64):
+def build(data_dir, seed=0, tts="formant", n_entities=N_ENTITIES):
     """World -> tokenizer -> audio -> manifest.jsonl in data_dir; cached: returns at once when it is there."""
     manifest = os.path.join(data_dir, "manifest.jsonl")
     if os.path.exists(manifest):

@@ -59,7 +59,7 @@ def get_args(argv=None):
     g = p.add_argument_group("Data")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic world and its speech")
     g.add_argument("--tts", default="formant", choices=["formant", "espeak"], help="speech synthesiser")
-    g.add_argument("--n-entities", type=int, default=64, help="entities in the world (half heard in training)")
+    g.add_argument("--n-entities", type=int, default=data.N_ENTITIES, help="entities in the world (half heard in training)")
     g.add_argument("--data-dir", default=None, help="where the synthetic data is built/cached (default OUT/data)")
     g.add_argument("--manifest", default=None, help="your own JSONL manifest instead of the synthetic world (README)")
     g = p.add_argument_group("Model")
@@ -81,8 +81,8 @@ def get_args(argv=None):
     g.add_argument("--steps", type=int, default=300, help="speech fine-tuning steps, identical for every method")
     g.add_argument("--ft-ctc", type=float, default=1.0,
                    help="weight of the CTC loss in fine-tuning, when CTC compression is on (README; 0: answer loss only)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak LR of speech fine-tuning (full, layer_lr)")
-    g.add_argument("--lora-lr", type=float, default=2e-3, help="peak LR of the LoRA methods (see README)")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak LR of speech fine-tuning (full, layer_lr)")
+    g.add_argument("--lora-lr", type=float, default=6e-4, help="peak LR of the LoRA methods (see README)")
     g.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of the stage's steps")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
@@ -423,7 +423,7 @@ def main(argv=None):
     train_rows = split("speech_train")
     # calibration set: --calib-frac of the spoken-QA training rows, as the paper's training set is all spoken QA
     # (our ASR rows only help align a from-scratch encoder), but at least --calib-min rows. The paper's 1/30 is
-    # thousands of dialogues; ours would be 13 rows, whose mean gradient is mostly noise. A second, disjoint
+    # thousands of dialogues; ours would be 26 rows, whose mean gradient is mostly noise. A second, disjoint
     # set of the same size measures that noise: the shift metrics between the ORIGINAL model on the two sets.
     pool = [r for r in train_rows if r["task"] == "qa"] or train_rows
     n_calib = min(len(pool), max(args.calib_min, round(args.calib_frac * len(pool))))
