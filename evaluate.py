@@ -122,7 +122,7 @@ def format_table(results, sd=None):
         txt = f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if s and k in s else "")
         return f"{txt:>{w}}"
     lines = [f"{'method':<16}{'T2T':>13}{'S2T':>13}{'WER':>13}{'dT2T vs full':>14}{'dS2T vs full':>14}"
-             f"{'importance JS':>15}{'importance sum':>16}"]
+             f"{'importance JS':>15}{'JS, 2nd set':>13}{'importance sum':>16}"]
     sd = sd or {}
     rows = [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft"))]
     rows += [(n, m, sd.get("methods", {}).get(n)) for n, m in results.get("methods", {}).items()]
@@ -130,6 +130,8 @@ def format_table(results, sd=None):
     for name, m, s in rows:
         d = lambda k: f"{100 * (m[k] - full[k]):>+14.1f}" if full and name != "full" and k in m else f"{'':>14}"
         js = f"{m['importance_js']:>15.4f}" if "importance_js" in m else f"{'':>15}"
+        js2 = m.get("importance_shift_2", {}).get("js")  # the same shift on the second calibration set
+        js += f"{js2:>13.4f}" if js2 is not None else f"{'':>13}"
         tot = m.get("importance_shift", {}).get("total_ratio")  # summed textual importance, x the original's
         tot = f"{tot:>15.1f}x" if tot is not None else ""
         lines.append(f"{name:<16}{cell(m, s, 't2t_acc')}{cell(m, s, 's2t_acc')}{cell(m, s, 'wer')}"

@@ -314,6 +314,10 @@ def test_train_main_tiny_run(tmp_path, world):
     assert res["importance_noise_js"] > 0  # the same model on a second calibration set differs only by noise
     assert res["importance_noise_total_ratio"] > 0
     assert all(res["methods"][m]["importance_shift"]["total_ratio"] > 0 for m in ("full", "lora"))
+    # the same shift on the second calibration set: 0 for an untouched LLM, and printed beside importance JS
+    assert res["methods"]["frozen"]["importance_shift_2"]["js"] == pytest.approx(0, abs=1e-9)
+    assert res["methods"]["full"]["importance_shift_2"]["js"] > 0
+    assert "JS, 2nd set" in evaluate.format_table(res).splitlines()[0]
     ck = torch.load(os.path.join(out, "ft_lora.pt"), weights_only=True)["model"]
     assert ck and all(".lora_" in k or k.startswith("adaptor.") for k in ck)
     again = train.main(argv)  # cached: nothing retrained, same numbers
@@ -325,6 +329,7 @@ def test_train_main_tiny_run(tmp_path, world):
     redone = json.load(open(os.path.join(out, "results.json")))["methods"]
     assert set(redone) == set(res["methods"]) and "Layer-wise textual importance" in p.stdout
     assert redone["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)
+    assert redone["full"]["importance_shift_2"]["js"] == pytest.approx(res["methods"]["full"]["importance_shift_2"]["js"])
     # --init-from: a fine-tuning ablation from this run's pretrain + align, nothing before fine-tuning redone
     ab = str(tmp_path / "ablation")
     abl = train.main(argv[2:] + ["--out", ab, "--data-dir", os.path.join(out, "data"), "--init-from", out,

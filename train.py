@@ -317,7 +317,7 @@ def main(argv=None):
     timing = results["timing_s"]
     if args.reanalyse:  # keep the checkpoints, recompute everything measured from them
         results["methods"] = {}
-        for f in ("importance.json", "importance_original.pt"):  # no rank reads them before the data step's barrier
+        for f in ("importance.json", "importance_original.pt", "importance_original_2.pt"):  # read after a barrier
             if args.master and os.path.exists(os.path.join(args.out, f)):
                 os.remove(os.path.join(args.out, f))
 
@@ -432,6 +432,7 @@ def main(argv=None):
 
     # importance of the original model: textual (transcripts typed) and speech, + the Table 1 check -------
     imp_path, orig_path = os.path.join(args.out, "importance.json"), os.path.join(args.out, "importance_original.pt")
+    orig2_path = os.path.join(args.out, "importance_original_2.pt")  # the original on the second calibration set
     report = json.load(open(imp_path)) if os.path.exists(imp_path) else {"distribution": {}, "top5_share": {}}
     if not os.path.exists(orig_path):
         t = time.time()
@@ -450,10 +451,13 @@ def main(argv=None):
             report[f"table1_{kind}"] = {k: an.get(f"table1_{kind}_{k}") for k in ("all", "answered")}
         report["concentration"] = {"original_text": imp.concentration(an["text"])}  # Fig. 1: rows/cols
         if len(calib2) == n_calib:  # the noise floor of importance_js / _spearman (none if the pool is too small)
-            again = analyse(model, calib2, text_batch, None, args)["text"]
+            with autocast(args):
+                again = analyse(model, calib2, text_batch, None, args)["text"]
             report["noise_floor"] = imp.shift_metrics(an["text"], again)
             results["importance_noise_js"] = report["noise_floor"]["js"]
             results["importance_noise_total_ratio"] = report["noise_floor"]["total_ratio"]
+            if args.master:
+                torch.save(again, orig2_path)
         t1 = {kind: {**an[f"table1_{kind}_all"], "answered": an.get(f"table1_{kind}_answered", {})}
               for kind in ("text", "speech")}
         results["importance_validation"] = {**t1["text"], "speech": t1["speech"]}
@@ -464,6 +468,7 @@ def main(argv=None):
         save_results()
     barrier(args)  # importance_original.pt is written
     orig = torch.load(orig_path, weights_only=True)
+    orig2 = torch.load(orig2_path, weights_only=True) if os.path.exists(orig2_path) else None
     scales = imp.layer_lr_scale(imp.aggregate(orig)["layer"], args.lam)  # Eq. (3), from the ORIGINAL LLM
 
     # finetune: every method from the same checkpoint, same data, same steps -------------------------
@@ -496,6 +501,10 @@ def main(argv=None):
             an = analyse(model, calib, text_batch, None, args)
         shift = imp.shift_metrics(orig, an["text"])
         m.update(importance_js=shift["js"], importance_spearman=shift["spearman"], importance_shift=shift)
+        if orig2 is not None:  # the same shift measured on the second calibration set: does the order hold?
+            with autocast(args):
+                an2 = analyse(model, calib2, text_batch, None, args)["text"]
+            m["importance_shift_2"] = imp.shift_metrics(orig2, an2)
         report["distribution"][method] = imp.layer_distribution(an["text"])
         report["top5_share"][method] = imp.top_share_by_layer(an["text"], 0.05)
         dw = {k: v.detach().cpu() - w0[k] for k, v in imp.importance_params(model).items()}  # ΔW (LoRA: BA)
