@@ -330,6 +330,15 @@ def test_train_main_tiny_run(tmp_path, world):
     assert set(redone) == set(res["methods"]) and "Layer-wise textual importance" in p.stdout
     assert redone["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)
     assert redone["full"]["importance_shift_2"]["js"] == pytest.approx(res["methods"]["full"]["importance_shift_2"]["js"])
+    # --calib-draw K: the K-th disjoint pair of calibration sets; analysis only, so a finished run needs --reanalyse
+    with pytest.raises(SystemExit, match="--reanalyse"):
+        train.main(argv + ["--calib-draw", "1"])
+    with pytest.raises(SystemExit, match="needs 56 spoken-QA training rows .* the data has 48"):
+        train.main(argv + ["--calib-draw", "3", "--reanalyse"])  # 48 rows = 3 pairs of 8: refused ...
+    assert os.path.exists(os.path.join(out, "importance_original.pt"))  # ... before the analysis was deleted
+    d1 = train.main(argv + ["--calib-draw", "1", "--reanalyse"])
+    assert d1["calib_draw"] == 1 and d1["methods"]["full"]["t2t_acc"] == redone["full"]["t2t_acc"]
+    assert d1["methods"]["full"]["importance_js"] != redone["full"]["importance_js"]  # other rows, other estimate
     # --init-from: a fine-tuning ablation from this run's pretrain + align, nothing before fine-tuning redone
     ab = str(tmp_path / "ablation")
     abl = train.main(argv[2:] + ["--out", ab, "--data-dir", os.path.join(out, "data"), "--init-from", out,

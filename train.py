@@ -99,6 +99,8 @@ def get_args(argv=None):
     g.add_argument("--calib-frac", type=float, default=1 / 30, help="share of the spoken-QA training rows used for importance")
     g.add_argument("--calib-min", type=int, default=128, help="... but at least this many rows (README: noise floor)")
     g.add_argument("--importance-kind", default="taylor", choices=list(imp.KINDS), help="importance estimator")
+    g.add_argument("--calib-draw", type=int, default=0,
+                   help="K: the K-th disjoint pair of calibration sets of one shuffle (analysis only: --reanalyse)")
     args = p.parse_args(argv)
     if args.lora_r < 1:
         p.error(f"--lora-r: must be >= 1, got {args.lora_r}")
@@ -106,6 +108,8 @@ def get_args(argv=None):
         p.error(f"--calib-frac: must be in (0, 1], got {args.calib_frac}")
     if args.calib_min < 1:
         p.error(f"--calib-min: must be >= 1, got {args.calib_min}")
+    if args.calib_draw < 0:
+        p.error(f"--calib-draw: must be >= 0, got {args.calib_draw}")
     if not 0 <= args.lam <= 1:
         p.error(f"--lam: must be in [0, 1], got {args.lam}")
     args.lora_alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r
@@ -315,11 +319,9 @@ def main(argv=None):
     results = json.load(open(res_path)) if os.path.exists(res_path) else {"methods": {}, "timing_s": {}}
     save_results = lambda: save_json(res_path, results) if args.master else None
     timing = results["timing_s"]
-    if args.reanalyse:  # keep the checkpoints, recompute everything measured from them
-        results["methods"] = {}
-        for f in ("importance.json", "importance_original.pt", "importance_original_2.pt"):  # read after a barrier
-            if args.master and os.path.exists(os.path.join(args.out, f)):
-                os.remove(os.path.join(args.out, f))
+    if results["methods"] and results.get("calib_draw", 0) != args.calib_draw and not args.reanalyse:
+        raise SystemExit(f"--calib-draw {args.calib_draw}: {res_path} was analysed with draw "
+                         f"{results.get('calib_draw', 0)}; add --reanalyse to redo the analysis with this one")
 
     if args.init_from:  # another run's pretrained LLM and aligned speech side: only fine-tuning left to do
         init_from(args, init_results, results)
@@ -345,6 +347,27 @@ def main(argv=None):
     split = lambda s: [r for r in rows if r["split"] == s]
     timing.setdefault("data", round(time.time() - t, 1))
     print(f"data: {len(rows)} rows, {len(features)} utterances, vocab {tok.vocab_size} ({time.time() - t:.1f}s)")
+    # calibration set: --calib-frac of the spoken-QA training rows, as the paper's training set is all spoken QA
+    # (our ASR rows only help align a from-scratch encoder), but at least --calib-min rows. The paper's 1/30 is
+    # thousands of dialogues; ours would be 26 rows, whose mean gradient is mostly noise. A second, disjoint
+    # set of the same size measures that noise: the shift metrics between the ORIGINAL model on the two sets.
+    # --calib-draw K takes the K-th disjoint pair of sets from the same shuffle (to see how much the draw matters).
+    train_rows = split("speech_train")
+    pool = [r for r in train_rows if r["task"] == "qa"] or train_rows
+    n_calib = min(len(pool), max(args.calib_min, round(args.calib_frac * len(pool))))
+    first = 2 * args.calib_draw * n_calib
+    if first + n_calib > len(pool):
+        raise SystemExit(f"--calib-draw {args.calib_draw}: needs {first + n_calib} spoken-QA training rows "
+                         f"({n_calib} per set), the data has {len(pool)}")
+    order = random.Random(args.data_seed).sample(range(len(pool)), len(pool))
+    calib = [pool[i] for i in order[first:first + n_calib]]
+    calib2 = [pool[i] for i in order[first + n_calib:first + 2 * n_calib]]
+    results["calib_draw"] = args.calib_draw
+    if args.reanalyse:  # keep the checkpoints, recompute everything measured from them (read after barriers)
+        results["methods"] = {}
+        for f in ("importance.json", "importance_original.pt", "importance_original_2.pt"):
+            if args.master and os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
 
     cfg = ModelConfig(vocab_size=tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
                       encoder=args.encoder, n_mels=n_mels,
@@ -420,15 +443,6 @@ def main(argv=None):
     # from here on the encoder is frozen: compute its outputs once
     encoded = model.precompute_encoder(features)
     ft_batch = lambda rs: data.make_batch(rs, tok, speech=True, features=encoded, encoded=True)
-    train_rows = split("speech_train")
-    # calibration set: --calib-frac of the spoken-QA training rows, as the paper's training set is all spoken QA
-    # (our ASR rows only help align a from-scratch encoder), but at least --calib-min rows. The paper's 1/30 is
-    # thousands of dialogues; ours would be 26 rows, whose mean gradient is mostly noise. A second, disjoint
-    # set of the same size measures that noise: the shift metrics between the ORIGINAL model on the two sets.
-    pool = [r for r in train_rows if r["task"] == "qa"] or train_rows
-    n_calib = min(len(pool), max(args.calib_min, round(args.calib_frac * len(pool))))
-    order = random.Random(args.data_seed).sample(range(len(pool)), len(pool))
-    calib, calib2 = [pool[i] for i in order[:n_calib]], [pool[i] for i in order[n_calib:2 * n_calib]]
 
     # importance of the original model: textual (transcripts typed) and speech, + the Table 1 check -------
     imp_path, orig_path = os.path.join(args.out, "importance.json"), os.path.join(args.out, "importance_original.pt")
