@@ -380,4 +380,6 @@ if __name__ == "__main__":
     argv = ["--out", run, "--reanalyse", "--method", ",".join(methods)]
     argv += [a for k, v in settings.items() if v is not None and k in train.RUN_KEYS  # (skips retired settings)
              for a in (f"--{k.replace('_', '-')}", str(v))]
+    res = os.path.join(run, "results.json")  # keep the calibration draw the run was analysed with
+    argv += ["--calib-draw", str(json.load(open(res)).get("calib_draw", 0))] if os.path.exists(res) else []
     train.main(argv)

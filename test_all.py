@@ -339,6 +339,11 @@ def test_train_main_tiny_run(tmp_path, world):
     d1 = train.main(argv + ["--calib-draw", "1", "--reanalyse"])
     assert d1["calib_draw"] == 1 and d1["methods"]["full"]["t2t_acc"] == redone["full"]["t2t_acc"]
     assert d1["methods"]["full"]["importance_js"] != redone["full"]["importance_js"]  # other rows, other estimate
+    p = subprocess.run([sys.executable, "importance.py", out], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))  # keeps the run's draw
+    again1 = json.load(open(os.path.join(out, "results.json")))
+    assert p.returncode == 0 and again1["calib_draw"] == 1
+    assert again1["methods"]["full"]["importance_js"] == pytest.approx(d1["methods"]["full"]["importance_js"])
     # --init-from: a fine-tuning ablation from this run's pretrain + align, nothing before fine-tuning redone
     ab = str(tmp_path / "ablation")
     abl = train.main(argv[2:] + ["--out", ab, "--data-dir", os.path.join(out, "data"), "--init-from", out,
