@@ -511,13 +511,12 @@ def main(argv=None):
             m = evaluate.evaluate_all(model, rows, tok, text_batch, ft_batch)
         m["train_loss"] = loss_summary(losses)
         lora.merge_lora(model)  # importance of the weights the model actually uses, W + BA
-        with autocast(args):
+        with autocast(args):  # + the same shift on the second calibration set: does the order of methods hold?
             an = analyse(model, calib, text_batch, None, args)
+            an2 = analyse(model, calib2, text_batch, None, args)["text"] if orig2 is not None else None
         shift = imp.shift_metrics(orig, an["text"])
         m.update(importance_js=shift["js"], importance_spearman=shift["spearman"], importance_shift=shift)
-        if orig2 is not None:  # the same shift measured on the second calibration set: does the order hold?
-            with autocast(args):
-                an2 = analyse(model, calib2, text_batch, None, args)["text"]
+        if an2 is not None:
             m["importance_shift_2"] = imp.shift_metrics(orig2, an2)
         report["distribution"][method] = imp.layer_distribution(an["text"])
         report["top5_share"][method] = imp.top_share_by_layer(an["text"], 0.05)
