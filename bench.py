@@ -147,18 +147,8 @@ def peak_mem_mb(args, kind):
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
-def main(argv=None):
-    args = get_args(argv)
-    if args._mem:
-        return mem_child(args)
-    t_start, q, dev = time.time(), args.quick, torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-    reps, warm = args.repeats or (2 if q else 7), 1 if q else 2
-    res = {"device": str(dev), "threads": torch.get_num_threads(), "quick": q, "torch": torch.__version__}
-    goals = {}
-    print(f"device {dev} | {torch.get_num_threads()} threads | torch {torch.__version__} | {reps} repeats, medians")
-
-    # 1. our LoRA vs peft's: same base weights (deepcopies), same batch, r, alpha, targets, AdamW
+def bench_lora_vs_peft(res, goals, dev, q, reps, warm, sync):
+    """1. our LoRA vs peft's: same base weights (deepcopies), same batch, r, alpha, targets, AdamW."""
     d, n_layers, B, T = (128, 2, 4, 32) if q else (256, 8, 16, 64)
     base = llama(d, n_layers, 256).to(dev)
     x = torch.randint(0, 256, (B, T), device=dev)
@@ -176,18 +166,18 @@ def main(argv=None):
     print(f"lora step     | ours {ms['ours']:8.1f} ms | peft {ms.get('peft', float('nan')):8.1f} ms | "
           f"d {d}, {n_layers} layers, batch {B}x{T}")
 
-    # 2. peak memory of a LoRA step vs a full fine-tuning step, each in a fresh process
+
+def bench_memory(res, goals, args):
+    """2. peak memory of a LoRA step vs a full fine-tuning step, each in a fresh process."""
     res["lora_peak_mb"], res["full_peak_mb"] = peak_mem_mb(args, "lora"), peak_mem_mb(args, "full")
     res["lora_vs_full_peak_mem"] = res["lora_peak_mb"] / res["full_peak_mb"]
     goals["lora_vs_full_peak_mem"] = "< 1 (lower is better)"
     print(f"peak memory   | lora {res['lora_peak_mb']:8.1f} MB | full {res['full_peak_mb']:8.1f} MB | "
           f"added by 2 training steps")
 
-    # 3. Taylor importance vs the forward+backward passes it is built on, tiny SpeechLLM, text batches
-    torch.manual_seed(0)
-    m = SpeechLLM(ModelConfig()).to(dev)
-    n_b, B = (2, 4) if q else (4, 16)
-    batches = text_batches(n_b, B, prompt_len=24, answer_len=38)
+
+def bench_importance(res, goals, m, batches, reps, warm, sync):
+    """3. Taylor importance vs the forward+backward passes it is built on, tiny SpeechLLM, text batches."""
     def fwd_bwd():
         for b in batches:
             m.loss(b).backward()
@@ -196,9 +186,12 @@ def main(argv=None):
                    reps, warm, sync)
     res.update(importance_ms=ms["taylor"], fwd_bwd_ms=ms["fwd_bwd"], importance_vs_fwd_bwd=ms["taylor"] / ms["fwd_bwd"])
     goals["importance_vs_fwd_bwd"] = "<= 1.15 (must <= 1.5)"
-    print(f"importance    | taylor {ms['taylor']:6.1f} ms | fwd+bwd {ms['fwd_bwd']:6.1f} ms | {n_b} batches of {B}")
+    print(f"importance    | taylor {ms['taylor']:6.1f} ms | fwd+bwd {ms['fwd_bwd']:6.1f} ms | "
+          f"{len(batches)} batches of {len(batches[0]['prompts'])}")
 
-    # 4. greedy decoding: ours (inputs_embeds + KV cache) vs HF generate, same LLM, same left-padded prompts
+
+def bench_decode(res, goals, m, dev, q, reps, warm, sync):
+    """4. greedy decoding: ours (inputs_embeds + KV cache) vs HF generate, same LLM, same left-padded prompts."""
     B, M = (4, 8) if q else (32, 32)
     batch = text_batches(1, B, prompt_len=16, answer_len=0, seed=1)[0]
     L = max(len(p) for p in batch["prompts"])
@@ -217,14 +210,16 @@ def main(argv=None):
     print(f"decode        | ours {res['decode_tok_s']:8.0f} tok/s | HF {res['hf_generate_tok_s']:8.0f} tok/s | "
           f"batch {B}, {M} new tokens, same tokens on {res['decode_same_tokens']:.0%} of rows")
 
-    # 5. achieved FLOP/s of a full fine-tuning step vs a large fp32 matmul on this machine
+
+def bench_flops(res, goals, m, batch, dev, q, reps, warm, sync):
+    """5. achieved FLOP/s of a full fine-tuning step vs a large fp32 matmul on this machine."""
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     def train_step():
-        m.loss(batches[0]).backward()
+        m.loss(batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     ms_step = median_ms({"step": train_step}, reps, warm, sync)["step"]
-    llm, (B, T) = m.llm, m.embed(batches[0], with_answer=True, left_pad=False)[1].shape  # padded length T
+    llm, (B, T) = m.llm, m.embed(batch, with_answer=True, left_pad=False)[1].shape  # padded length T
     N = sum(p.numel() for p in llm.model.layers.parameters()) + llm.lm_head.weight.numel()
     n_layers, d = llm.config.num_hidden_layers, llm.config.hidden_size
     # 6N per token: 2 FLOPs per weight forward + 4 backward (Kaplan et al. 2020), lm_head counted though tied;
@@ -240,6 +235,26 @@ def main(argv=None):
     print(f"train step    | {ms_step:8.1f} ms | {res['train_step_gflops']:6.1f} GFLOP/s | matmul {n}^2 "
           f"{res['matmul_peak_gflops']:6.1f} GFLOP/s | {res['mfu']:.1%} of it")
 
+
+def main(argv=None):
+    args = get_args(argv)
+    if args._mem:
+        return mem_child(args)
+    t_start, q, dev = time.time(), args.quick, torch.device(args.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    reps, warm = args.repeats or (2 if q else 7), 1 if q else 2
+    res = {"device": str(dev), "threads": torch.get_num_threads(), "quick": q, "torch": torch.__version__}
+    goals = {}
+    print(f"device {dev} | {torch.get_num_threads()} threads | torch {torch.__version__} | {reps} repeats, medians")
+    bench_lora_vs_peft(res, goals, dev, q, reps, warm, sync)
+    bench_memory(res, goals, args)
+    torch.manual_seed(0)
+    m = SpeechLLM(ModelConfig()).to(dev)  # the default's tiny speech LLM, text batches
+    n_b, B = (2, 4) if q else (4, 16)
+    batches = text_batches(n_b, B, prompt_len=24, answer_len=38)
+    bench_importance(res, goals, m, batches, reps, warm, sync)
+    bench_decode(res, goals, m, dev, q, reps, warm, sync)
+    bench_flops(res, goals, m, batches[0], dev, q, reps, warm, sync)
     res["total_s"] = time.time() - t_start
     print(f"\n{'measurement':<24} {'value':>9}  goal")
     for k, goal in goals.items():

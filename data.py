@@ -3,7 +3,7 @@ data.py - the embedded default's data: a synthetic world, its tokenizer, its spe
 front end (Whisper log-mel). Nothing is downloaded: the world is made up, the tokenizer is trained on
 it, the speech is synthesised here.
 
-The world makes the paper's question measurable (PAPER.md, "Data and evaluation"):
+The world makes the paper's question measurable (its T2T / S2T evaluation, on facts the LLM knows):
   - the LLM learns ALL facts from text (`pretrain` split),
   - the speech training set asks spoken questions about HALF the entities (`speech_train`, + ASR),
   - the S2T test asks spoken questions about the OTHER half, whose facts were only ever seen as text,
@@ -297,6 +297,8 @@ def load_audio(path):
     optional soundfile package. Errors name the file."""
     if not os.path.exists(path):
         raise ValueError(f"{path}: audio file not found")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty audio file (0 bytes)")
     try:
         if path.lower().endswith(".wav"):
             with wave.open(path, "rb") as w:
@@ -316,7 +318,7 @@ def load_audio(path):
             x, sr = soundfile.read(path, dtype="float32", always_2d=True)
             x = x.mean(axis=1)
     except (wave.Error, EOFError, RuntimeError) as e:
-        raise ValueError(f"{path}: unreadable audio ({e})")
+        raise ValueError(f"{path}: unreadable audio ({type(e).__name__}: {e or 'truncated file'})")
     if len(x) == 0:
         raise ValueError(f"{path}: empty audio")
     x = torch.from_numpy(np.ascontiguousarray(x))
@@ -345,6 +347,7 @@ def log_mel(wav, n_mels=N_MELS):
 # Manifest: one JSON object a line: id, audio, transcript, question, answer, task, split
 
 TASKS = ("qa", "asr", "lm", "copy")
+SPLITS = ("pretrain", "speech_train", "val", "test", "asr_test")
 
 
 def read_manifest(path):
@@ -361,12 +364,23 @@ def read_manifest(path):
                 raise ValueError(f"{path}:{i}: each line must be an object with task in {TASKS}")
             if r["task"] in ("qa", "asr") and not str(r.get("transcript", "")).strip():
                 raise ValueError(f"{path}:{i}: empty transcript")
+            if r.get("split") not in SPLITS:
+                raise ValueError(f"{path}:{i}: split {r.get('split')!r} is not one of {SPLITS}")
             if not str(r.get("answer", "")).strip():
                 raise ValueError(f"{path}:{i}: empty answer")
             if r.get("audio") and not os.path.isabs(r["audio"]):
                 r["audio"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["audio"])
+            if r.get("audio") and not os.path.isfile(r["audio"]):
+                raise ValueError(f"{path}:{i}: audio file {r['audio']} not found")
             rows.append(r)
     return rows
+
+
+def check_splits(rows, needed, path):
+    """A manifest must hold every split the run needs, each with rows: one line naming the missing ones."""
+    missing = [s for s in needed if not any(r["split"] == s for r in rows)]
+    if missing:
+        raise ValueError(f"{path}: no rows with split {', '.join(missing)} (needed: {', '.join(needed)})")
 
 
 def write_jsonl(path, rows):

@@ -1,5 +1,5 @@
 """
-evaluate.py - the paper's measurements (PAPER.md "Data and evaluation"):
+evaluate.py - the paper's measurements (its "Experimental setup": Table 2 metrics, Table 1 check):
   T2T accuracy: typed question -> text answer (the LLM's retained text ability),
   S2T accuracy: spoken question -> text answer (spoken QA),
   ASR WER, corpus level, and perplexity of held-out answers (used by the Table 1 check).
@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+import importance as imp
 
 
 def normalize(text):
@@ -84,6 +85,21 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
     if asr:  # a manifest without an asr_test split gets no WER
         out["wer"] = wer([r["transcript"] for r in asr], generate(model, asr, make_speech, tok, max_new_tokens=32))
     return out
+
+
+def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1):
+    """Importance (importance.py: estimate_importance) over calibration rows, in batches of batch_size. Under DDP
+    each rank takes every world-th batch and the gradient sums are all-reduced: the same result."""
+    batches = [make(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    return imp.estimate_importance(model, batches[rank::world], kind, all_reduce=world > 1)
+
+
+def table1_check(model, scores, rows, make, seed=0):
+    """Table 1: perplexity of the rows' answers after zeroing the top / bottom / random 3% of the weights by
+    `scores`, and each as a multiple of the unmasked baseline."""
+    t1 = imp.table1(model, scores, lambda: perplexity(model, rows, make), frac=0.03, seed=seed)
+    ratios = {f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}
+    return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
 
 
 def mean_sd(runs):

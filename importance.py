@@ -11,13 +11,19 @@ Importance Analysis". This file implements
 - Fig. 1/4: whether the top-5% entries of a matrix (importance map or LoRA ΔW) sit on few rows/columns.
 - Eq. (3): per-layer learning-rate multipliers from importance, and the optimizer's param groups.
 
-Nothing here knows about SpeechLLM: any nn.Module whose decoder layers follow the Hugging Face naming
-`model.layers.<i>.…_proj.weight` works (LlamaForCausalLM, or SpeechLLM where it sits under `llm.`),
-and the loss comes in as a callable (default `model.loss(batch)`):
+Nothing here imports the project: copy this file alone. Any nn.Module whose decoder layers follow the
+Hugging Face naming `model.layers.<i>.…_proj.weight` works, and the loss comes in as a callable. On a
+plain transformers LlamaForCausalLM (the README shows these lines; test_all.py runs them):
 
-    imp = estimate_importance(model, calib_batches)   # transcript-in batches -> textual importance
-    print(bar_chart({"original": layer_distribution(imp)}))
-    scales = layer_lr_scale(aggregate(imp)["layer"], lam=0.4)
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from importance import aggregate, bar_chart, estimate_importance, layer_distribution, layer_lr_scale, layer_param_groups
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4))          # or LlamaForCausalLM.from_pretrained(path)
+    calib = [torch.randint(0, 128, (4, 32)) for _ in range(3)]            # your calibration batches (token ids)
+    imp = estimate_importance(model, calib, loss_fn=lambda ids: model(input_ids=ids, labels=ids).loss)
+    print(bar_chart({"original": layer_distribution(imp)}))               # Fig. 2: importance per layer
+    scales = layer_lr_scale(aggregate(imp)["layer"], lam=0.4)             # Eq. (3): LR multiplier per layer
     opt = torch.optim.AdamW(layer_param_groups(model.named_parameters(), scales, base_lr=1e-4))
 
 Tests: python -m pytest -q test_all.py -k "importance or taylor or layer_lr or concentration"
@@ -290,17 +296,17 @@ def layer_lr_scale(layer_importance, lam=0.4):
 
 
 def layer_param_groups(named_params, scales, base_lr, weight_decay=0.0):
-    """Optimizer groups: one per LLM layer i at base_lr·scales[i], and "rest" (embeddings, head, final norm,
-    adaptor) at base_lr. Frozen params are skipped. Weight decay goes to >=2-D params only, so with
-    weight_decay > 0 a group may come as two (same name and lr, wd and 0). A schedule then sets
-    group["lr"] = group["initial_lr"] * lrm."""
+    """AdamW groups of the trainable params: one per LLM layer i at base_lr·scales[i], and "rest" (embeddings,
+    head, final norm, adaptor) at base_lr; scales=None: one group "all" at base_lr. Weight decay goes to >= 2-D
+    weights only (never norms or biases), so with weight_decay > 0 a group comes as two (same name and lr).
+    A schedule then sets group["lr"] = group["initial_lr"] * lrm."""
     trainable = [(n, p) for n, p in named_params if p.requires_grad]
-    names = [f"layer{i}" for i in range(len(scales))] + ["rest"]
-    mults = [float(s) for s in scales] + [1.0]
+    names = ["all"] if scales is None else [f"layer{i}" for i in range(len(scales))] + ["rest"]
+    mults = [1.0] if scales is None else [float(s) for s in scales] + [1.0]
     buckets = {(j, wd): [] for j in range(len(names)) for wd in (weight_decay, 0.0)}  # one per j if wd == 0
     for n, p in trainable:
-        m = LAYER_RE.search(n)
-        j = int(m.group(1)) if m else len(scales)
+        m = LAYER_RE.search(n) if scales is not None else None
+        j = int(m.group(1)) if m else len(names) - 1
         if m and j >= len(scales):
             raise ValueError(f"{n} is in layer {j} but only {len(scales)} layer scales were given")
         buckets[(j, weight_decay if p.dim() >= 2 else 0.0)].append(p)
@@ -361,25 +367,3 @@ def plot_distributions(dists, path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-# -----------------------------------------------------------------------------
-# CLI: python importance.py RUN_DIR  - recompute and print the analysis of a finished `python train.py` run
-# (the checkpoints are reused; nothing is retrained). The functions above need none of this.
-if __name__ == "__main__":
-    import json
-    import os
-    import sys
-    if len(sys.argv) != 2 or not os.path.exists(os.path.join(sys.argv[1], "run.json")):
-        raise SystemExit("usage: python importance.py RUN_DIR   (a directory written by python train.py --out RUN_DIR)")
-    run = sys.argv[1]
-    with open(os.path.join(run, "run.json")) as f:
-        settings = json.load(f)
-    methods = sorted(f[3:-3] for f in os.listdir(run) if f.startswith("ft_") and f.endswith(".pt") and ".partial" not in f)
-    import train  # the pipeline knows how to rebuild each method's model from its checkpoints
-    argv = ["--out", run, "--reanalyse", "--method", ",".join(methods)]
-    argv += [a for k, v in settings.items() if v is not None and k in train.RUN_KEYS  # (skips retired settings)
-             for a in (f"--{k.replace('_', '-')}", str(v))]
-    res = os.path.join(run, "results.json")  # keep the calibration draw the run was analysed with
-    argv += ["--calib-draw", str(json.load(open(res)).get("calib_draw", 0))] if os.path.exists(res) else []
-    train.main(argv)

@@ -7,12 +7,19 @@ alpha = 2r, base LLM frozen. Follows Hu et al. 2021 (arXiv 2106.09685) with the
 loralib parameter layout; rslora scaling alpha / sqrt(r) is Kalajdzievski 2023.
 Needs only torch (safetensors is imported lazily by save_peft_adapter).
 
-    from lora import inject_lora, mark_only_lora_as_trainable, unload_lora, save_peft_adapter
-    inject_lora(model.llm, r=8, alpha=16)                   # model.llm: a LlamaForCausalLM
-    mark_only_lora_as_trainable(model, also=("adaptor.",))  # the speech adaptor still trains
-    ...train...
-    save_peft_adapter(model, "out/adapter", "meta-llama/Llama-3.2-1B", prefix="llm.")
-    unload_lora(model.llm).save_pretrained("out/merged")    # or a plain merged checkpoint
+Nothing here imports the project: copy this file alone. On a plain transformers LlamaForCausalLM (the
+README shows these lines; test_all.py runs them):
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from lora import count_parameters, inject_lora, mark_only_lora_as_trainable, save_peft_adapter, unload_lora
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                         num_attention_heads=4))          # or LlamaForCausalLM.from_pretrained(path)
+    inject_lora(model, r=8, alpha=16)                                     # q,k,v,o,gate,up,down
+    mark_only_lora_as_trainable(model)                                    # also=("adaptor.",) in a speech LLM
+    print(count_parameters(model))                                        # (trainable, total)
+    # ... train with your loop ...
+    save_peft_adapter(model, "out/adapter", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    unload_lora(model).save_pretrained("out/merged")                      # or a plain merged checkpoint
 """
 import json
 import os

@@ -1,6 +1,6 @@
 """
 model.py - the speech LLM: Whisper encoder -> adaptor -> causal LLM (LLaMA-Omni style, first stage:
-speech in, text out). PAPER.md "Architecture".
+speech in, text out), as the paper describes its model.
 
   mel (B, 80, T) --Whisper encoder--> (B, T/2, C) 50 Hz --stack k=5, MLP--> (B, T/10, d) 10 Hz
   prompt "<s><user> <speech><assistant>" : the <speech> token is replaced by those 10 Hz embeddings,
