@@ -5,7 +5,8 @@ evaluate.py - the paper's measurements (its "Experimental setup": Table 2 metric
   ASR WER, corpus level, and perplexity of held-out answers (used by the Table 1 check).
 
 Accuracy = the normalised gold answer appears as a whole word sequence in the normalised generated answer
-("contains", as in the paper [inferred]); normalised exact match is reported beside it.
+("contains", as in the paper [inferred]) and no other question's gold answer does (`right`); normalised
+exact match is reported beside it.
 Normaliser: lower-case, every character that is not a letter, digit or space becomes a space, runs of
 spaces collapse. WER = (substitutions + deletions + insertions) / reference words, summed over the corpus.
 
@@ -45,6 +46,16 @@ def contains(gold, pred):
     return f" {normalize(gold)} " in f" {normalize(pred)} "
 
 
+def right(rows, preds):
+    """Per row: the gold answer is contained in the prediction ("contains", the paper's measure [inferred]) and
+    no other row's gold answer is, so listing candidates ("red blue green ...") never counts as an answer."""
+    golds = {normalize(r["answer"]) for r in rows}
+    def ok(gold, pred):
+        others = [o for o in golds if o != normalize(gold) and not contains(o, gold)]
+        return contains(gold, pred) and not any(contains(o, pred) for o in others)
+    return [ok(r["answer"], p) for r, p in zip(rows, preds)]
+
+
 @torch.no_grad()
 def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):
     """make: rows -> batch (data.make_batch with the input modality bound: typed or spoken)."""
@@ -58,7 +69,7 @@ def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):
 def accuracy(model, rows, make, tok):
     """-> (contains-accuracy, exact-match accuracy, predictions)."""
     preds = generate(model, rows, make, tok)
-    acc = sum(contains(r["answer"], p) for r, p in zip(rows, preds)) / len(rows)
+    acc = sum(right(rows, preds)) / len(rows)
     em = sum(normalize(r["answer"]) == normalize(p) for r, p in zip(rows, preds)) / len(rows)
     return acc, em, preds
 
@@ -76,12 +87,15 @@ def perplexity(model, rows, make, batch_size=64):
 
 
 def evaluate_all(model, rows, tok, make_text, make_speech):
-    """The numbers every method is compared on (Table 2): T2T and S2T on the test split, WER on asr_test."""
-    test = [r for r in rows if r["split"] == "test"]
+    """The numbers every method is compared on (Table 2): T2T and S2T on the test split, WER on asr_test; the same
+    on the val split as val_* (settings are chosen on those, never on test)."""
+    out = {}
+    for split, pre in (("test", ""), ("val", "val_")):
+        qs = [r for r in rows if r["split"] == split]
+        if qs:
+            out[pre + "t2t_acc"], out[pre + "t2t_em"], _ = accuracy(model, qs, make_text, tok)
+            out[pre + "s2t_acc"], out[pre + "s2t_em"], _ = accuracy(model, qs, make_speech, tok)
     asr = [r for r in rows if r["split"] == "asr_test"]
-    t2t, t2t_em, _ = accuracy(model, test, make_text, tok)
-    s2t, s2t_em, _ = accuracy(model, test, make_speech, tok)
-    out = dict(t2t_acc=t2t, s2t_acc=s2t, t2t_em=t2t_em, s2t_em=s2t_em)
     if asr:  # a manifest without an asr_test split gets no WER
         out["wer"] = wer([r["transcript"] for r in asr], generate(model, asr, make_speech, tok, max_new_tokens=32))
     return out
@@ -130,15 +144,17 @@ def mean_sd(runs):
 
 
 def format_table(results, sd=None):
-    """The Table 2 analogue (%, mean ± sd when sd is given) from a results.json dict. No fine-tuning = the
-    aligned model with the original LLM (S2T and WER from its frozen LLM)."""
+    """The Table 2 analogue (%, mean ± sd when sd is given) from a results.json dict: accuracy as "contains" and
+    exact match (EM), test split; the importance shift of each method beside its noise floor. No fine-tuning =
+    the aligned model with the original LLM."""
     def cell(m, s, k, w=13):
         if k not in m:
             return f"{'-':>{w}}"
         txt = f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if s and k in s else "")
         return f"{txt:>{w}}"
-    lines = [f"{'method':<16}{'T2T':>13}{'S2T':>13}{'WER':>13}{'dT2T vs full':>14}{'dS2T vs full':>14}"
-             f"{'importance JS':>15}{'JS, 2nd set':>13}{'importance sum':>16}"]
+    keys = ("t2t_acc", "t2t_em", "s2t_acc", "s2t_em", "wer")
+    lines = [f"{'method':<16}" + "".join(f"{h:>13}" for h in ("T2T", "T2T EM", "S2T", "S2T EM", "WER"))
+             + f"{'dT2T vs full':>14}{'dS2T vs full':>14}{'importance JS':>15}{'JS, 2nd set':>13}{'importance sum':>16}"]
     sd = sd or {}
     rows = [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft"))]
     rows += [(n, m, sd.get("methods", {}).get(n)) for n, m in results.get("methods", {}).items()]
@@ -150,8 +166,7 @@ def format_table(results, sd=None):
         js += f"{js2:>13.4f}" if js2 is not None else f"{'':>13}"
         tot = m.get("importance_shift", {}).get("total_ratio")  # summed textual importance, x the original's
         tot = f"{tot:>15.1f}x" if tot is not None else ""
-        lines.append(f"{name:<16}{cell(m, s, 't2t_acc')}{cell(m, s, 's2t_acc')}{cell(m, s, 'wer')}"
-                     f"{d('t2t_acc')}{d('s2t_acc')}{js}{tot}")
+        lines.append(f"{name:<16}" + "".join(cell(m, s, k) for k in keys) + f"{d('t2t_acc')}{d('s2t_acc')}{js}{tot}")
     if "importance_noise_js" in results:  # the same original model on a second calibration set
         lines.append(f"noise floor (original model, another calibration set): importance JS "
                      f"{results['importance_noise_js']:.4f}, importance sum "
