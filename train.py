@@ -105,7 +105,7 @@ def get_parser():
     g.add_argument("--tts", default="formant", choices=["formant", "espeak"], help="speech synthesiser")
     g.add_argument("--n-entities", type=int, default=data.N_ENTITIES, help="entities in the world (half heard)")
     g.add_argument("--data-dir", default=None,
-                   help="where the data is built/cached (default: OUT/../data/<tts>-e<N>-s<seed>, shared by runs)")
+                   help="where the data is built/cached (default: OUT/../data/<tts>-e<N>-s<seed>-v<version>, shared)")
     g.add_argument("--manifest", default=None, help="your own JSONL manifest instead of the world (README)")
     g = p.add_argument_group("Model")
     g.add_argument("--n-layers", type=int, default=ModelConfig.n_layers, help="tiny LLM: decoder layers")
@@ -188,7 +188,7 @@ def check_flags(p, args):
     if args.dtype == "auto":
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
     if not args.data_dir:  # the synthetic world is a function of its settings: one cache beside OUT for every run
-        key = f"{args.tts}-e{args.n_entities}-s{args.data_seed}"
+        key = f"{args.tts}-e{args.n_entities}-s{args.data_seed}-v{data.WORLD_VERSION}"
         args.data_dir = os.path.join(args.out, "data") if args.manifest else \
             os.path.join(os.path.dirname(os.path.abspath(args.out)), "data", key)
     for k in ("data_dir", "manifest", "init_from"):  # recorded as absolute paths: a run can be re-read from anywhere
@@ -593,9 +593,10 @@ def load_data(args, data_dir, manifest, master, world):
         from transformers import WhisperConfig
         n_mels = WhisperConfig.from_pretrained(args.encoder).num_mel_bins
     features = data.load_features(rows, n_mels)
-    # calibration rows: a sample of the fine-tuning data, as the paper's 1/30 of its training set
-    calib, calib2 = calibration_sets(data.finetune_rows(rows), args.calib_frac, args.calib_min, args.calib_draw,
-                                     args.data_seed)
+    # calibration rows: the spoken-QA training rows (the paper's training set is all spoken QA)
+    pool = [r for r in rows if r["split"] == "speech_train" and r["task"] == "qa"]
+    pool = pool or [r for r in rows if r["split"] == "speech_train"]
+    calib, calib2 = calibration_sets(pool, args.calib_frac, args.calib_min, args.calib_draw, args.data_seed)
     return Data(rows, tok, features, calib, calib2, n_mels)
 
 
@@ -659,7 +660,7 @@ def analyse_original(run, model, d, tc, kind, seed):
     with autocast(tc.device, tc.dtype):
         for inp, make in (("text", d.text_batch), ("speech", d.ft_batch)):
             preds = evaluate.accuracy(model, test, make, d.tok)[2]
-            right = [r for r, p, ok in zip(test, preds, evaluate.right(test, preds)) if ok]
+            right = [r for r, p in zip(test, preds) if evaluate.contains(r["answer"], p)]
             scores = evaluate.importance(model, d.calib, make, kind, tc.batch_size, tc.rank, tc.world)
             t1 = {sub: evaluate.table1_check(model, scores, rows, make, seed)
                   for sub, rows in (("all", test), ("answered", right)) if rows}
@@ -683,7 +684,7 @@ def analyse_original(run, model, d, tc, kind, seed):
 def finetune(model, groups, d, tc, steps, ctc):
     """Stage 4, one method: speech fine-tuning from the align checkpoint (with CTC compression on, its CTC loss
     stays on, the same for every method). -> OUT/ft_<method>.pt: its trainable parts (LoRA: adaptor + LoRA)."""
-    losses = train(model, groups, batches_of(data.finetune_rows(d.rows), d.ft_batch, tc), steps,
+    losses = train(model, groups, batches_of(d.split("speech_train"), d.ft_batch, tc), steps,
                    replace(tc, ctc_weight=ctc))
     return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses}
 
