@@ -1119,3 +1119,55 @@ def test_ct2_real_whisper_hears_espeak(tmp_path):
     ids = M.whisper_greedy(whisper, mel, [tk.token_to_id("<|startoftranscript|>"), tk.token_to_id("<|notimestamps|>")],
                            eot=whisper.config.eos_token_id)
     assert tk.decode(ids).strip() == "What is the capital of France?"
+
+# ----------------------------------------------------------------------------- real-knowledge question set
+
+def test_real_rows_split_by_entity_with_held_out_phrasings():
+    """No entity in two splits (a country's capital, continent and language go together), ~60/15/25 per relation,
+    val/test asked only in phrasings never spoken in training, ASR statements only about training entities,
+    every answer non-empty, the same rows for the same seed."""
+    import re
+    rows = data.make_real_rows(seed=0)
+    assert rows == data.make_real_rows(seed=0) and rows != data.make_real_rows(seed=1)
+    slug = lambda s: re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
+    entity = {(rel, slug(e)): e for rel, (_, _, facts) in data.REAL.items() for e in facts}
+    splits, templates = {}, {"speech_train": set(), "val": set(), "test": set()}
+    for r in rows:
+        assert r["answer"].strip() and r["transcript"].strip() and r["task"] in ("qa", "asr")
+        split, rel, ent = r["id"].split("-")[:3] if r["task"] == "qa" else ("speech_train", *r["id"].split("-")[1:3])
+        assert r["split"] == split and (r["task"] == "asr" or r["answer"] == data.REAL[rel][2][entity[rel, ent]])
+        splits.setdefault(entity[rel, ent], set()).add(split)
+        if r["task"] == "qa":
+            t = re.sub(re.escape(entity[rel, ent]), "E", r["question"], flags=re.I).replace(" an E", " a E")
+            templates[split].add((rel, t))
+    assert all(len(s) == 1 for s in splits.values())                     # no entity in two splits
+    assert templates["speech_train"].isdisjoint(templates["val"] | templates["test"])  # held-out phrasings
+    n = {s: sum(1 for v in splits.values() if s in v) for s in ("speech_train", "val", "test")}
+    assert abs(n["test"] / len(splits) - 0.25) < 0.05 and abs(n["val"] / len(splits) - 0.15) < 0.05
+    for rel, (phrasings, _, facts) in data.REAL.items():                   # every relation in every split
+        assert {next(iter(splits[e])) for e in facts} == {"speech_train", "val", "test"}, rel
+    qa_test = [r for r in rows if r["split"] == "test"]
+    assert len(qa_test) == 2 * len({r["id"].rsplit("-", 1)[0] for r in qa_test})  # 2 held-out phrasings a fact
+
+
+def test_build_real_tiny(tmp_path, monkeypatch):
+    """A five-country build: one 16 kHz WAV per row, starting in silence; the manifest is cached; without
+    espeak-ng, one line that says how to install it."""
+    import shutil
+    five = {c: data.COUNTRIES[c][0] for c in ("France", "Japan", "Peru", "Kenya", "Spain")}
+    monkeypatch.setattr(data, "REAL", {"capital": data.REAL["capital"][:2] + (five,)})
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "which", lambda name: None)
+        with pytest.raises(SystemExit, match=r"apt-get install espeak-ng"):
+            data.build_real(str(tmp_path / "none"))
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
+    path = data.build_real(str(tmp_path / "real"))
+    rows = data.read_manifest(path)
+    assert {r["split"] for r in rows} == {"speech_train", "val", "test"} and all(r["audio"] for r in rows)
+    for r in rows[:3]:
+        with wave.open(r["audio"]) as w:
+            assert w.getframerate() == data.SAMPLE_RATE and w.getnframes() > data.SAMPLE_RATE
+        assert data.load_audio(r["audio"])[: int(0.9 * data.REAL_PAD_S * data.SAMPLE_RATE)].abs().max() < 1e-3
+    mtime = os.path.getmtime(path)
+    assert data.build_real(str(tmp_path / "real")) == path and os.path.getmtime(path) == mtime  # cached
