@@ -70,8 +70,8 @@ def method_row(name):
 # -----------------------------------------------------------------------------
 # Flags. The groups after "Run" are the run's settings: OUT/run.json records every one of them.
 
-QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=300,
-             align_steps=150, compress_steps=60, steps=40, calib_min=16, log_every=50)
+QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
+             align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
