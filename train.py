@@ -8,7 +8,7 @@ train.py - the paper's pipeline, one function per stage, and the one hand-writte
   finetune   one run per method (METHODS), all from the align checkpoint: same data, steps, schedule
   evaluate   T2T / S2T / WER per method, and how far each moved the textual importance (Fig. 2/3)
 
-    python train.py --quick                       # every stage and method, tiny: ~1.5 min on 2 CPU cores
+    python train.py --quick                       # every stage and method, tiny: ~1 min on 2 CPU cores
     python train.py                               # the default comparison (README: Results)
     python train.py --out runs/default --reanalyse    # redo evaluation + analysis from the checkpoints
     torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
@@ -145,7 +145,8 @@ def get_parser():
 
 def run_dests(p):
     """The flags of the "Run" group: they say what to run and where, not how, so run.json leaves them out."""
-    return {a.dest for a in p._action_groups[2]._group_actions} | {"help"}
+    run = next(g for g in p._action_groups if g.title.startswith("Run:"))
+    return {a.dest for a in run._group_actions} | {"help"}
 
 
 def get_args(argv=None):
@@ -403,7 +404,7 @@ class Run:
 def settings(args):
     """The run's settings: every flag outside the "Run" group. run.json holds them; another value = another run."""
     return {k: v for k, v in vars(args).items() if k not in args.run_dests | {"explicit", "run_dests", "methods",
-                                                                            "seed_list", "rank", "world", "master"}}
+                                                                            "seed_list"}}
 
 
 def stage_settings(args):
@@ -814,6 +815,7 @@ def setup_ddp(args):
     process joins one group (NCCL on GPUs, gloo on CPU). Every rank runs the same program on its shard of each
     batch; only rank 0 writes files and prints. -> (rank, world)"""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    args.world = world  # a setting: the global batch is batch_size x grad_accum x world
     if world > 1 and not dist.is_initialized():
         if args.device.startswith("cuda"):
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
