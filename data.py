@@ -592,9 +592,10 @@ def make_batch(rows, tok, speech, features=None, encoded=False):
         elif r["task"] == "copy":                    # typed "repeat after me: ..." (ASR in text form)
             prompts.append(tok.prompt(r["question"]))
         else:
-            said = "<speech>" if speech else (r["question"] if r["task"] == "qa" else r["transcript"])
+            spoken = speech and bool(r.get("audio"))  # a row without audio is typed, also in a speech batch (replay)
+            said = "<speech>" if spoken else (r["question"] if r["task"] == "qa" else r["transcript"])
             prompts.append(tok.prompt((ASR_INSTRUCTION if r["task"] == "asr" else "") + said))
-            if speech:
+            if spoken:
                 mels.append(features[r["id"]])
                 transcripts.append(tok.encode(r["transcript"]))
         answers.append(tok.encode(r["answer"]) + [tok.eos_id])

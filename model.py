@@ -334,20 +334,35 @@ class SpeechLLM(nn.Module):
         labels = torch.stack([pad(l, -100) for l in labs])
         return x, mask, labels
 
-    def loss(self, batch, reduction="mean", ctc_weight=0.0, n_tokens=None):
+    def loss(self, batch, reduction="mean", ctc_weight=0.0, n_tokens=None, teacher_logits=None, kl_temp=1.0):
         """Next-token cross-entropy on the answer tokens + EOS (labels are -100 elsewhere); with ctc_weight > 0,
         plus the auxiliary CTC alignment loss (align, and fine-tuning while CTC compression is on). n_tokens:
         divide the summed cross-entropy by this count instead of this batch's own (train.py passes the whole
         step's, so that gradient accumulation and DDP give exactly the gradient of one big batch of
-        variable-length answers)."""
+        variable-length answers). teacher_logits (N, V), the answer positions' logits of a teacher (answer_logits):
+        the loss is then distillation, T²·KL(teacher_T || student_T) per answer token, instead of cross-entropy."""
         speech = self.encode_speech(batch) if batch.get("speech") is not None else None
         x, mask, labels = self.embed(batch, with_answer=True, left_pad=False,
                                      speech=self.compress(*speech, batch["blank_id"]) if speech else None)
         logits = self.llm(inputs_embeds=x, attention_mask=mask).logits           # (B, L, vocab)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                               reduction="sum" if n_tokens is not None else reduction)
+        if teacher_logits is None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+                                   reduction="sum" if n_tokens is not None else reduction)
+        else:  # Hinton et al. 2015: the T² keeps the gradient's scale independent of the temperature
+            student = logits[:, :-1][labels[:, 1:] != -100].float() / kl_temp          # (N, V), row-major order
+            loss = kl_temp ** 2 * F.kl_div(student.log_softmax(-1), (teacher_logits.float() / kl_temp).log_softmax(-1),
+                                           log_target=True, reduction="sum")
+            loss = loss / len(student) if n_tokens is None else loss
         loss = loss / n_tokens if n_tokens is not None else loss
-        return loss + ctc_weight * self.ctc_loss(speech, batch) if ctc_weight else loss
+        return loss + ctc_weight * self.ctc_loss(speech, batch) if ctc_weight and speech else loss
+
+    @torch.no_grad()
+    def answer_logits(self, batch):
+        """The logits that predict each answer token + EOS, (N, V) in row-major order: a distillation teacher's
+        targets. The same rows typed or spoken have the same answers, so the N positions line up."""
+        x, mask, labels = self.embed(batch, with_answer=True, left_pad=False)
+        logits = self.llm(inputs_embeds=x, attention_mask=mask).logits           # (B, L, vocab)
+        return logits[:, :-1][labels[:, 1:] != -100]
 
     forward = loss  # so that a DistributedDataParallel wrapper, which syncs gradients through forward(), can call it
 

@@ -234,9 +234,11 @@ def test_frozen_parts_get_no_gradient(world):
     rows, tok, feats, _ = world
     batch = data.make_batch([r for r in rows if r.get("audio")][:4], tok, True, feats)
     scales = [1.0] * TINY.n_layers
+    importance = estimate_importance(tiny_model(tok), [data.make_batch([r for r in rows if r.get("audio")][:4], tok, False)])
     for method in train.METHODS:
         model = tiny_model(tok).train()
-        groups = train.setup_method(model, train.METHODS[method], scales, lr=1e-3, lora_lr=2e-3)
+        groups = train.setup_method(model, train.METHODS[method], scales, lr=1e-3, lora_lr=2e-3, importance=importance,
+                                    freeze_frac=0.05)
         model.loss(batch).backward()
         in_groups = {id(p) for g in groups for p in g["params"]}
         for n, p in model.named_parameters():
@@ -314,6 +316,10 @@ def test_weight_decay_is_applied_the_same_way_for_every_method(world):
     rows, tok, feats, _ = world
     for name, method in train.METHODS.items():
         model = tiny_model(tok)
+        if method.freeze:  # decay would move the frozen weights: refused
+            with pytest.raises(ValueError, match="needs --weight-decay 0"):
+                train.setup_method(model, method, None, lr=1e-3, lora_lr=2e-3, weight_decay=0.1)
+            continue
         groups = train.setup_method(model, method, [0.7, 1.0], lr=1e-3, lora_lr=2e-3, weight_decay=0.1)
         decayed = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
         for n, p in model.named_parameters():
@@ -346,12 +352,14 @@ def test_train_main_tiny_run(tmp_path, world):
     argv = ["--out", out, "--data-dir", world[3], "--n-entities", "8", "--n-layers", "2", "--d-llm", "32", "--batch-size", "8",
             "--pretrain-steps", "40", "--align-steps", "4", "--compress-steps", "2", "--steps", "3",
             "--log-every", "1000",
-            "--method", "frozen,full,lora", "--calib-frac", "0.1", "--calib-min", "8"]
+            "--method", "frozen,full,lora,kl,replay,freeze_top", "--calib-frac", "0.1", "--calib-min", "8"]
     res = train.main(argv)
     assert res["train_loss"]["pretrain"]["last"] < 0.8 * res["train_loss"]["pretrain"]["first"]
     assert 0 <= res["no_ft"]["t2t_acc"] <= 1
-    for m in ("frozen", "full", "lora"):
-        assert {"t2t_acc", "s2t_acc", "wer", "importance_js", "importance_spearman"} <= set(res["methods"][m])
+    for m in ("frozen", "full", "lora", "kl", "replay", "freeze_top"):
+        assert {"t2t_acc", "s2t_acc", "wer", "importance_js", "importance_spearman", "ms_per_step",
+                "trainable"} <= set(res["methods"][m])
+    assert res["methods"]["lora"]["trainable"] < res["methods"]["full"]["trainable"]
     assert res["methods"]["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)  # LLM untouched
     assert "delta_w_concentration" not in res["methods"]["frozen"]  # ΔW = 0: no structure to measure
     assert all(res["methods"][m]["delta_w_concentration"] >= 1 for m in ("full", "lora"))
@@ -1265,3 +1273,53 @@ def test_build_real_tiny(tmp_path, monkeypatch):
         assert data.load_audio(r["audio"])[: int(0.9 * data.REAL_PAD_S * data.SAMPLE_RATE)].abs().max() < 1e-3
     mtime = os.path.getmtime(path)
     assert data.build_real(str(tmp_path / "real")) == path and os.path.getmtime(path) == mtime  # cached
+
+
+# ----------------------------------------------------------------------------- the field's other mitigations
+
+def test_kl_is_zero_against_itself_and_positive_against_another_model(world):
+    rows, tok, feats, _ = world
+    model = tiny_model(tok)
+    rs = [r for r in rows if r["split"] == "speech_train" and r["task"] == "qa"][:6]
+    typed, spoken = data.make_batch(rs, tok, speech=False), data.make_batch(rs, tok, True, feats)
+    assert model.loss(typed, teacher_logits=model.answer_logits(typed)).item() == pytest.approx(0, abs=1e-6)
+    other = tiny_model(tok, seed=1)
+    kl = model.loss(spoken, teacher_logits=other.answer_logits(typed), kl_temp=2.0)
+    # reference: T² · KL(teacher_T || student_T), mean over the answer tokens, from the two models' logits
+    s, t = model.answer_logits(spoken) / 2, other.answer_logits(typed) / 2
+    ref = 4 * (t.softmax(-1) * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1).mean()
+    assert kl.item() == pytest.approx(ref.item(), rel=1e-5) and kl.item() > 0
+
+
+def test_replay_batches_hold_the_stated_fraction_of_text_rows(world):
+    rows, tok, feats, _ = world
+    speech = [r for r in rows if r["split"] == "speech_train"]
+    text = [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"]
+    cfg = train.TrainConfig(batch_size=8, grad_accum=2)
+    for step in range(3):
+        micro = train.batches_of(speech, lambda rs: rs, cfg, text, 0.25)(step)
+        assert len(micro) == 2 and all(len(m) == 8 and sum(r in text for r in m) == 2 for m in micro)
+    batch = data.make_batch(micro[0], tok, True, feats)  # replayed rows are typed, the others spoken
+    assert sum(tok.speech_id in p for p in batch["prompts"]) == 6 and batch["speech"].shape[0] == 6
+    assert train.batches_of(speech, lambda rs: rs, cfg)(1) == train.batches_of(speech, lambda rs: rs, cfg, text, 0)(1)
+
+
+def test_freezing_keeps_the_chosen_entries_bit_identical(world):
+    rows, tok, feats, _ = world
+    speech = [r for r in rows if r["split"] == "speech_train"]
+    make = lambda rs: data.make_batch(rs, tok, True, feats)
+    importance = estimate_importance(tiny_model(tok), [data.make_batch(speech[:8], tok, False)])
+    masks = {}
+    for which in ("top", "random"):
+        model = tiny_model(tok)
+        before = {k: v.detach().clone() for k, v in importance_params(model).items()}
+        groups = train.setup_method(model, train.METHODS[f"freeze_{which}"], None, lr=1e-2, lora_lr=1e-2,
+                                    importance=importance, freeze_frac=0.1)
+        cfg = train.TrainConfig(batch_size=4, log_every=1000)
+        train.train(model, groups, train.batches_of(speech, make, cfg), 3, cfg)
+        masks[which] = global_mask(importance, 0.1, which)
+        for k, p in importance_params(model).items():
+            frozen = masks[which][k]
+            assert torch.equal(p.detach()[frozen], before[k][frozen]), k  # frozen: bit-identical
+            assert not torch.equal(p.detach()[~frozen], before[k][~frozen]), k  # the rest trained
+    assert any((masks["top"][k] != masks["random"][k]).any() for k in masks["top"])

@@ -14,6 +14,7 @@ train.py - the paper's pipeline, one function per stage, and the one hand-writte
     torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -46,6 +47,9 @@ class Method:
     lora: bool = False      # LoRA adapters on the LLM's linears train instead, the LLM frozen (Hu et al. 2021)
     layer_lr: bool = False  # Eq. (3): per-layer LRs from the original LLM's textual importance
     r: int = 0              # LoRA rank; 0 = --lora-r (the rank ablation's rows lora_r<N> set it)
+    kl: bool = False        # distillation: match the original LLM fed the transcript as text (BLSP-KD, Ultravox)
+    replay: bool = False    # --replay-frac of every batch is typed QA from the LLM's own text data (rehearsal)
+    freeze: str = ""        # "top" / "random": --freeze-frac of the LLM's weights get no gradient (ours)
 
 
 METHODS = {
@@ -54,7 +58,14 @@ METHODS = {
     "layer_lr": Method(llm=True, layer_lr=True),           # the paper's first mitigation
     "lora": Method(lora=True),                             # the paper's second mitigation
     "lora_layer_lr": Method(lora=True, layer_lr=True),     # ours: Eq. (3) on the LoRA parameters
+    # the field's other mitigations, on the same loop, data, steps and schedule (not run by default)
+    "kl": Method(llm=True, kl=True),                       # full FT, loss = KL to the text teacher
+    "lora_kl": Method(lora=True, kl=True),
+    "replay": Method(llm=True, replay=True),               # full FT with text replay
+    "freeze_top": Method(llm=True, freeze="top"),          # full FT, the most text-important weights frozen
+    "freeze_random": Method(llm=True, freeze="random"),    # ... or as many random ones: the control
 }
+PAPER_METHODS = ("frozen", "full", "layer_lr", "lora", "lora_layer_lr")  # the default --method
 
 
 def method_row(name):
@@ -82,7 +93,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("Run: what to run and where (not part of a run's settings)")
     g.add_argument("--out", default="runs/default", help="run directory: data, checkpoints, results.json")
-    g.add_argument("--method", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}, lora_r<N>")
+    g.add_argument("--method", default=",".join(PAPER_METHODS), help=f"comma list of {', '.join(METHODS)}, lora_r<N>")
     g.add_argument("--lora-ranks", default="", help="comma list: also run LoRA at these ranks (Table 3)")
     g.add_argument("--seeds", default="", help="comma list: the whole pipeline per seed in OUT/seed<N>, mean ± sd")
     g.add_argument("--quick", action="store_true", help=f"a tiny run of every stage and method: {QUICK}")
@@ -136,6 +147,9 @@ def get_parser():
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
     g.add_argument("--lora-targets", default=",".join(lora.TARGETS), help="comma list of Linear names to adapt")
     g.add_argument("--lam", type=float, default=0.4, help="λ of Eq. 3: the most important layer trains at 1-λ")
+    g.add_argument("--kl-temp", type=float, default=1.0, help="kl, lora_kl: distillation temperature T")
+    g.add_argument("--replay-frac", type=float, default=0.25, help="replay: share of each batch that is typed text QA")
+    g.add_argument("--freeze-frac", type=float, default=0.03, help="freeze_*: share of the LLM's weights frozen")
     g = p.add_argument_group("Importance analysis")
     g.add_argument("--calib-frac", type=float, default=1 / 30, help="share of spoken-QA training rows used")
     g.add_argument("--calib-min", type=int, default=128, help="... but at least this many rows")
@@ -176,6 +190,13 @@ def check_flags(p, args):
         p.error(f"--calib-frac: must be in (0, 1], got {args.calib_frac}")
     if not 0 <= args.lam <= 1:
         p.error(f"--lam: must be in [0, 1], got {args.lam}")
+    for k in ("replay_frac", "freeze_frac"):
+        if not 0 <= getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')}: must be in [0, 1), got {getattr(args, k)}")
+    if not args.kl_temp > 0:
+        p.error(f"--kl-temp: must be > 0, got {args.kl_temp}")
+    if args.weight_decay > 0 and any(method_row(m).freeze for m in args.method.split(",") if m in METHODS):
+        p.error("--weight-decay: must be 0 with freeze_top / freeze_random (decay would move frozen weights)")
     try:
         args.methods = [m for m in args.method.split(",") if m] + [f"lora_r{r}" for r in args.lora_ranks.split(",") if r]
         [method_row(m) for m in args.methods]
@@ -209,6 +230,7 @@ class TrainConfig:
     warmup: float = 0.05       # warmup steps, as a fraction of the stage's
     clip: float = 1.0          # gradient-norm clipping
     ctc_weight: float = 0.0    # weight of the auxiliary CTC loss (model.py: ctc_loss)
+    kl_temp: float = 1.0       # distillation temperature, when train() is given a teacher
     log_every: int = 100
     seed: int = 0              # the order of the batches
     device: str = "cpu"
@@ -238,13 +260,17 @@ def batch_rows(rows, batch_size, step, seed):
     return out
 
 
-def batches_of(rows, make_batch, cfg):
+def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
     """step -> this rank's micro-batches of that step. A step's global batch is batch_size x grad_accum x world
-    rows; rank r takes micro-batch rows (m·world + r)·B ... for m = 0 .. grad_accum-1."""
+    rows; rank r takes micro-batch rows (m·world + r)·B ... for m = 0 .. grad_accum-1. replay_frac: that share of
+    each micro-batch comes from replay_rows instead (typed text QA: text replay)."""
     B, A, W = cfg.batch_size, cfg.grad_accum, cfg.world
+    k = round(replay_frac * B) if replay_rows else 0  # replayed rows per micro-batch
     def batches(step):
-        glob = batch_rows(rows, B * A * W, step, cfg.seed)
-        return [make_batch(glob[(m * W + cfg.rank) * B:(m * W + cfg.rank + 1) * B]) for m in range(A)]
+        glob = batch_rows(rows, (B - k) * A * W, step, cfg.seed)
+        text = batch_rows(replay_rows, k * A * W, step, cfg.seed + 1) if k else []
+        return [make_batch(glob[i * (B - k):(i + 1) * (B - k)] + text[i * k:(i + 1) * k])
+                for i in (m * W + cfg.rank for m in range(A))]
     return batches
 
 
@@ -255,9 +281,11 @@ def autocast(device, dtype):
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
-def train(model, param_groups, batches, steps, cfg):
+def train(model, param_groups, batches, steps, cfg, teacher=None):
     """One training loop for every stage. param_groups: AdamW groups, each with its own `initial_lr` and
-    `weight_decay`; batches(step) -> this rank's micro-batches. Returns the loss of every step."""
+    `weight_decay`; batches(step) -> this rank's micro-batches. teacher: a frozen model; each micro-batch then
+    holds the same rows typed (batch["typed"]) and the loss is KL to the teacher's answer distribution on them.
+    Returns the loss of every step."""
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), fused=True)  # fused: one kernel for every param
     params = [p for g in param_groups for p in g["params"]]
     A, W = cfg.grad_accum, cfg.world
@@ -292,7 +320,9 @@ def train(model, param_groups, batches, steps, cfg):
         for m, batch in enumerate(micro):
             with fwd.no_sync() if W > 1 and m < A - 1 else nullcontext():  # all-reduce on the last micro-batch only
                 with autocast(cfg.device, cfg.dtype):
-                    loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=cfg.ctc_weight / A)  # CTC: a mean per micro-batch
+                    kl = {} if teacher is None else \
+                        {"teacher_logits": teacher.answer_logits(batch["typed"]), "kl_temp": cfg.kl_temp}
+                    loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=cfg.ctc_weight / A, **kl)  # CTC: mean per micro-batch
                 scaler.scale(loss).backward()
             total += loss.detach()
         if W > 1:
@@ -345,9 +375,10 @@ def count(model):
 
 
 def setup_method(model, method, scales, lr, lora_lr, weight_decay=0.0, lora_r=8, lora_alpha=None,
-                 lora_dropout=0.0, lora_targets=lora.TARGETS):
+                 lora_dropout=0.0, lora_targets=lora.TARGETS, importance=None, freeze_frac=0.0, seed=0):
     """Freeze / wrap the model for a METHODS row; return its AdamW param groups. The encoder stays frozen, the
-    adaptor always trains at the method's base LR (the paper's setup)."""
+    adaptor always trains at the method's base LR (the paper's setup). importance: the original LLM's textual
+    importance, which picks the weights freeze_top freezes."""
     if method.lora:
         r = method.r or lora_r
         lora.inject_lora(model.llm, lora_targets, r, lora_alpha or 2.0 * r, lora_dropout)
@@ -356,6 +387,12 @@ def setup_method(model, method, scales, lr, lora_lr, weight_decay=0.0, lora_r=8,
         set_trainable(model, ["adaptor."] + (["llm."] if method.llm else []))
     if not model.cfg.ctc_compress:  # the CTC blank is then never used: frozen, or DDP would wait for its gradient
         model.adaptor.blank.requires_grad_(False)
+    if method.freeze:  # a gradient mask: AdamW (no weight decay) then never moves the chosen entries
+        if weight_decay > 0:
+            raise ValueError(f"{method}: freezing needs --weight-decay 0 (decay would still move frozen weights)")
+        params = imp.importance_params(model)
+        for k, frozen in imp.global_mask(importance, freeze_frac, method.freeze, seed).items():
+            params[k].register_hook(lambda g, free=~frozen.to(params[k].device): g * free)
     return param_groups(model, lora_lr if method.lora else lr, weight_decay, scales if method.layer_lr else None)
 
 
@@ -680,12 +717,19 @@ def analyse_original(run, model, d, tc, kind, seed):
     return {"text": text, "text2": text2}
 
 
-def finetune(model, groups, d, tc, steps, ctc):
+def finetune(model, groups, d, tc, steps, ctc, teacher=None, replay_frac=0.0):
     """Stage 4, one method: speech fine-tuning from the align checkpoint (with CTC compression on, its CTC loss
-    stays on, the same for every method). -> OUT/ft_<method>.pt: its trainable parts (LoRA: adaptor + LoRA)."""
-    losses = train(model, groups, batches_of(d.split("speech_train"), d.ft_batch, tc), steps,
-                   replace(tc, ctc_weight=ctc))
-    return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses}
+    stays on, the same for every method). teacher: distil from it on the same rows typed; replay_frac: that share
+    of each batch is typed QA from the pretraining text. -> OUT/ft_<method>.pt: its trainable parts."""
+    make = d.ft_batch if teacher is None else lambda rows: {**d.ft_batch(rows), "typed": d.text_batch(rows)}
+    replay = [r for r in d.split("pretrain") if r["task"] == "qa"] if replay_frac else ()
+    if replay_frac and not replay:
+        raise SystemExit("replay: the data has no typed QA rows (split pretrain) to replay")
+    t = time.time()
+    losses = train(model, groups, batches_of(d.split("speech_train"), make, tc, replay, replay_frac), steps,
+                   replace(tc, ctc_weight=ctc), teacher)
+    return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses,
+            "ms_per_step": 1000 * (time.time() - t) / steps, "trainable": lora.count_parameters(model)[0]}
 
 
 def measure(run, name, model, w0, d, tc, original, kind):
@@ -757,14 +801,18 @@ def run_pipeline(args):
     for name in [m for m in args.methods if m not in run.results["methods"]]:
         model = new_model()
         w0 = {k: v.detach().to("cpu", copy=True) for k, v in imp.importance_params(model).items()}
-        groups = setup_method(model, method_row(name), scales, args.lr, args.lora_lr, wd, args.lora_r,
-                              args.lora_alpha, args.lora_dropout, args.lora_targets.split(","))
+        row = method_row(name)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False) if row.kl else None  # the original LLM
+        groups = setup_method(model, row, scales, args.lr, args.lora_lr, wd, args.lora_r, args.lora_alpha,
+                              args.lora_dropout, args.lora_targets.split(","), original["text"], args.freeze_frac,
+                              args.seed)
         print(f"finetune {name}: {count(model)}")
         ctc = args.ft_ctc if cfg.ctc_compress else 0.0
-        ck = run.stage(f"ft_{name}", lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}"), args.steps,
-                                                      ctc), model)
+        ck = run.stage(f"ft_{name}", lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}", kl_temp=args.kl_temp),
+                                                      args.steps, ctc, teacher, args.replay_frac * row.replay), model)
         m = measure(run, name, model, w0, d, tc, original, args.importance_kind)
-        run.results["methods"][name] = {**m, "train_loss": loss_summary(ck["losses"])}
+        cost = {k: ck[k] for k in ("ms_per_step", "trainable") if k in ck}  # what each method costs
+        run.results["methods"][name] = {**m, **cost, "train_loss": loss_summary(ck["losses"])}
         print(f"{name}: {fmt(m)}")
         run.save_report()
         run.save()
