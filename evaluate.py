@@ -181,6 +181,46 @@ def format_table1(results, sd=None):
     return "\n".join(lines)
 
 
+def tradeoff(results, sd=None):
+    """Text kept (T2T) against spoken QA gained (S2T) per method, mean ± sd over seeds when sd is given:
+    {name: (t2t, t2t_sd, s2t, s2t_sd)}, "no fine-tuning" first."""
+    sd = sd or {}
+    rows = {"no fine-tuning": (results.get("no_ft", {}), sd.get("no_ft", {}))}
+    rows.update({n: (m, sd.get("methods", {}).get(n, {})) for n, m in results.get("methods", {}).items()})
+    return {n: (m["t2t_acc"], s.get("t2t_acc", 0.0), m["s2t_acc"], s.get("s2t_acc", 0.0))
+            for n, (m, s) in rows.items() if "t2t_acc" in m and "s2t_acc" in m}
+
+
+def format_tradeoff(results, sd=None):
+    points = tradeoff(results, sd)
+    base = points.get("no fine-tuning")
+    lines = [f"{'trade-off':<16}{'T2T (text kept)':>20}{'S2T (spoken QA)':>20}{'dT2T vs no FT':>15}{'dS2T vs no FT':>15}"]
+    for n, (t, ts, s, ss) in sorted(points.items(), key=lambda kv: -kv[1][0]):
+        d = f"{100 * (t - base[0]):>+15.1f}{100 * (s - base[2]):>+15.1f}" if base and n != "no fine-tuning" else ""
+        lines.append(f"{n:<16}{f'{100 * t:.1f} ± {100 * ts:.1f}':>20}{f'{100 * s:.1f} ± {100 * ss:.1f}':>20}{d}")
+    return "\n".join(lines)
+
+
+def plot_tradeoff(results, path, sd=None):
+    """The trade-off as a scatter with error bars (T2T on x, S2T on y) to a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for n, (t, ts, s, ss) in tradeoff(results, sd).items():
+        ax.errorbar(100 * t, 100 * s, xerr=100 * ts, yerr=100 * ss, fmt="o", capsize=3, label=n)
+    ax.set_xlabel("T2T accuracy, % (text kept)")
+    ax.set_ylabel("S2T accuracy, % (spoken QA)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         raise SystemExit("usage: python evaluate.py RUN_DIR")
@@ -190,4 +230,4 @@ if __name__ == "__main__":
     with open(path) as f:
         res = json.load(f)
     mean, sd = (res["mean"], res["sd"]) if "mean" in res else (res, None)
-    print(format_table(mean, sd) + "\n" + format_table1(mean, sd))
+    print(format_table(mean, sd) + "\n" + format_table1(mean, sd) + "\n" + format_tradeoff(mean, sd))

@@ -1323,3 +1323,15 @@ def test_freezing_keeps_the_chosen_entries_bit_identical(world):
             assert torch.equal(p.detach()[frozen], before[k][frozen]), k  # frozen: bit-identical
             assert not torch.equal(p.detach()[~frozen], before[k][~frozen]), k  # the rest trained
     assert any((masks["top"][k] != masks["random"][k]).any() for k in masks["top"])
+
+
+def test_tradeoff_lists_text_kept_against_spoken_qa_gained(tmp_path):
+    res = {"no_ft": {"t2t_acc": 0.8, "s2t_acc": 0.4},
+           "methods": {"full": {"t2t_acc": 0.7, "s2t_acc": 0.45}, "lora": {"t2t_acc": 0.78, "s2t_acc": 0.47}}}
+    sd = {"methods": {"full": {"t2t_acc": 0.02, "s2t_acc": 0.01}}}
+    assert evaluate.tradeoff(res, sd)["full"] == (0.7, 0.02, 0.45, 0.01)
+    lines = evaluate.format_tradeoff(res, sd).splitlines()
+    assert [l.split()[0] for l in lines[1:]] == ["no", "lora", "full"]  # by text kept
+    assert lines[-1].split()[-2:] == ["-10.0", "+5.0"]                    # vs no fine-tuning
+    png = evaluate.plot_tradeoff(res, str(tmp_path / "t.png"), sd)
+    assert png is None or os.path.getsize(png) > 0  # None: matplotlib (optional) is not installed

@@ -767,6 +767,9 @@ def report(run):
           + ", ".join(f"{k} {v:.1f}" for k, v in conc.items()))
     print(evaluate.format_table(run.results))
     print(evaluate.format_table1(run.results))
+    print(evaluate.format_tradeoff(run.results))
+    if run.master and evaluate.plot_tradeoff(run.results, run.path("tradeoff.png")):
+        print(f"figure: {run.path('tradeoff.png')}")
 
 
 # -----------------------------------------------------------------------------
@@ -901,7 +904,8 @@ def run_seeds(args):
     print(f"\nLayer-wise textual importance, mean over seeds {args.seeds}:\n" + imp.bar_chart(dists))
     imp.plot_distributions(dists, os.path.join(args.out, "importance.png"))
     print(f"\nmean over seeds {args.seeds}:\n" + evaluate.format_table(out["mean"], out["sd"])
-          + "\n" + evaluate.format_table1(out["mean"], out["sd"]))
+          + "\n" + evaluate.format_table1(out["mean"], out["sd"]) + "\n" + evaluate.format_tradeoff(out["mean"], out["sd"]))
+    evaluate.plot_tradeoff(out["mean"], os.path.join(args.out, "tradeoff.png"), out["sd"])
     return out
 
 
