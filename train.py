@@ -667,22 +667,24 @@ def align(run, model, d, tc, lr, steps, compress_steps, ctc, weight_decay):
     set_trainable(model, ["adaptor."] + ([] if model.cfg.encoder else ["encoder."]))  # a real Whisper stays frozen
     model.adaptor.blank.requires_grad_(ctc > 0)  # the CTC blank: trained where CTC is
     print(f"align: {count(model)}")
-    rows, compress = d.split("speech_train"), model.cfg.ctc_compress
+    rows, compress, make = d.split("speech_train"), model.cfg.ctc_compress, d.speech_batch
+    if model.cfg.encoder:  # a frozen pretrained encoder: its outputs once, not at every step (as in fine-tuning)
+        d.encoded, make = model.precompute_encoder(d.features), d.ft_batch
 
     def raw_frames():
         model.cfg.ctc_compress = False
-        losses = train(model, param_groups(model, lr, weight_decay), batches_of(rows, d.speech_batch, tc), steps,
+        losses = train(model, param_groups(model, lr, weight_decay), batches_of(rows, make, tc), steps,
                        replace(tc, name="align", ctc_weight=ctc))
         model.cfg.ctc_compress = compress
         run.results.setdefault("train_loss", {})["align"] = loss_summary(losses)
         return {"config": vars(model.cfg), "model": trainable_state(model)}
     run.stage("align_raw", raw_frames)
     if compress:  # the LLM reads the compressed soft token embeddings it will read from now on
-        losses = train(model, param_groups(model, lr / 3, weight_decay), batches_of(rows, d.speech_batch, tc),
+        losses = train(model, param_groups(model, lr / 3, weight_decay), batches_of(rows, make, tc),
                        compress_steps, replace(tc, name="align_compress", ctc_weight=ctc))
         run.results.setdefault("train_loss", {})["align_compress"] = loss_summary(losses)
     with autocast(tc.device, tc.dtype):
-        run.results["no_ft"] = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, d.speech_batch)
+        run.results["no_ft"] = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, make)
     return {"config": vars(model.cfg), "model": trainable_state(model)}  # encoder + adaptor
 
 
