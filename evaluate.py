@@ -2,7 +2,9 @@
 evaluate.py - the paper's measurements (its "Experimental setup": Table 2 metrics, Table 1 check):
   T2T accuracy: typed question -> text answer (the LLM's retained text ability),
   S2T accuracy: spoken question -> text answer (spoken QA),
-  ASR WER, corpus level, and perplexity of held-out answers (used by the Table 1 check).
+  ASR WER, corpus level, and perplexity of held-out answers (used by the Table 1 check);
+and train.py's measurement stages: the original LLM's importance (analyse_original), each fine-tuned
+method's numbers and importance shift (measure), the printed report (Tables 1, 2, Fig. 2, trade-off).
 
 Accuracy = the normalised gold answer appears as a whole word sequence in the normalised generated answer
 ("contains", as in the paper [inferred]); normalised exact match is reported beside it.
@@ -20,6 +22,8 @@ import sys
 import torch
 
 import importance as imp
+import lora
+from model import autocast
 
 
 def normalize(text):
@@ -103,6 +107,80 @@ def table1_check(model, scores, rows, make, seed=0):
     t1 = imp.table1(model, scores, lambda: perplexity(model, rows, make), frac=0.03, seed=seed)
     ratios = {f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}
     return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
+
+
+# -----------------------------------------------------------------------------
+# The measurement stages of train.py: the original LLM's importance, each method's numbers, the report
+
+def analyse_original(run, model, d, tc, kind, seed):
+    """Stage 3: the original LLM's textual importance (transcripts typed) and speech importance (audio) on the
+    calibration rows; Table 1 on the test questions, all of them and those it answers right from that input
+    (where it is wrong it is often confidently wrong, and any perturbation that flattens it lowers perplexity);
+    the noise floor: the same model on the second calibration set. -> OUT/importance_original.pt"""
+    test, rep = d.split("test"), run.report
+    val, imps = {}, {}
+    with autocast(tc.device, tc.dtype):
+        for inp, make in (("text", d.text_batch), ("speech", d.ft_batch)):
+            preds = accuracy(model, test, make, d.tok)[2]
+            right = [r for r, p in zip(test, preds) if contains(r["answer"], p)]
+            scores = importance(model, d.calib, make, kind, tc.batch_size, tc.rank, tc.world)
+            t1 = {sub: table1_check(model, scores, rows, make, seed)
+                  for sub, rows in (("all", test), ("answered", right)) if rows}
+            rep["distribution"][f"original_{inp}"] = imp.layer_distribution(scores)
+            rep["top5_share"][f"original_{inp}"] = imp.top_share_by_layer(scores, 0.05)
+            rep[f"table1_{inp}"] = {sub: t1.get(sub) for sub in ("all", "answered")}
+            val[inp] = {**t1["all"], "answered": t1.get("answered", {})}
+            imps[inp] = scores
+        text, text2 = imps["text"], None
+        if len(d.calib2) == len(d.calib):  # no noise floor if the pool is too small for two sets
+            text2 = importance(model, d.calib2, d.text_batch, kind, tc.batch_size, tc.rank, tc.world)
+            rep["noise_floor"] = imp.shift_metrics(text, text2)
+            run.results["importance_noise_js"] = rep["noise_floor"]["js"]
+            run.results["importance_noise_total_ratio"] = rep["noise_floor"]["total_ratio"]
+    rep["concentration"] = {"original_text": imp.concentration(text)}  # Fig. 1: rows / columns
+    run.results["importance_validation"] = {**val["text"], "speech": val["speech"]}
+    run.save_report()
+    return {"text": text, "text2": text2}
+
+
+def measure(run, name, model, w0, d, tc, original, kind):
+    """Stage 5, one method: T2T / S2T / WER, and the textual importance of the weights the model uses (W + BA)
+    against the original's, on both calibration sets; ΔW's row/column structure (Fig. 4)."""
+    with autocast(tc.device, tc.dtype):
+        m = evaluate_all(model, d.rows, d.tok, d.text_batch, d.ft_batch)
+    lora.merge_lora(model)  # in fp32, outside autocast
+    with autocast(tc.device, tc.dtype):
+        text = importance(model, d.calib, d.text_batch, kind, tc.batch_size, tc.rank, tc.world)
+        text2 = None if original["text2"] is None else \
+            importance(model, d.calib2, d.text_batch, kind, tc.batch_size, tc.rank, tc.world)
+    shift = imp.shift_metrics(original["text"], text)
+    m.update(importance_js=shift["js"], importance_spearman=shift["spearman"], importance_shift=shift)
+    if text2 is not None:  # the same shift on the second set: does the order of methods hold?
+        m["importance_shift_2"] = imp.shift_metrics(original["text2"], text2)
+    run.report["distribution"][name] = imp.layer_distribution(text)
+    run.report["top5_share"][name] = imp.top_share_by_layer(text, 0.05)
+    dw = {k: v.detach().cpu() - w0[k] for k, v in imp.importance_params(model).items()}  # ΔW (LoRA: BA)
+    if any(x.any() for x in dw.values()):  # Fig. 4: does ΔW gather on a few rows/columns too?
+        run.report.setdefault("concentration", {})[f"{name}_delta_w"] = imp.concentration(dw)
+        m["delta_w_concentration"] = run.report["concentration"][f"{name}_delta_w"]["all"]["ratio"]
+    return m
+
+
+def report(run):
+    """Fig. 2 analogue (terminal bars + OUT/importance.png), Fig. 1/4 concentration, Tables 1 and 2."""
+    dists = {k: v for k, v in run.report["distribution"].items() if k != "original_speech"}
+    print("\nLayer-wise textual importance (Fig. 2 analogue):\n" + imp.bar_chart(dists))
+    png = imp.plot_distributions(dists, run.path("importance.png")) if run.master else None
+    if png:
+        print(f"figure: {png}")
+    conc = {k: v["all"]["ratio"] for k, v in run.report.get("concentration", {}).items()}
+    print("top-5% entries on the fullest 5% of rows/cols, x an even spread (Fig. 1/4; 1 = no structure): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in conc.items()))
+    print(format_table(run.results))
+    print(format_table1(run.results))
+    print(format_tradeoff(run.results))
+    if run.master and plot_tradeoff(run.results, run.path("tradeoff.png")):
+        print(f"figure: {run.path('tradeoff.png')}")
 
 
 def mean_sd(runs):

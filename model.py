@@ -17,6 +17,7 @@ import json
 import os
 import re
 import struct
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -409,6 +410,13 @@ class SpeechLLM(nn.Module):
                            cache=out.cache, use_cache=True)  # `cache` was `past_key_values` before transformers 5.2x
         tokens = torch.stack(tokens, 1).tolist()
         return [t[: t.index(eos_id)] if eos_id in t else t for t in tokens]
+
+
+def autocast(device, dtype):
+    """Mixed precision: forward passes in bf16/fp16 where safe, weights and optimizer state in fp32."""
+    if dtype == "fp32":
+        return nullcontext()
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
 def save_checkpoint(path, ckpt):

@@ -35,7 +35,7 @@ import data
 import evaluate
 import importance as imp
 import lora
-from model import ModelConfig, SpeechLLM, encoder_n_mels, load_checkpoint, save_checkpoint
+from model import ModelConfig, SpeechLLM, autocast, encoder_n_mels, load_checkpoint, save_checkpoint
 
 
 # -----------------------------------------------------------------------------
@@ -272,13 +272,6 @@ def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
         return [make_batch(glob[i * (B - k):(i + 1) * (B - k)] + text[i * k:(i + 1) * k])
                 for i in (m * W + cfg.rank for m in range(A))]
     return batches
-
-
-def autocast(device, dtype):
-    """Mixed precision: forward passes in bf16/fp16 where safe, weights and optimizer state in fp32."""
-    if dtype == "fp32":
-        return nullcontext()
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
 
 
 def train(model, param_groups, batches, steps, cfg, teacher=None):
@@ -688,37 +681,6 @@ def align(run, model, d, tc, lr, steps, compress_steps, ctc, weight_decay):
     return {"config": vars(model.cfg), "model": trainable_state(model)}  # encoder + adaptor
 
 
-def analyse_original(run, model, d, tc, kind, seed):
-    """Stage 3: the original LLM's textual importance (transcripts typed) and speech importance (audio) on the
-    calibration rows; Table 1 on the test questions, all of them and those it answers right from that input
-    (where it is wrong it is often confidently wrong, and any perturbation that flattens it lowers perplexity);
-    the noise floor: the same model on the second calibration set. -> OUT/importance_original.pt"""
-    test, rep = d.split("test"), run.report
-    val, imps = {}, {}
-    with autocast(tc.device, tc.dtype):
-        for inp, make in (("text", d.text_batch), ("speech", d.ft_batch)):
-            preds = evaluate.accuracy(model, test, make, d.tok)[2]
-            right = [r for r, p in zip(test, preds) if evaluate.contains(r["answer"], p)]
-            scores = evaluate.importance(model, d.calib, make, kind, tc.batch_size, tc.rank, tc.world)
-            t1 = {sub: evaluate.table1_check(model, scores, rows, make, seed)
-                  for sub, rows in (("all", test), ("answered", right)) if rows}
-            rep["distribution"][f"original_{inp}"] = imp.layer_distribution(scores)
-            rep["top5_share"][f"original_{inp}"] = imp.top_share_by_layer(scores, 0.05)
-            rep[f"table1_{inp}"] = {sub: t1.get(sub) for sub in ("all", "answered")}
-            val[inp] = {**t1["all"], "answered": t1.get("answered", {})}
-            imps[inp] = scores
-        text, text2 = imps["text"], None
-        if len(d.calib2) == len(d.calib):  # no noise floor if the pool is too small for two sets
-            text2 = evaluate.importance(model, d.calib2, d.text_batch, kind, tc.batch_size, tc.rank, tc.world)
-            rep["noise_floor"] = imp.shift_metrics(text, text2)
-            run.results["importance_noise_js"] = rep["noise_floor"]["js"]
-            run.results["importance_noise_total_ratio"] = rep["noise_floor"]["total_ratio"]
-    rep["concentration"] = {"original_text": imp.concentration(text)}  # Fig. 1: rows / columns
-    run.results["importance_validation"] = {**val["text"], "speech": val["speech"]}
-    run.save_report()
-    return {"text": text, "text2": text2}
-
-
 def finetune(model, groups, d, tc, steps, ctc, teacher=None, replay_frac=0.0):
     """Stage 4, one method: speech fine-tuning from the align checkpoint (with CTC compression on, its CTC loss
     stays on, the same for every method). teacher: distil from it on the same rows typed; replay_frac: that share
@@ -732,46 +694,6 @@ def finetune(model, groups, d, tc, steps, ctc, teacher=None, replay_frac=0.0):
                    replace(tc, ctc_weight=ctc), teacher)
     return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses,
             "ms_per_step": 1000 * (time.time() - t) / steps, "trainable": lora.count_parameters(model)[0]}
-
-
-def measure(run, name, model, w0, d, tc, original, kind):
-    """Stage 5, one method: T2T / S2T / WER, and the textual importance of the weights the model uses (W + BA)
-    against the original's, on both calibration sets; ΔW's row/column structure (Fig. 4)."""
-    with autocast(tc.device, tc.dtype):
-        m = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, d.ft_batch)
-    lora.merge_lora(model)  # in fp32, outside autocast
-    with autocast(tc.device, tc.dtype):
-        text = evaluate.importance(model, d.calib, d.text_batch, kind, tc.batch_size, tc.rank, tc.world)
-        text2 = None if original["text2"] is None else \
-            evaluate.importance(model, d.calib2, d.text_batch, kind, tc.batch_size, tc.rank, tc.world)
-    shift = imp.shift_metrics(original["text"], text)
-    m.update(importance_js=shift["js"], importance_spearman=shift["spearman"], importance_shift=shift)
-    if text2 is not None:  # the same shift on the second set: does the order of methods hold?
-        m["importance_shift_2"] = imp.shift_metrics(original["text2"], text2)
-    run.report["distribution"][name] = imp.layer_distribution(text)
-    run.report["top5_share"][name] = imp.top_share_by_layer(text, 0.05)
-    dw = {k: v.detach().cpu() - w0[k] for k, v in imp.importance_params(model).items()}  # ΔW (LoRA: BA)
-    if any(x.any() for x in dw.values()):  # Fig. 4: does ΔW gather on a few rows/columns too?
-        run.report.setdefault("concentration", {})[f"{name}_delta_w"] = imp.concentration(dw)
-        m["delta_w_concentration"] = run.report["concentration"][f"{name}_delta_w"]["all"]["ratio"]
-    return m
-
-
-def report(run):
-    """Fig. 2 analogue (terminal bars + OUT/importance.png), Fig. 1/4 concentration, Tables 1 and 2."""
-    dists = {k: v for k, v in run.report["distribution"].items() if k != "original_speech"}
-    print("\nLayer-wise textual importance (Fig. 2 analogue):\n" + imp.bar_chart(dists))
-    png = imp.plot_distributions(dists, run.path("importance.png")) if run.master else None
-    if png:
-        print(f"figure: {png}")
-    conc = {k: v["all"]["ratio"] for k, v in run.report.get("concentration", {}).items()}
-    print("top-5% entries on the fullest 5% of rows/cols, x an even spread (Fig. 1/4; 1 = no structure): "
-          + ", ".join(f"{k} {v:.1f}" for k, v in conc.items()))
-    print(evaluate.format_table(run.results))
-    print(evaluate.format_table1(run.results))
-    print(evaluate.format_tradeoff(run.results))
-    if run.master and evaluate.plot_tradeoff(run.results, run.path("tradeoff.png")):
-        print(f"figure: {run.path('tradeoff.png')}")
 
 
 # -----------------------------------------------------------------------------
@@ -800,7 +722,7 @@ def run_pipeline(args):
     print(f"no fine-tuning: {fmt(run.results['no_ft'])}")
     model = new_model()
     d.encoded = model.precompute_encoder(d.features)  # the encoder is frozen from here on: its outputs, once
-    original = run.stage("importance_original", lambda: analyse_original(run, model, d, tc, args.importance_kind,
+    original = run.stage("importance_original", lambda: evaluate.analyse_original(run, model, d, tc, args.importance_kind,
                                                                          args.seed))
     scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3), from the ORIGINAL LLM
     for name in [m for m in args.methods if m not in run.results["methods"]]:
@@ -815,13 +737,13 @@ def run_pipeline(args):
         ctc = args.ft_ctc if cfg.ctc_compress else 0.0
         ck = run.stage(f"ft_{name}", lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}", kl_temp=args.kl_temp),
                                                       args.steps, ctc, teacher, args.replay_frac * row.replay), model)
-        m = measure(run, name, model, w0, d, tc, original, args.importance_kind)
+        m = evaluate.measure(run, name, model, w0, d, tc, original, args.importance_kind)
         cost = {k: ck[k] for k in ("ms_per_step", "trainable") if k in ck}  # what each method costs
         run.results["methods"][name] = {**m, **cost, "train_loss": loss_summary(ck["losses"])}
         print(f"{name}: {fmt(m)}")
         run.save_report()
         run.save()
-    report(run)
+    evaluate.report(run)
     return run.results
 
 
