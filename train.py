@@ -195,7 +195,7 @@ def check_flags(p, args):
             p.error(f"--{k.replace('_', '-')}: must be in [0, 1), got {getattr(args, k)}")
     if not args.kl_temp > 0:
         p.error(f"--kl-temp: must be > 0, got {args.kl_temp}")
-    if args.weight_decay > 0 and any(method_row(m).freeze for m in args.method.split(",") if m in METHODS):
+    if args.weight_decay > 0 and any(method_row(m).freeze for m in args.methods):
         p.error("--weight-decay: must be 0 with freeze_top / freeze_random (decay would move frozen weights)")
     try:
         args.methods = [m for m in args.method.split(",") if m] + [f"lora_r{r}" for r in args.lora_ranks.split(",") if r]
@@ -588,10 +588,11 @@ def check_inputs(args):
     manifest = args.manifest or os.path.join(data_dir, "manifest.jsonl")
     if args.reanalyse and not os.path.exists(manifest):
         raise SystemExit(f"--reanalyse: the run's data ({manifest}) is gone; re-analysis needs exactly its data")
+    rows = None  # your manifest, read and checked once here (the synthetic world is built later)
     if args.manifest:
-        need = ("speech_train", "test") + (() if args.llm else ("pretrain",))
-        data.check_splits(data.read_manifest(args.manifest), need, args.manifest)
-    return data_dir, manifest
+        rows = data.read_manifest(args.manifest)
+        data.check_splits(rows, ("speech_train", "test") + (() if args.llm else ("pretrain",)), args.manifest)
+    return data_dir, manifest, rows
 
 
 def calibration_sets(pool, frac, at_least, draw, seed):
@@ -607,17 +608,18 @@ def calibration_sets(pool, frac, at_least, draw, seed):
     return [pool[i] for i in order[first:first + n]], [pool[i] for i in order[first + n:first + 2 * n]]
 
 
-def load_data(args, data_dir, manifest, master, world):
-    """Data stage: build (or read) the manifest, the tokenizer, every utterance's log-mel, the calibration sets."""
+def load_data(args, data_dir, manifest, master, world, rows=None):
+    """Data stage: build (or read) the manifest, the tokenizer, every utterance's log-mel, the calibration sets.
+    rows: the --manifest's rows, already read by check_inputs."""
     if master and not args.manifest:
         data.build(data_dir, args.data_seed, args.tts, args.n_entities)
     tok_file = os.path.join(data_dir, "tokenizer.model")
     if master and args.manifest and not args.llm and not os.path.exists(tok_file):
         os.makedirs(data_dir, exist_ok=True)  # your own text, your own tokenizer for the tiny LLM
-        pre = [r for r in data.read_manifest(manifest) if r["split"] == "pretrain"]
+        pre = [r for r in rows if r["split"] == "pretrain"]
         data.train_tokenizer([r[k] for r in pre for k in ("question", "answer") if r[k]], tok_file[:-len(".model")])
     barrier(world)
-    rows = data.read_manifest(manifest)
+    rows = rows if rows is not None else data.read_manifest(manifest)
     tok = data.HFTokenizer(args.llm) if args.llm else data.Tokenizer(tok_file)
     # a real Whisper: its mel bins (80, or 128 for large-v3)
     n_mels = encoder_n_mels(args.encoder) if args.encoder else ModelConfig.n_mels
@@ -752,7 +754,7 @@ def start(args):
     rank, world = setup_ddp(args)
     if args.reanalyse:
         load_record(args)
-    data_dir, manifest = check_inputs(args)  # nothing is written before these checks pass
+    data_dir, manifest, rows = check_inputs(args)  # nothing is written before these checks pass
     theirs = check_init_from(args) if args.init_from else None
     if rank == 0:
         check_out_dir(args)
@@ -761,7 +763,7 @@ def start(args):
     if args.init_from:  # another run's pretrained LLM and aligned speech side: only fine-tuning left to do
         init_from(run, args.init_from, theirs, rank == 0)
     t = time.time()
-    d = load_data(args, data_dir, manifest, rank == 0, world)
+    d = load_data(args, data_dir, manifest, rank == 0, world, rows)
     start_analysis(run, args)
     run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
     print(f"data: {len(d.rows)} rows, {len(d.features)} utterances, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
