@@ -5,9 +5,11 @@ it, the speech is synthesised here. For real models, a real-knowledge question s
 
 The world makes the paper's question measurable (its T2T / S2T evaluation, on facts the LLM knows):
   - the LLM learns ALL facts from text (`pretrain` split),
-  - the speech training set asks spoken questions about HALF the entities (`speech_train`, + ASR),
+  - the speech training set asks spoken questions about HALF the entities (`speech_train`; its ASR rows
+    are for `align` only), in phrasings the text never used,
   - the S2T test asks spoken questions about the OTHER half, whose facts were only ever seen as text,
-    in phrasings never seen in training (`test`); T2T asks the same questions typed.
+    in phrasings never seen in training (`test`); T2T asks the same questions typed; `val` does the same
+    for other entities, and is what settings are chosen on.
 So S2T needs the LLM's text knowledge, and T2T on the same items measures how much of it is left.
 
     python data.py build runs/default/data      # world + tokenizer + audio + manifest.jsonl (~20 s)
@@ -50,21 +52,25 @@ FACTS = {  # how a fact is stated in the text corpus
     "food": ["{e} likes to eat {v}", "the food of {e} is {v}"],
     "number": ["the number of {e} is {v}", "{e} has the number {v}"],
 }
-QUESTIONS = {  # first 3 phrasings: training; last 2: held out, used only by the test sets
+QUESTIONS = {  # 6 phrasings each, used by disjoint sets of rows (PHRASINGS below)
     "colour": ["what colour is {e}", "which colour does {e} have", "tell me the colour of {e}",
-               "what is the colour of {e}", "which colour is {e}"],
+               "what is the colour of {e}", "which colour is {e}", "say the colour of {e}"],
     "city": ["where does {e} live", "which city is {e} from", "tell me the city of {e}",
-             "what is the city of {e}", "where is {e} from"],
+             "what is the city of {e}", "where is {e} from", "say the city of {e}"],
     "food": ["what does {e} eat", "which food does {e} like", "tell me the food of {e}",
-             "what is the food of {e}", "what food does {e} like"],
+             "what is the food of {e}", "what food does {e} like", "say the food of {e}"],
     "number": ["what number does {e} have", "which number is {e}", "tell me the number of {e}",
-               "what is the number of {e}", "which number does {e} have"],
+               "what is the number of {e}", "which number does {e} have", "say the number of {e}"],
 }
-N_TRAIN_PHRASINGS = 3
-ASR_PER_ENTITY = 40  # ASR training utterances per entity in the world (random 1-4 word strings)
+# Which phrasings each split asks in. Pretraining types 0-1; the spoken fine-tuning questions use 2 and 5,
+# never typed in pretraining, so the calibration rows (a sample of them) are not text the LLM memorised
+# verbatim, as the paper's speech data is not its LLM's text; val and test ask in 3-4, never trained on.
+PHRASINGS = {"pretrain": (0, 1), "speech_train": (2, 5), "val": (3, 4), "test": (3, 4)}
+ASR_PER_ENTITY = 40  # ASR utterances per entity for `align` (random 1-4 word strings); fine-tuning is QA only
 ASR_INSTRUCTION = "repeat after me: "  # the ASR task's user turn is this + the utterance
-WORLD_VERSION = 1  # bump when make_world / make_splits / the synthesiser change: cached worlds are keyed by it
+WORLD_VERSION = 2  # bump when make_world / make_splits / the synthesiser change: cached worlds are keyed by it
 N_ENTITIES = 128  # the default world: more facts than the tiny LLM learns perfectly (README: why 128)
+VAL_FRACTION = 0.25  # of the text-only entities: questions for choosing settings (world size, steps, LRs)
 
 
 def make_world(n_entities=N_ENTITIES, seed=0):
@@ -79,23 +85,25 @@ def make_world(n_entities=N_ENTITIES, seed=0):
 
 
 def make_splits(world, seed=0):
-    """Rows of the manifest (without audio yet). Entities [0, n/2) are 'speech' entities, the rest 'text-only'."""
+    """Rows of the manifest (without audio yet). The first half of the entities are 'speech' entities (spoken
+    questions in fine-tuning); of the other, text-only half, VAL_FRACTION go to `val`, the rest to `test`."""
     rng = random.Random(seed + 1)
     n_asr_train, n_asr_test, n_copy = ASR_PER_ENTITY * len(world), 2 * len(world), 16 * len(world)
     half = len(world) // 2
+    n_val = round(VAL_FRACTION * (len(world) - half))
     rows = []
-    def qa(e, attr, phr, split, i):
-        q = QUESTIONS[attr][phr].format(e=e["name"])
-        rows.append(dict(id=f"{split}-{e['name']}-{attr}-{phr}-{i}", transcript=q, question=q,
-                         answer=e[attr], task="qa", split=split))
-    for e in world:  # pretrain: every fact, as statements and as typed QA in the training phrasings
+    def qa(e, split):
+        for attr in ATTRIBUTES:
+            for p in PHRASINGS[split]:
+                q = QUESTIONS[attr][p].format(e=e["name"])
+                rows.append(dict(id=f"{split}-{e['name']}-{attr}-{p}", transcript=q, question=q, answer=e[attr],
+                                 task="qa", split=split))
+    for e in world:  # pretrain: every fact, as statements and as typed QA in the pretraining phrasings
         for attr in ATTRIBUTES:
             for j, f in enumerate(FACTS[attr]):
-                s = f.format(e=e["name"], v=e[attr])
-                rows.append(dict(id=f"fact-{e['name']}-{attr}-{j}", transcript="", question="", answer=s,
-                                 task="lm", split="pretrain"))
-            for p in range(N_TRAIN_PHRASINGS):
-                qa(e, attr, p, "pretrain", 0)
+                rows.append(dict(id=f"fact-{e['name']}-{attr}-{j}", transcript="", question="",
+                                 answer=f.format(e=e["name"], v=e[attr]), task="lm", split="pretrain"))
+        qa(e, "pretrain")
     vocab = [e["name"] for e in world] + [v for vs in ATTRIBUTES.values() for v in vs]
     def words(n):  # ASR utterances: random word strings, so every name is heard but no fact is spoken
         return " ".join(rng.choice(vocab) for _ in range(n))
@@ -104,21 +112,26 @@ def make_splits(world, seed=0):
         rows.append(dict(id=f"pretrain-copy-{i}", transcript=w, question=ASR_INSTRUCTION + w, answer=w,
                          task="copy", split="pretrain"))
     for e in world[:half]:  # speech_train: spoken questions about the speech entities only
-        for attr in ATTRIBUTES:
-            for p in range(N_TRAIN_PHRASINGS):
-                qa(e, attr, p, "speech_train", 0)
+        qa(e, "speech_train")
     for i in range(n_asr_train):
         w = words(rng.randint(1, 4))
         rows.append(dict(id=f"asr-train-{i}", transcript=w, question="", answer=w, task="asr", split="speech_train"))
-    for e in world[half:]:  # test: text-only entities, held-out phrasings; T2T and S2T ask the same items
-        for attr in ATTRIBUTES:
-            for p in range(N_TRAIN_PHRASINGS, len(QUESTIONS[attr])):
-                qa(e, attr, p, "test", 0)
+    for e in world[half:half + n_val]:  # val and test: text-only entities, phrasings never trained on
+        qa(e, "val")
+    for e in world[half + n_val:]:
+        qa(e, "test")
     rng = random.Random(seed + 3)  # the ASR test set does not depend on how much ASR training data there is
     for i in range(n_asr_test):
         w = words(rng.randint(2, 4))
         rows.append(dict(id=f"asr-test-{i}", transcript=w, question="", answer=w, task="asr", split="asr_test"))
     return rows
+
+
+def finetune_rows(rows):
+    """The speech fine-tuning data: the spoken-QA training rows (the paper fine-tunes on spoken questions);
+    a manifest without any uses all of its speech_train rows. The calibration sets are drawn from these."""
+    train = [r for r in rows if r["split"] == "speech_train"]
+    return [r for r in train if r["task"] == "qa"] or train
 
 # -----------------------------------------------------------------------------
 # Real knowledge, for real models (an instruction-tuned LLM that already knows it, a pretrained Whisper): short

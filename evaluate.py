@@ -7,7 +7,8 @@ and train.py's measurement stages: the original LLM's importance (analyse_origin
 method's numbers and importance shift (measure), the printed report (Tables 1, 2, Fig. 2, trade-off).
 
 Accuracy = the normalised gold answer appears as a whole word sequence in the normalised generated answer
-("contains", as in the paper [inferred]); normalised exact match is reported beside it.
+("contains", as in the paper [inferred]) and no other question's gold answer does (`right`); normalised
+exact match is reported beside it.
 Normaliser: lower-case, every character that is not a letter, digit or space becomes a space, runs of
 spaces collapse. WER = (substitutions + deletions + insertions) / reference words, summed over the corpus.
 
@@ -49,6 +50,16 @@ def contains(gold, pred):
     return f" {normalize(gold)} " in f" {normalize(pred)} "
 
 
+def right(rows, preds):
+    """Per row: the gold answer is contained in the prediction ("contains", the paper's measure [inferred]) and
+    no other row's gold answer is, so listing candidates ("red blue green ...") never counts as an answer."""
+    golds = {normalize(r["answer"]) for r in rows}
+    def ok(gold, pred):
+        others = [o for o in golds if o != normalize(gold) and not contains(o, gold)]
+        return contains(gold, pred) and not any(contains(o, pred) for o in others)
+    return [ok(r["answer"], p) for r, p in zip(rows, preds)]
+
+
 @torch.no_grad()
 def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):
     """make: rows -> batch (data.make_batch with the input modality bound: typed or spoken)."""
@@ -62,7 +73,7 @@ def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):
 def accuracy(model, rows, make, tok):
     """-> (contains-accuracy, exact-match accuracy, predictions)."""
     preds = generate(model, rows, make, tok)
-    acc = sum(contains(r["answer"], p) for r, p in zip(rows, preds)) / len(rows)
+    acc = sum(right(rows, preds)) / len(rows)
     em = sum(normalize(r["answer"]) == normalize(p) for r, p in zip(rows, preds)) / len(rows)
     return acc, em, preds
 
@@ -122,10 +133,10 @@ def analyse_original(run, model, d, tc, kind, seed):
     with autocast(tc.device, tc.dtype):
         for inp, make in (("text", d.text_batch), ("speech", d.ft_batch)):
             preds = accuracy(model, test, make, d.tok)[2]
-            right = [r for r, p in zip(test, preds) if contains(r["answer"], p)]
+            answered = [r for r, ok in zip(test, right(test, preds)) if ok]
             scores = importance(model, d.calib, make, kind, tc.batch_size, tc.rank, tc.world)
             t1 = {sub: table1_check(model, scores, rows, make, seed)
-                  for sub, rows in (("all", test), ("answered", right)) if rows}
+                  for sub, rows in (("all", test), ("answered", answered)) if rows}
             rep["distribution"][f"original_{inp}"] = imp.layer_distribution(scores)
             rep["top5_share"][f"original_{inp}"] = imp.top_share_by_layer(scores, 0.05)
             rep[f"table1_{inp}"] = {sub: t1.get(sub) for sub in ("all", "answered")}

@@ -271,8 +271,10 @@ class SpeechLLM(nn.Module):
         positions, as it reads text, instead of ~3 frames per token. (B, S, d) -> (B, S', d), S' = runs kept."""
         if not self.cfg.ctc_compress:
             return speech, lens
-        E = self.llm.get_input_embeddings().weight.to(speech.dtype)
-        logits = self.ctc_logits(speech, blank_id)                                 # (B, S, V): the CTC head
+        # E detached: the speech path never trains the LLM's embedding table, which LoRA and a frozen LLM could
+        # not use either; only the LLM's own text path (its input embeddings and tied head) moves E
+        E = self.llm.get_input_embeddings().weight.detach().to(speech.dtype)
+        logits = self.ctc_logits(speech, blank_id)              # (B, S, V): the CTC head
         ids = logits.argmax(-1)                                                    # (B, S) nearest token
         speech = logits.softmax(-1) @ E                                            # (B, S, d) soft token embedding
         out = []
@@ -367,12 +369,12 @@ class SpeechLLM(nn.Module):
 
     forward = loss  # so that a DistributedDataParallel wrapper, which syncs gradients through forward(), can call it
 
-    def ctc_logits(self, speech, blank_id, detach_table=False):
+    def ctc_logits(self, speech, blank_id):
         """The CTC head: each speech embedding scored against the LLM's input-embedding table E, (B, S, d) ->
         (B, S, V); the blank's column (the pad token's) is scored against the adaptor's learned blank vector.
-        detach_table: no gradient into E (the CTC loss moves the speech side only, never the LLM)."""
-        E = self.llm.get_input_embeddings().weight
-        logits = speech @ (E.detach() if detach_table else E).T.to(speech.dtype)
+        E is detached: CTC and compression move the speech side only, never the LLM."""
+        E = self.llm.get_input_embeddings().weight.detach()
+        logits = speech @ E.T.to(speech.dtype)
         logits[..., blank_id] = speech @ self.adaptor.blank.to(speech.dtype)
         return logits
 
@@ -382,7 +384,7 @@ class SpeechLLM(nn.Module):
         table (x @ E^T), with a learned blank (ctc_logits). It pulls each spoken word towards an
         embedding the frozen LLM can read; the answer loss alone learns this far more slowly."""
         speech, lens = speech                                                      # (B, S, d), (B,)
-        logp = self.ctc_logits(speech, batch["blank_id"], detach_table=True).float().log_softmax(-1)  # (B, S, V)
+        logp = self.ctc_logits(speech, batch["blank_id"]).float().log_softmax(-1)  # (B, S, V)
         targets = batch["transcripts"]
         flat = torch.tensor([t for ts in targets for t in ts], device=speech.device)
         return F.ctc_loss(logp.transpose(0, 1), flat, lens, torch.tensor([len(t) for t in targets]),

@@ -624,10 +624,9 @@ def load_data(args, data_dir, manifest, master, world, rows=None):
     # a real Whisper: its mel bins (80, or 128 for large-v3)
     n_mels = encoder_n_mels(args.encoder) if args.encoder else ModelConfig.n_mels
     features = data.load_features(rows, n_mels)
-    # calibration rows: the spoken-QA training rows (the paper's training set is all spoken QA)
-    pool = [r for r in rows if r["split"] == "speech_train" and r["task"] == "qa"]
-    pool = pool or [r for r in rows if r["split"] == "speech_train"]
-    calib, calib2 = calibration_sets(pool, args.calib_frac, args.calib_min, args.calib_draw, args.data_seed)
+    # calibration rows: a sample of the fine-tuning data, as the paper's 1/30 of its training set
+    calib, calib2 = calibration_sets(data.finetune_rows(rows), args.calib_frac, args.calib_min, args.calib_draw,
+                                     args.data_seed)
     return Data(rows, tok, features, calib, calib2, n_mels)
 
 
@@ -692,7 +691,7 @@ def finetune(model, groups, d, tc, steps, ctc, teacher=None, replay_frac=0.0):
     if replay_frac and not replay:
         raise SystemExit("replay: the data has no typed QA rows (split pretrain) to replay")
     t = time.time()
-    losses = train(model, groups, batches_of(d.split("speech_train"), make, tc, replay, replay_frac), steps,
+    losses = train(model, groups, batches_of(data.finetune_rows(d.rows), make, tc, replay, replay_frac), steps,
                    replace(tc, ctc_weight=ctc), teacher)
     return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses,
             "ms_per_step": 1000 * (time.time() - t) / steps, "trainable": lora.count_parameters(model)[0]}
