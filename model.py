@@ -337,14 +337,18 @@ class SpeechLLM(nn.Module):
         labels = torch.stack([pad(l, -100) for l in labs])
         return x, mask, labels
 
-    def loss(self, batch, reduction="mean", ctc_weight=0.0, n_tokens=None, teacher_logits=None, kl_temp=1.0):
+    def loss(self, batch, reduction="mean", ctc_weight=0.0, n_tokens=None, teacher_logits=None, kl_temp=1.0,
+             ctc_only=False):
         """Next-token cross-entropy on the answer tokens + EOS (labels are -100 elsewhere); with ctc_weight > 0,
         plus the auxiliary CTC alignment loss (align, and fine-tuning while CTC compression is on). n_tokens:
         divide the summed cross-entropy by this count instead of this batch's own (train.py passes the whole
         step's, so that gradient accumulation and DDP give exactly the gradient of one big batch of
         variable-length answers). teacher_logits (N, V), the answer positions' logits of a teacher (answer_logits):
-        the loss is then distillation, T²·KL(teacher_T || student_T) per answer token, instead of cross-entropy."""
+        the loss is then distillation, T²·KL(teacher_T || student_T) per answer token, instead of cross-entropy.
+        ctc_only: ctc_weight x the CTC loss alone, without running the LLM (half the cost of an align step)."""
         speech = self.encode_speech(batch) if batch.get("speech") is not None else None
+        if ctc_only:  # align's first phase: only the CTC head is trained; the LLM is not run at all
+            return ctc_weight * self.ctc_loss(speech, batch)
         x, mask, labels = self.embed(batch, with_answer=True, left_pad=False,
                                      speech=self.compress(*speech, batch["blank_id"]) if speech else None)
         logits = self.llm(inputs_embeds=x, attention_mask=mask).logits           # (B, L, vocab)

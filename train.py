@@ -231,6 +231,7 @@ class TrainConfig:
     clip: float = 1.0          # gradient-norm clipping
     ctc_weight: float = 0.0    # weight of the auxiliary CTC loss (model.py: ctc_loss)
     kl_temp: float = 1.0       # distillation temperature, when train() is given a teacher
+    ctc_only: bool = False     # the CTC loss alone, the LLM not run (align's first phase with CTC compression)
     log_every: int = 100
     seed: int = 0              # the order of the batches
     device: str = "cpu"
@@ -315,7 +316,8 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
                 with autocast(cfg.device, cfg.dtype):
                     kl = {} if teacher is None else \
                         {"teacher_logits": teacher.answer_logits(batch["typed"]), "kl_temp": cfg.kl_temp}
-                    loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=cfg.ctc_weight / A, **kl)  # CTC: mean per micro-batch
+                    loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=cfg.ctc_weight / A,  # CTC: mean per micro-batch
+                               ctc_only=cfg.ctc_only, **kl)
                 scaler.scale(loss).backward()
             total += loss.detach()
         if W > 1:
@@ -656,8 +658,9 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay):
 
 def align(run, model, d, tc, lr, steps, compress_steps, ctc, weight_decay):
     """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC; ours). Phase 1 on the raw
-    10 Hz frames (CTC compression with a still-random CTC head merged frames at random: loss 8.5 after 1000
-    steps), saved as OUT/align_raw.pt; phase 2 with compression on. -> OUT/align.pt, the "no fine-tuning" model."""
+    10 Hz frames, saved as OUT/align_raw.pt; phase 2 with compression on (a still-random CTC head would merge
+    frames at random: loss 8.5 after 1000 steps). With compression, the LLM reads only softmax(x E^T) E, so phase 1
+    has only the CTC head to teach: CTC alone, the LLM not run. -> OUT/align.pt, the "no fine-tuning" model."""
     set_trainable(model, ["adaptor."] + ([] if model.cfg.encoder else ["encoder."]))  # a real Whisper stays frozen
     model.adaptor.blank.requires_grad_(ctc > 0)  # the CTC blank: trained where CTC is
     print(f"align: {count(model)}")
@@ -668,7 +671,7 @@ def align(run, model, d, tc, lr, steps, compress_steps, ctc, weight_decay):
     def raw_frames():
         model.cfg.ctc_compress = False
         losses = train(model, param_groups(model, lr, weight_decay), batches_of(rows, make, tc), steps,
-                       replace(tc, name="align", ctc_weight=ctc))
+                       replace(tc, name="align", ctc_weight=ctc, ctc_only=compress))
         model.cfg.ctc_compress = compress
         run.results.setdefault("train_loss", {})["align"] = loss_summary(losses)
         return {"config": vars(model.cfg), "model": trainable_state(model)}
