@@ -52,23 +52,27 @@ FACTS = {  # how a fact is stated in the text corpus
     "food": ["{e} likes to eat {v}", "the food of {e} is {v}"],
     "number": ["the number of {e} is {v}", "{e} has the number {v}"],
 }
-QUESTIONS = {  # 6 phrasings each, used by disjoint sets of rows (PHRASINGS below)
+QUESTIONS = {  # 8 phrasings each, used by disjoint sets of rows (PHRASINGS below)
     "colour": ["what colour is {e}", "which colour does {e} have", "tell me the colour of {e}",
-               "what is the colour of {e}", "which colour is {e}", "say the colour of {e}"],
+               "what is the colour of {e}", "which colour is {e}", "say the colour of {e}",
+               "name the colour of {e}", "what colour does {e} have"],
     "city": ["where does {e} live", "which city is {e} from", "tell me the city of {e}",
-             "what is the city of {e}", "where is {e} from", "say the city of {e}"],
+             "what is the city of {e}", "where is {e} from", "say the city of {e}",
+             "name the city of {e}", "what city does {e} live in"],
     "food": ["what does {e} eat", "which food does {e} like", "tell me the food of {e}",
-             "what is the food of {e}", "what food does {e} like", "say the food of {e}"],
+             "what is the food of {e}", "what food does {e} like", "say the food of {e}",
+             "name the food of {e}", "what does {e} like to eat"],
     "number": ["what number does {e} have", "which number is {e}", "tell me the number of {e}",
-               "what is the number of {e}", "which number does {e} have", "say the number of {e}"],
+               "what is the number of {e}", "which number does {e} have", "say the number of {e}",
+               "name the number of {e}", "what number is {e}"],
 }
-# Which phrasings each split asks in. Pretraining types 0-1; the spoken fine-tuning questions use 2 and 5,
+# Which phrasings each split asks in. Pretraining types 0, 1, 6, 7; the spoken fine-tuning questions use 2 and 5,
 # never typed in pretraining, so the calibration rows (a sample of them) are not text the LLM memorised
 # verbatim, as the paper's speech data is not its LLM's text; val and test ask in 3-4, never trained on.
-PHRASINGS = {"pretrain": (0, 1), "speech_train": (2, 5), "val": (3, 4), "test": (3, 4)}
+PHRASINGS = {"pretrain": (0, 1, 6, 7), "speech_train": (2, 5), "val": (3, 4), "test": (3, 4)}
 ASR_PER_ENTITY = 40  # ASR utterances per entity for `align` (random 1-4 word strings); fine-tuning is QA only
 ASR_INSTRUCTION = "repeat after me: "  # the ASR task's user turn is this + the utterance
-WORLD_VERSION = 2  # bump when make_world / make_splits / the synthesiser change: cached worlds are keyed by it
+WORLD_VERSION = 3  # bump when make_world / make_splits / the synthesiser change: cached worlds are keyed by it
 N_ENTITIES = 128  # the default world: more facts than the tiny LLM learns perfectly (README: why 128)
 VAL_FRACTION = 0.25  # of the text-only entities: questions for choosing settings (world size, steps, LRs)
 

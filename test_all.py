@@ -167,6 +167,17 @@ def test_ctc_loss_trains_the_speech_side_only(world):
     assert model.adaptor.fc1.weight.grad.abs().sum() > 0
 
 
+def test_ctc_only_loss_is_the_ctc_loss_without_running_the_llm(world, monkeypatch):
+    """align's first phase (CTC compression on): loss(ctc_only=True) is ctc_weight x the CTC loss, and the LLM is
+    never called."""
+    rows, tok, feats, _ = world
+    model = tiny_model(tok)
+    batch = data.make_batch([r for r in rows if r.get("audio")][:4], tok, True, feats)
+    want = 0.5 * model.ctc_loss(model.encode_speech(batch), batch)
+    monkeypatch.setattr(model.llm, "forward", lambda *a, **k: pytest.fail("the LLM ran"))
+    torch.testing.assert_close(model.loss(batch, ctc_weight=0.5, ctc_only=True), want)
+
+
 def test_generate_matches_no_cache_greedy(world):
     rows, tok, feats, _ = world
     model = tiny_model(tok, seed=4)
