@@ -304,8 +304,8 @@ def plot_tradeoff(results, path, sd=None):
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(5, 4))
-    for n, (t, ts, s, ss) in tradeoff(results, sd).items():
-        ax.errorbar(100 * t, 100 * s, xerr=100 * ts, yerr=100 * ss, fmt="o", capsize=3, label=n)
+    for i, (n, (t, ts, s, ss)) in enumerate(tradeoff(results, sd).items()):  # 10 colours x 4 markers: all distinct
+        ax.errorbar(100 * t, 100 * s, xerr=100 * ts, yerr=100 * ss, fmt="osD^"[i // 10 % 4], capsize=3, label=n)
     ax.set_xlabel("T2T accuracy, % (text kept)")
     ax.set_ylabel("S2T accuracy, % (spoken QA)")
     ax.legend(fontsize=7)
