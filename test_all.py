@@ -413,7 +413,7 @@ def test_train_main_tiny_run(tmp_path, world):
     assert d1["methods"]["full"]["importance_js"] != redone["full"]["importance_js"]  # other rows, other estimate
     # --init-from: a fine-tuning ablation from this run's pretrain + align, nothing before fine-tuning redone
     ab = str(tmp_path / "ablation")
-    abl = train.main(argv[2:] + ["--out", ab, "--init-from", out,
+    abl = train.main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1",  # a fine-tuning seed of one align
                                  "--lora-lr", "0.01", "--method", "lora"])
     assert abl["no_ft"] == res["no_ft"] and not {"pretrain", "align"} & set(abl["timing_s"])
     assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another LR

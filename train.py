@@ -496,13 +496,14 @@ def check_out_dir(args):
 
 
 def check_init_from(args):
-    """--init-from RUN: RUN must be finished and made with our pretrain + align settings; -> its results.json."""
+    """--init-from RUN: RUN must be finished and made with our pretrain + align settings (its seed may differ: the
+    fine-tuning seeds of one aligned model); -> its results.json."""
     src = args.init_from
     if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "align.pt")):
         raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json and align.pt)")
     theirs = json.load(open(os.path.join(src, "run.json")))
-    diff = [f"{k}={theirs.get(k)!r}" for k, v in stage_settings(args).items()
-            if k not in ("data_dir", "init_from") and theirs.get(k) != v]
+    diff = [f"{k}={theirs.get(k)!r}" for k, v in stage_settings(args).items()  # --seed: fine-tuning's own seed
+            if k not in ("data_dir", "init_from", "seed") and theirs.get(k) != v]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align settings differ ({', '.join(diff[:4])})")
     return json.load(open(os.path.join(src, "results.json")))
@@ -849,13 +850,16 @@ def barrier(world):
 
 
 def run_seeds(args):
-    """--seeds 0,1,2: the whole pipeline once per seed in OUT/seed<N> (one shared synthetic world), then
+    """--seeds 0,1,2: the whole pipeline once per seed in OUT/seed<N> (one shared synthetic world; with --init-from
+    RUN, fine-tuning only, from RUN/seed<N> or else from RUN itself for every seed), then
     mean and sd of every metric over seeds in OUT/results.json (each seed's results kept under `seeds`)."""
     per_seed = {}
     for s in args.seed_list:
         print(f"\n=== seed {s} ===")
+        init = args.init_from and os.path.join(args.init_from, f"seed{s}")  # its seed's run, or one run for all
+        init = init if not init or os.path.isdir(init) else args.init_from
         a = argparse.Namespace(**{**vars(args), "seed": s, "seed_list": [], "out": os.path.join(args.out, f"seed{s}"),
-                                  "init_from": args.init_from and os.path.join(args.init_from, f"seed{s}")})
+                                  "init_from": init})
         a.explicit = args.explicit | {"seed", "out", "init_from"}
         per_seed[str(s)] = run_pipeline(a)
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
