@@ -280,8 +280,8 @@ REAL_PAD_S = 0.5  # silence either side: without it tiny.en often drops the firs
 REAL_INSTRUCTION = "\nAnswer with just the answer."  # after every question, typed or spoken: the instruct LLM then
 # answers in a few words ("Paris"), not a sentence (SmolLM2 typed, contains: 59% without it, 62% with it)
 REAL_WORD_STRINGS = 2000  # ASR rows of random 2-6 word strings from every word of the set (align): every name is heard
-# in training, as in the synthetic world, but no val/test fact is spoken. Without them the plain adaptor memorised
-# the few hundred training utterances and conveyed no held-out question (README: Real weights)
+# in training, as in the synthetic world, but no val/test fact is spoken. On 176 spoken questions alone the plain
+# adaptor memorised them and conveyed no held-out question (RESULTS.md: Real weights: alignment)
 REAL_VERSION = 2  # bump when make_real_rows or the voices change: cached real sets are keyed by it
 
 

