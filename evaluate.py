@@ -7,8 +7,8 @@ and train.py's measurement stages: the original LLM's importance (analyse_origin
 method's numbers and importance shift (measure), the printed report (Tables 1, 2, Fig. 2, trade-off).
 
 Accuracy = the normalised gold answer appears as a whole word sequence in the normalised generated answer
-("contains", as in the paper [inferred]) and no other question's gold answer does (`right`); normalised
-exact match is reported beside it.
+("contains", as in the paper [inferred]) and no other gold answer (of the same relation, where rows name one) does
+(`right`); normalised exact match of the answer's first line is reported beside it.
 Normaliser: lower-case, every character that is not a letter, digit or space becomes a space, runs of
 spaces collapse. WER = (substitutions + deletions + insertions) / reference words, summed over the corpus.
 
@@ -52,12 +52,20 @@ def contains(gold, pred):
 
 def right(rows, preds):
     """Per row: the gold answer is contained in the prediction ("contains", the paper's measure [inferred]) and
-    no other row's gold answer is, so listing candidates ("red blue green ...") never counts as an answer."""
-    golds = {normalize(r["answer"]) for r in rows}
-    def ok(gold, pred):
-        others = [o for o in golds if o != normalize(gold) and not contains(o, gold)]
+    no other gold answer of the same relation is (rows without a "relation": of any row), so listing candidates
+    ("red blue green ...") never counts as an answer, while a real LLM's sentence may use common words."""
+    golds = {}
+    for r in rows:
+        golds.setdefault(r.get("relation"), set()).add(normalize(r["answer"]))
+    def ok(gold, pred, rel):
+        others = [o for o in golds[rel] if o != normalize(gold) and not contains(o, gold)]
         return contains(gold, pred) and not any(contains(o, pred) for o in others)
-    return [ok(r["answer"], p) for r, p in zip(rows, preds)]
+    return [ok(r["answer"], p, r.get("relation")) for r, p in zip(rows, preds)]
+
+
+def exact(gold, pred):
+    """Normalised exact match of the prediction's first line (an instruct LLM may add a sentence below)."""
+    return normalize(gold) == normalize(pred.strip().split("\n")[0])
 
 
 @torch.no_grad()
@@ -74,7 +82,7 @@ def accuracy(model, rows, make, tok):
     """-> (contains-accuracy, exact-match accuracy, predictions)."""
     preds = generate(model, rows, make, tok)
     acc = sum(right(rows, preds)) / len(rows)
-    em = sum(normalize(r["answer"]) == normalize(p) for r, p in zip(rows, preds)) / len(rows)
+    em = sum(exact(r["answer"], p) for r, p in zip(rows, preds)) / len(rows)
     return acc, em, preds
 
 

@@ -400,7 +400,8 @@ class SpeechLLM(nn.Module):
         sequence's next token sits in the last column). Returns a list of token-id lists, EOS excluded."""
         x, mask, _ = self.embed(batch, with_answer=False, left_pad=True)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)       # positions count real tokens only
-        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True,
+                       logits_to_keep=1)                # the last position's logits only (a real vocab is 49k wide)
         B = x.shape[0]
         done = torch.zeros(B, dtype=torch.bool, device=x.device)
         tokens = []

