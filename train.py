@@ -729,31 +729,21 @@ def finetune(model, groups, d, tc, steps, ctc, teacher=None, replay_frac=0.0):
     replay = [r for r in d.split("pretrain") if r["task"] == "qa"] if replay_frac else ()
     if replay_frac and not replay:
         raise SystemExit("replay: the data has no typed QA rows (split pretrain) to replay")
-    t, mem0 = time.time(), peak_memory_mb(tc.device, reset=True)
+    cuda = tc.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(tc.device)
+    t = time.time()
     losses = train(model, groups, batches_of(data.finetune_rows(d.rows), make, tc, replay, replay_frac), steps,
                    replace(tc, ctc_weight=ctc), teacher)
-    mem = peak_memory_mb(tc.device)
+    trainable = lora.count_parameters(model)[0]
+    # memory the method's training state takes (fp32): gradients + AdamW's two moments of what trains, and a
+    # distillation teacher's weights; on CUDA also the allocator's measured peak (a CPU process reuses freed memory,
+    # so its resident size says little about one stage)
+    state = 12 * trainable + (4 * sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0)
     return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses,
-            "ms_per_step": 1000 * (time.time() - t) / steps, "trainable": lora.count_parameters(model)[0],
-            "peak_mb": mem and round(mem - mem0, 1)}
-
-
-def peak_memory_mb(device, reset=False):
-    """What a stage costs in memory: on CUDA the allocator's peak; on Linux CPUs the process's peak resident set
-    (VmHWM, reset through /proc/self/clear_refs), so peak - the value at reset = what the stage added on top of
-    the data and model already held (activations, gradients, optimizer state, a teacher). None elsewhere."""
-    if device.startswith("cuda"):
-        if reset:
-            torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.max_memory_allocated(device) / 2**20 * (not reset)
-    try:
-        if reset:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except OSError:
-        return None
+            "ms_per_step": 1000 * (time.time() - t) / steps, "trainable": trainable,
+            "state_mb": round(state / 2**20, 2),
+            **({"peak_mb": round(torch.cuda.max_memory_allocated(tc.device) / 2**20, 1)} if cuda else {})}
 
 
 # -----------------------------------------------------------------------------
@@ -800,7 +790,7 @@ def run_pipeline(args):
         ck = run.stage(f"ft_{name}", lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}", kl_temp=args.kl_temp),
                                                       args.steps, ctc, teacher, args.replay_frac * row.replay), model)
         m = evaluate.measure(run, name, model, w0, d, tc, original, args.importance_kind)
-        cost = {k: ck[k] for k in ("ms_per_step", "trainable", "peak_mb") if k in ck}  # what each method costs
+        cost = {k: ck[k] for k in ("ms_per_step", "trainable", "state_mb", "peak_mb") if k in ck}  # its cost
         run.results["methods"][name] = {**m, **cost, "train_loss": loss_summary(ck["losses"])}
         print(f"{name}: {fmt(m)}")
         run.save_report()
