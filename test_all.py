@@ -434,6 +434,10 @@ def test_train_main_tiny_run(tmp_path, world):
     with pytest.raises(SystemExit, match="pretrain_steps=40"):  # checkpoints of another pretraining: refused
         train.main(argv[2:] + ["--out", str(tmp_path / "bad"), "--init-from", out, "--pretrain-steps", "50"])
     assert not os.path.exists(tmp_path / "bad")  # ... before anything was written
+    rj = os.path.join(out, "run.json")  # a run made before a setting existed ran with that setting's default
+    json.dump({k: v for k, v in json.load(open(rj)).items() if k != "real"}, open(rj, "w"))
+    assert train.main(argv[2:] + ["--out", str(tmp_path / "old"), "--init-from", out, "--method", "lora"])["no_ft"] \
+        == res["no_ft"]
 
 
 

@@ -503,8 +503,9 @@ def check_init_from(args):
     if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "align.pt")):
         raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json and align.pt)")
     theirs = json.load(open(os.path.join(src, "run.json")))
-    diff = [f"{k}={theirs.get(k)!r}" for k, v in stage_settings(args).items()  # --seed: fine-tuning's own seed
-            if k not in ("data_dir", "init_from", "seed") and theirs.get(k) != v]
+    default = get_parser().get_default  # a setting newer than their run: they ran with its default
+    diff = [f"{k}={theirs.get(k, default(k))!r}" for k, v in stage_settings(args).items()  # --seed: fine-tuning's own
+            if k not in ("data_dir", "init_from", "seed") and theirs.get(k, default(k)) != v]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align settings differ ({', '.join(diff[:4])})")
     return json.load(open(os.path.join(src, "results.json")))
