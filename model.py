@@ -50,6 +50,7 @@ class ModelConfig:
     k: int = 5                 # 50 Hz / k=5 = 10 speech embeddings per second
     d_adaptor: int = 512       # hidden width (the paper's 2048 for a 1280-wide encoder)
     ctc_compress: bool = False # merge CTC-aligned frames into ~1 token embedding each (ours; see compress)
+    ctc_tokens: list = None    # the token ids the CTC head scores, the blank first (None: the whole vocabulary)
 
 
 def build_llm(cfg):
@@ -273,10 +274,11 @@ class SpeechLLM(nn.Module):
             return speech, lens
         # E detached: the speech path never trains the LLM's embedding table, which LoRA and a frozen LLM could
         # not use either; only the LLM's own text path (its input embeddings and tied head) moves E
-        E = self.llm.get_input_embeddings().weight.detach().to(speech.dtype)
+        ids, E = self.ctc_vocab()
+        blank_id = 0 if ids is not None else blank_id           # a sub-vocabulary holds the blank first
         logits = self.ctc_logits(speech, blank_id)              # (B, S, V): the CTC head
         ids = logits.argmax(-1)                                                    # (B, S) nearest token
-        speech = logits.softmax(-1) @ E                                            # (B, S, d) soft token embedding
+        speech = logits.softmax(-1) @ E.to(speech.dtype)                           # (B, S, d) soft token embedding
         out = []
         for x, t in zip(speech, [i[:n] for i, n in zip(ids, lens.tolist())]):
             if len(t) == 0:                                                      # < 0.1 s of audio: no frame
@@ -373,11 +375,20 @@ class SpeechLLM(nn.Module):
 
     forward = loss  # so that a DistributedDataParallel wrapper, which syncs gradients through forward(), can call it
 
-    def ctc_logits(self, speech, blank_id):
-        """The CTC head: each speech embedding scored against the LLM's input-embedding table E, (B, S, d) ->
-        (B, S, V); the blank's column (the pad token's) is scored against the adaptor's learned blank vector.
-        E is detached: CTC and compression move the speech side only, never the LLM."""
+    def ctc_vocab(self):
+        """The CTC head's rows: (None, E), the LLM's whole input-embedding table, or (ids, E[ids]) for the
+        cfg.ctc_tokens sub-vocabulary (blank first). E is detached: CTC and compression move the speech side only.
+        A real LLM's 49k-token table made each CTC step ~40x dearer than the ~1.3k tokens its transcripts use."""
         E = self.llm.get_input_embeddings().weight.detach()
+        if not self.cfg.ctc_tokens:
+            return None, E
+        ids = torch.tensor(self.cfg.ctc_tokens, device=E.device)
+        return ids, E[ids]
+
+    def ctc_logits(self, speech, blank_id):
+        """The CTC head: each speech embedding scored against the rows of ctc_vocab, (B, S, d) -> (B, S, V); the
+        blank's column (the pad token's; 0 in a sub-vocabulary) is scored against the adaptor's learned blank."""
+        E = self.ctc_vocab()[1]
         logits = speech @ E.T.to(speech.dtype)
         logits[..., blank_id] = speech @ self.adaptor.blank.to(speech.dtype)
         return logits
@@ -388,11 +399,14 @@ class SpeechLLM(nn.Module):
         table (x @ E^T), with a learned blank (ctc_logits). It pulls each spoken word towards an
         embedding the frozen LLM can read; the answer loss alone learns this far more slowly."""
         speech, lens = speech                                                      # (B, S, d), (B,)
-        logp = self.ctc_logits(speech, batch["blank_id"]).float().log_softmax(-1)  # (B, S, V)
-        targets = batch["transcripts"]
+        targets, blank = batch["transcripts"], batch["blank_id"]
+        if self.cfg.ctc_tokens:  # token ids -> their index in the sub-vocabulary (the blank is index 0)
+            index = {t: i for i, t in enumerate(self.cfg.ctc_tokens)}
+            targets, blank = [[index[t] for t in ts] for ts in targets], 0
+        logp = self.ctc_logits(speech, blank).float().log_softmax(-1)             # (B, S, V)
         flat = torch.tensor([t for ts in targets for t in ts], device=speech.device)
         return F.ctc_loss(logp.transpose(0, 1), flat, lens, torch.tensor([len(t) for t in targets]),
-                          blank=batch["blank_id"], zero_infinity=True)
+                          blank=blank, zero_infinity=True)
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens=16, eos_id=None):

@@ -10,6 +10,7 @@ merged == unmerged, param groups partition the trainable params, the label mask 
 import json
 import math
 import os
+import random
 import struct
 import wave
 
@@ -167,6 +168,25 @@ def test_ctc_loss_trains_the_speech_side_only(world):
     assert model.adaptor.fc1.weight.grad.abs().sum() > 0
 
 
+def test_ctc_sub_vocabulary(world):
+    """cfg.ctc_tokens: the whole vocabulary in another order (blank first) gives the same CTC loss and the same
+    compressed speech as no sub-vocabulary; only the transcripts' tokens give a lower loss (fewer competitors)."""
+    rows, tok, feats, _ = world
+    model = tiny_model(tok)
+    batch = data.make_batch([r for r in rows if r.get("audio")][:4], tok, True, feats)
+    speech = model.encode_speech(batch)
+    full = model.ctc_loss(speech, batch)
+    model.cfg = ModelConfig(**{**vars(model.cfg), "ctc_compress": True})
+    ref = model.compress(*speech, batch["blank_id"])
+    others = [t for t in range(tok.vocab_size) if t != tok.pad_id]
+    model.cfg.ctc_tokens = [tok.pad_id] + others[::-1]
+    torch.testing.assert_close(model.ctc_loss(speech, batch), full)
+    out = model.compress(*speech, batch["blank_id"])
+    torch.testing.assert_close(out[0], ref[0]) and torch.testing.assert_close(out[1], ref[1])
+    model.cfg.ctc_tokens = [tok.pad_id] + sorted({t for ts in batch["transcripts"] for t in ts} - {tok.pad_id})
+    assert model.ctc_loss(speech, batch) < full
+
+
 def test_ctc_only_loss_is_the_ctc_loss_without_running_the_llm(world, monkeypatch):
     """align's first phase (CTC compression on): loss(ctc_only=True) is ctc_weight x the CTC loss, and the LLM is
     never called."""
@@ -291,7 +311,8 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
              (["--calib-frac", "1.5"], "--calib-frac"), (["--calib-frac", "0"], "--calib-frac"),
              (["--steps", "-1"], "--steps: must be >= 1"), (["--batch-size", "0"], "--batch-size"),
              (["--lr", "0"], "--lr: must be > 0"), (["--seeds", "a"], "--seeds"),
-             (["--out", str(tmp_path / "afile")], "is a file")]
+             (["--out", str(tmp_path / "afile")], "is a file"),
+             (["--weight-decay", "0.1", "--method", "full,freeze_top"], "--weight-decay: must be 0")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU"))
     for argv, msg in cases:
@@ -299,6 +320,7 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
             train.get_args(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert msg in err[-1], (argv, err)  # argparse: usage line, then one line naming the flag
+    assert train.get_args(["--weight-decay", "0.1"]).weight_decay == 0.1  # decay without freezing is fine
 
 
 def test_bad_model_paths_and_manifests_stop_before_any_work(tmp_path, world):
@@ -461,6 +483,29 @@ def _tiny_run(tmp, tok, rows, steps=8, stop_after=None, resume=False, nan_at=Non
 
 
 FEATS = {}
+
+
+def test_length_grouped_epochs_are_permutations_with_less_padding(world):
+    rows = [r for r in world[0] if r["split"] == "speech_train"]
+    B, n = 8, len(rows)
+    plain, grouped = (train.epoch_order(rows, 0, B, 0, g) for g in (1, 8))
+    assert sorted(grouped) == list(range(n)) and grouped == train.epoch_order(rows, 0, B, 0, 8)  # seeded permutation
+    padded = lambda order: sum(len(order[i:i + B]) * max(train.length(rows[j]) for j in order[i:i + B])
+                               for i in range(0, n, B))
+    assert padded(grouped) < 0.9 * padded(plain)
+    orders = {}  # a step rebuilt alone (resume) = the same rows as in a pass that keeps the epoch orders
+    steps = range(2 * n // B + 3)
+    assert [train.batch_rows(rows, B, s, 0, 8, orders) for s in steps] == [train.batch_rows(rows, B, s, 0, 8) for s in steps]
+
+
+def test_speech_made_in_parallel_is_the_same(tmp_path):
+    spk = [data.random_speaker(random.Random(i)) for i in range(6)]
+    for sub, per_worker in (("serial", 512), ("parallel", 2)):
+        os.makedirs(tmp_path / sub)
+        data.save_speech([(str(tmp_path / sub / f"{i}.wav"), data.synthesize, (f"bada {i}", s)) for i, s in enumerate(spk)],
+                         per_worker)
+    assert all((tmp_path / "serial" / f"{i}.wav").read_bytes() == (tmp_path / "parallel" / f"{i}.wav").read_bytes()
+               for i in range(6))
 
 
 def test_resume_is_exact(tmp_path, world):
