@@ -485,19 +485,6 @@ def _tiny_run(tmp, tok, rows, steps=8, stop_after=None, resume=False, nan_at=Non
 FEATS = {}
 
 
-def test_length_grouped_epochs_are_permutations_with_less_padding(world):
-    rows = [r for r in world[0] if r["split"] == "speech_train"]
-    B, n = 8, len(rows)
-    plain, grouped = (train.epoch_order(rows, 0, B, 0, g) for g in (1, 8))
-    assert sorted(grouped) == list(range(n)) and grouped == train.epoch_order(rows, 0, B, 0, 8)  # seeded permutation
-    padded = lambda order: sum(len(order[i:i + B]) * max(train.length(rows[j]) for j in order[i:i + B])
-                               for i in range(0, n, B))
-    assert padded(grouped) < 0.9 * padded(plain)
-    orders = {}  # a step rebuilt alone (resume) = the same rows as in a pass that keeps the epoch orders
-    steps = range(2 * n // B + 3)
-    assert [train.batch_rows(rows, B, s, 0, 8, orders) for s in steps] == [train.batch_rows(rows, B, s, 0, 8) for s in steps]
-
-
 def test_speech_made_in_parallel_is_the_same(tmp_path):
     spk = [data.random_speaker(random.Random(i)) for i in range(6)]
     for sub, per_worker in (("serial", 512), ("parallel", 2)):

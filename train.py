@@ -249,7 +249,6 @@ class TrainConfig:
     ctc_weight: float = 0.0    # weight of the auxiliary CTC loss (model.py: ctc_loss)
     kl_temp: float = 1.0       # distillation temperature, when train() is given a teacher
     ctc_only: bool = False     # the CTC loss alone, the LLM not run (align's first phase with CTC compression)
-    length_group: int = 1      # batches of similar length (epoch_order); align uses ALIGN_LENGTH_GROUP
     log_every: int = 100
     seed: int = 0              # the order of the batches
     device: str = "cpu"
@@ -257,12 +256,6 @@ class TrainConfig:
     resume: bool = False       # continue from OUT/<name>.partial.pt
     rank: int = 0              # DDP: this process, and how many there are
     world: int = 1
-
-
-# align's speech batches: runs of 8 batches sorted by length together, ~25% faster steps. Pretraining keeps plain
-# random batches: sorted text batches group the tasks (long "repeat after me" rows, short facts), and the original
-# LLM's val T2T then fell from 73% to 32% (seed 0).
-ALIGN_LENGTH_GROUP = 8
 
 
 def get_lr(it, total, warmup):
@@ -273,36 +266,15 @@ def get_lr(it, total, warmup):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def length(row):
-    """What the model reads, in characters: the question (or utterance) + the answer (audio lasts ~its text)."""
-    return len(row["question"] or row["transcript"]) + len(row["answer"])
-
-
-def epoch_order(rows, epoch, batch_size, seed, group):
-    """One epoch's row order: a seeded permutation, cut into runs of `group` batches; each run sorted by length
-    and cut into batches, and those batches shuffled (as ASR toolkits and HF's group_by_length do). A batch then
-    holds utterances of similar length: less padding to compute (1 = plain random batches)."""
-    rng = random.Random(seed * 100003 + epoch)
-    perm = list(range(len(rows)))
-    rng.shuffle(perm)
-    if group <= 1:
-        return perm
-    n = group * batch_size
-    runs = [sorted(perm[i:i + n], key=lambda j: length(rows[j])) for i in range(0, len(perm), n)]
-    batches = [r[i:i + batch_size] for r in runs for i in range(0, len(r), batch_size)]
-    rng.shuffle(batches)
-    return [j for b in batches for j in b]
-
-
-def batch_rows(rows, batch_size, step, seed, group=1, orders=None):
-    """The rows of batch number `step`: epochs are seeded orders (epoch_order), so any step can be rebuilt (resume).
-    orders: a dict that keeps each epoch's order between calls."""
-    start, out, orders = step * batch_size, [], {} if orders is None else orders
+def batch_rows(rows, batch_size, step, seed):
+    """The rows of batch number `step`: epochs are seeded permutations, so any step can be rebuilt (resume)."""
+    start = step * batch_size
+    out = []
     while len(out) < batch_size:
         epoch, i = divmod(start + len(out), len(rows))
-        if epoch not in orders:
-            orders[epoch] = epoch_order(rows, epoch, batch_size, seed, group)
-        out += [rows[j] for j in orders[epoch][i:i + batch_size - len(out)]]
+        perm = list(range(len(rows)))
+        random.Random(seed * 100003 + epoch).shuffle(perm)
+        out += [rows[j] for j in perm[i:i + batch_size - len(out)]]
     return out
 
 
@@ -312,10 +284,9 @@ def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
     each micro-batch comes from replay_rows instead (typed text QA: text replay)."""
     B, A, W = cfg.batch_size, cfg.grad_accum, cfg.world
     k = round(replay_frac * B) if replay_rows else 0  # replayed rows per micro-batch
-    orders, text_orders = {}, {}
     def batches(step):
-        glob = batch_rows(rows, (B - k) * A * W, step, cfg.seed, cfg.length_group, orders)
-        text = batch_rows(replay_rows, k * A * W, step, cfg.seed + 1, cfg.length_group, text_orders) if k else []
+        glob = batch_rows(rows, (B - k) * A * W, step, cfg.seed)
+        text = batch_rows(replay_rows, k * A * W, step, cfg.seed + 1) if k else []
         return [make_batch(glob[i * (B - k):(i + 1) * (B - k)] + text[i * k:(i + 1) * k])
                 for i in (m * W + cfg.rank for m in range(A))]
     return batches
@@ -742,7 +713,6 @@ def align(run, model, d, tc, lr, steps, compress_steps, ctc, weight_decay):
     model.adaptor.blank.requires_grad_(ctc > 0)  # the CTC blank: trained where CTC is
     print(f"align: {count(model)}")
     rows, compress, make = d.split("speech_train"), model.cfg.ctc_compress, d.speech_batch
-    tc = replace(tc, length_group=ALIGN_LENGTH_GROUP)
     if model.cfg.encoder:  # a frozen pretrained encoder: its outputs once, not at every step (as in fine-tuning)
         d.encoded, make = model.precompute_encoder(d.features), d.ft_batch
 
