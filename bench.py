@@ -12,9 +12,11 @@ comparison runs both sides in this process, interleaved (A B A B ...) after a wa
                            forward+backward over the same N batches
   decode_vs_hf_generate    tokens/s of SpeechLLM.generate / of llm.generate (greedy)         higher is better
   train_step_gflops        achieved GFLOP/s of a full-FT step, next to matmul_peak_gflops    (MFU-style, reported)
+  real_*                   with --real: the first three on SmolLM2-135M-Instruct (train.py --real's LLM), batch 8x64
 
     python bench.py                 # ~1 min on a 2-core CPU, prints a table, writes bench.json
     python bench.py --quick         # seconds, tiny sizes (what the test runs); no timing is meaningful then
+    python bench.py --real          # ~5 min: adds real_* entries to bench.json (needs train.py --real's packages)
     python bench.py --device cuda
     OMP_NUM_THREADS=1 python bench.py   # on a CPU shared with a training job: two processes each running
                                         # 2 OpenMP threads on 2 cores slowed a LoRA step ~150x (2 s vs 12 ms)
@@ -44,6 +46,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--out", default="bench.json", help="where the results are written")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per side (default 7, --quick 2)")
+    p.add_argument("--real", action="store_true", help="measure on SmolLM2-135M-Instruct, add real_* to --out")
     p.add_argument("--_mem", choices=["lora", "full"], help=argparse.SUPPRESS)  # child of the memory measurement
     return p.parse_args(argv)
 
@@ -55,6 +58,13 @@ def llama(d, n_layers, vocab, seed=0):
     return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=d, intermediate_size=3 * d,
                                         num_hidden_layers=n_layers, num_attention_heads=heads,
                                         num_key_value_heads=heads // 2, tie_word_embeddings=True))
+
+
+def smollm2():
+    """train.py --real's LLM: SmolLM2-135M-Instruct from its PyPI GGUF, dequantised to fp32 (one line if absent)."""
+    from model import build_llm
+    from train import real_model
+    return build_llm(ModelConfig(llm=real_model("llm")))
 
 
 def add_lora(m):
@@ -119,7 +129,8 @@ def mem_child(args):
     step's activations and grads meet the AdamW state created in the first."""
     dev = torch.device(args.device)
     d, n_layers, V, B, T = (256, 4, 4096, 4, 32) if args.quick else (512, 8, 8192, 8, 64)  # full: ~30M params
-    m = llama(d, n_layers, V).to(dev)
+    m = (smollm2() if args.real else llama(d, n_layers, V)).to(dev)
+    V = m.config.vocab_size
     m = add_lora(m) if args._mem == "lora" else m
     step = lm_step_fn(m, torch.randint(0, V, (B, T), device=dev))
     if dev.type == "cuda":
@@ -143,15 +154,18 @@ def mem_child(args):
 
 def peak_mem_mb(args, kind):
     cmd = [sys.executable, os.path.abspath(__file__), "--_mem", kind, "--device", args.device]
-    out = subprocess.run(cmd + ["--quick"] * args.quick, stdout=subprocess.PIPE, text=True, check=True).stdout
+    cmd += ["--quick"] * args.quick + ["--real"] * args.real
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mb"]
 
 
-def bench_lora_vs_peft(res, goals, dev, q, reps, warm, sync):
+def bench_lora_vs_peft(res, goals, dev, q, reps, warm, sync, base=None):
     """1. our LoRA vs peft's: same base weights (deepcopies), same batch, r, alpha, targets, AdamW."""
     d, n_layers, B, T = (128, 2, 4, 32) if q else (256, 8, 16, 64)
-    base = llama(d, n_layers, 256).to(dev)
-    x = torch.randint(0, 256, (B, T), device=dev)
+    if base is not None:  # --real: SmolLM2, batch 8 x 64
+        d, n_layers, B, T = base.config.hidden_size, base.config.num_hidden_layers, 8, 64
+    base = (llama(d, n_layers, 256) if base is None else base).to(dev)
+    x = torch.randint(0, base.config.vocab_size, (B, T), device=dev)
     fns = {"ours": lm_step_fn(add_lora(copy.deepcopy(base)), x)}
     try:
         from peft import LoraConfig, get_peft_model
@@ -236,10 +250,43 @@ def bench_flops(res, goals, m, batch, dev, q, reps, warm, sync):
           f"{res['matmul_peak_gflops']:6.1f} GFLOP/s | {res['mfu']:.1%} of it")
 
 
+def bench_real(args, dev, reps, warm, sync):
+    """--real: LoRA vs peft, LoRA vs full memory, importance vs fwd+bwd on SmolLM2-135M; -> real_* entries."""
+    res, goals = {}, {}
+    base = smollm2()
+    bench_lora_vs_peft(res, goals, dev, False, reps, warm, sync, base)
+    bench_memory(res, goals, args)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, base.config.vocab_size, (8, 64), generator=g).to(dev) for _ in range(2)]
+    loss = lambda ids: base(input_ids=ids, labels=ids).loss
+    def fwd_bwd():
+        for b in batches:
+            loss(b).backward()
+        base.zero_grad(set_to_none=True)
+    ms = median_ms({"fwd_bwd": fwd_bwd, "taylor": lambda: estimate_importance(base, batches, loss_fn=loss)},
+                   reps, warm, sync)
+    res.update(importance_ms=ms["taylor"], fwd_bwd_ms=ms["fwd_bwd"], importance_vs_fwd_bwd=ms["taylor"] / ms["fwd_bwd"])
+    goals["importance_vs_fwd_bwd"] = "<= 1.15 (must <= 1.5)"
+    print(f"importance    | taylor {ms['taylor']:8.1f} ms | fwd+bwd {ms['fwd_bwd']:8.1f} ms | 2 batches of 8x64")
+    return {f"real_{k}": v for k, v in res.items()}, {f"real_{k}": v for k, v in goals.items()}
+
+
 def main(argv=None):
     args = get_args(argv)
     if args._mem:
         return mem_child(args)
+    if args.real:  # adds real_* to --out, keeping what is there
+        t_start, dev = time.time(), torch.device(args.device)
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+        real, goals = bench_real(args, dev, args.repeats or 3, 1, sync)
+        res = json.load(open(args.out)) if os.path.exists(args.out) else {}
+        res.update(real, real_total_s=time.time() - t_start)
+        for k, goal in goals.items():
+            print(f"{k:<28} {res[k] if res[k] is not None else float('nan'):>9.3f}  {goal}")
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(res, f, indent=2)
+        os.replace(args.out + ".tmp", args.out)
+        return res
     t_start, q, dev = time.time(), args.quick, torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     reps, warm = args.repeats or (2 if q else 7), 1 if q else 2

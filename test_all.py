@@ -619,7 +619,7 @@ def test_corrupt_audio_is_a_clear_error(tmp_path):
         data.load_audio(str(p))
 
 
-def test_bench_quick(tmp_path):
+def test_bench_quick(tmp_path, monkeypatch):
     """bench.py runs end to end and writes every contract key (timings are never asserted in tests)."""
     import bench
     res = bench.main(["--quick", "--out", str(tmp_path / "b.json")])
@@ -629,6 +629,13 @@ def test_bench_quick(tmp_path):
         if k == "lora_vs_peft_step" and res[k] is None:  # peft not installed
             continue
         assert k in saved and math.isfinite(res[k]) and res[k] > 0, k
+    # --real adds real_* entries beside them (here a tiny Llama stands in for SmolLM2, a fixed number for memory)
+    monkeypatch.setattr(bench, "smollm2", lambda: bench.llama(64, 2, 128))
+    monkeypatch.setattr(bench, "peak_mem_mb", lambda args, kind: {"lora": 1.0, "full": 2.0}[kind])
+    real = bench.main(["--real", "--repeats", "1", "--out", str(tmp_path / "b.json")])
+    saved = json.load(open(tmp_path / "b.json"))
+    assert saved["train_step_gflops"] == res["train_step_gflops"] and saved["real_lora_vs_full_peak_mem"] == 0.5
+    assert math.isfinite(real["real_importance_vs_fwd_bwd"]) and real["real_lora_step_ms"] > 0
 
 
 # ----------------------------------------------------------------------------- real models through --llm / --encoder
