@@ -274,8 +274,8 @@ class SpeechLLM(nn.Module):
             return speech, lens
         # E detached: the speech path never trains the LLM's embedding table, which LoRA and a frozen LLM could
         # not use either; only the LLM's own text path (its input embeddings and tied head) moves E
-        ids, E = self.ctc_vocab()
-        blank_id = 0 if ids is not None else blank_id           # a sub-vocabulary holds the blank first
+        sub, E = self.ctc_vocab()
+        blank_id = 0 if sub is not None else blank_id           # a sub-vocabulary holds the blank first
         logits = self.ctc_logits(speech, blank_id)              # (B, S, V): the CTC head
         ids = logits.argmax(-1)                                                    # (B, S) nearest token
         speech = logits.softmax(-1) @ E.to(speech.dtype)                           # (B, S, d) soft token embedding

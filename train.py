@@ -675,7 +675,8 @@ def load_data(args, data_dir, manifest, master, world, rows=None):
 
 def ctc_vocabulary(d):
     """A pretrained LLM's CTC head scores only the tokens of the training transcripts, the blank first (model.py:
-    ctc_vocab). Our data speaks every word of the set in training (ASR word strings), so test words are there too."""
+    ctc_vocab); a word never spoken in training cannot be emitted. Our real set speaks every word of the set in
+    training (its ASR word strings), so test words are there too."""
     used = {t for r in d.split("speech_train") for t in d.tok.encode(r["transcript"])} - {d.tok.pad_id}
     return [d.tok.pad_id] + sorted(used)
 
