@@ -190,18 +190,20 @@ def bench_memory(res, goals, args):
           f"added by 2 training steps")
 
 
-def bench_importance(res, goals, m, batches, reps, warm, sync):
-    """3. Taylor importance vs the forward+backward passes it is built on, tiny SpeechLLM, text batches."""
+def bench_importance(res, goals, m, batches, reps, warm, sync, loss=None, what=None):
+    """3. Taylor importance vs the forward+backward passes it is built on: by default the tiny SpeechLLM on text
+    batches; loss: batch -> loss for another model (--real: a plain HF causal LM on token-id batches)."""
+    loss = loss or m.loss
     def fwd_bwd():
         for b in batches:
-            m.loss(b).backward()
+            loss(b).backward()
         m.zero_grad(set_to_none=True)
-    ms = median_ms({"fwd_bwd": fwd_bwd, "taylor": lambda: estimate_importance(m, batches, kind="taylor")},
+    ms = median_ms({"fwd_bwd": fwd_bwd, "taylor": lambda: estimate_importance(m, batches, kind="taylor", loss_fn=loss)},
                    reps, warm, sync)
     res.update(importance_ms=ms["taylor"], fwd_bwd_ms=ms["fwd_bwd"], importance_vs_fwd_bwd=ms["taylor"] / ms["fwd_bwd"])
     goals["importance_vs_fwd_bwd"] = "<= 1.15 (must <= 1.5)"
-    print(f"importance    | taylor {ms['taylor']:6.1f} ms | fwd+bwd {ms['fwd_bwd']:6.1f} ms | "
-          f"{len(batches)} batches of {len(batches[0]['prompts'])}")
+    what = what or f"{len(batches)} batches of {len(batches[0]['prompts'])}"
+    print(f"importance    | taylor {ms['taylor']:8.1f} ms | fwd+bwd {ms['fwd_bwd']:8.1f} ms | {what}")
 
 
 def bench_decode(res, goals, m, dev, q, reps, warm, sync):
@@ -258,17 +260,26 @@ def bench_real(args, dev, reps, warm, sync):
     bench_memory(res, goals, args)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, base.config.vocab_size, (8, 64), generator=g).to(dev) for _ in range(2)]
-    loss = lambda ids: base(input_ids=ids, labels=ids).loss
-    def fwd_bwd():
-        for b in batches:
-            loss(b).backward()
-        base.zero_grad(set_to_none=True)
-    ms = median_ms({"fwd_bwd": fwd_bwd, "taylor": lambda: estimate_importance(base, batches, loss_fn=loss)},
-                   reps, warm, sync)
-    res.update(importance_ms=ms["taylor"], fwd_bwd_ms=ms["fwd_bwd"], importance_vs_fwd_bwd=ms["taylor"] / ms["fwd_bwd"])
-    goals["importance_vs_fwd_bwd"] = "<= 1.15 (must <= 1.5)"
-    print(f"importance    | taylor {ms['taylor']:8.1f} ms | fwd+bwd {ms['fwd_bwd']:8.1f} ms | 2 batches of 8x64")
+    bench_importance(res, goals, base, batches, reps, warm, sync, loss=lambda ids: base(input_ids=ids, labels=ids).loss,
+                     what="2 batches of 8x64")
     return {f"real_{k}": v for k, v in res.items()}, {f"real_{k}": v for k, v in goals.items()}
+
+
+def syncer(dev):
+    return (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+
+def print_goals(res, goals):
+    w = max(24, *map(len, goals))
+    print(f"\n{'measurement':<{w}} {'value':>9}  goal")
+    for k, goal in goals.items():
+        print(f"{k:<{w}} {res[k] if res[k] is not None else float('nan'):>9.3f}  {goal}")
+
+
+def write_json(path, res):
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=2)
+    os.replace(path + ".tmp", path)  # never a half-written bench.json
 
 
 def main(argv=None):
@@ -277,18 +288,14 @@ def main(argv=None):
         return mem_child(args)
     if args.real:  # adds real_* to --out, keeping what is there
         t_start, dev = time.time(), torch.device(args.device)
-        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
-        real, goals = bench_real(args, dev, args.repeats or 3, 1, sync)
+        real, goals = bench_real(args, dev, args.repeats or 3, 1, syncer(dev))
         res = json.load(open(args.out)) if os.path.exists(args.out) else {}
         res.update(real, real_total_s=time.time() - t_start)
-        for k, goal in goals.items():
-            print(f"{k:<28} {res[k] if res[k] is not None else float('nan'):>9.3f}  {goal}")
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(res, f, indent=2)
-        os.replace(args.out + ".tmp", args.out)
+        print_goals(res, goals)
+        write_json(args.out, res)
         return res
     t_start, q, dev = time.time(), args.quick, torch.device(args.device)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync = syncer(dev)
     reps, warm = args.repeats or (2 if q else 7), 1 if q else 2
     res = {"device": str(dev), "threads": torch.get_num_threads(), "quick": q, "torch": torch.__version__}
     goals = {}
@@ -303,14 +310,10 @@ def main(argv=None):
     bench_decode(res, goals, m, dev, q, reps, warm, sync)
     bench_flops(res, goals, m, batches[0], dev, q, reps, warm, sync)
     res["total_s"] = time.time() - t_start
-    print(f"\n{'measurement':<24} {'value':>9}  goal")
-    for k, goal in goals.items():
-        print(f"{k:<24} {res[k] if res[k] is not None else float('nan'):>9.3f}  {goal}")
+    print_goals(res, goals)
     print(f"{'matmul_peak_gflops':<24} {res['matmul_peak_gflops']:>9.3f}  (this machine)")
     print(f"total {res['total_s']:.0f} s, written to {args.out}")
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(res, f, indent=2)
-    os.replace(args.out + ".tmp", args.out)  # never a half-written bench.json
+    write_json(args.out, res)
     return res
 
 

@@ -771,10 +771,10 @@ def main(argv=None):
 def run_pipeline(args):
     """data -> pretrain -> align -> analyse the original LLM -> per method: finetune + measure -> report."""
     run, d, tc = start(args)
-    ctc = args.compress_steps > 0 and args.align_ctc > 0  # CTC compression (ours): the LLM reads ~1 vector a token
+    compress = args.compress_steps > 0 and args.align_ctc > 0  # CTC compression (ours): ~1 vector a token
     cfg = ModelConfig(vocab_size=d.tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
                       encoder=args.encoder, n_mels=d.n_mels,
-                      ctc_compress=ctc, ctc_tokens=ctc_vocabulary(d) if ctc and args.llm else None)
+                      ctc_compress=compress, ctc_tokens=ctc_vocabulary(d) if compress and args.llm else None)
     new_model = lambda: build_model(cfg, run, args.device, args.seed, args.grad_checkpointing)
     wd = args.weight_decay
     if args.llm and "pretrain" not in run.results:  # a pretrained LLM: nothing to pretrain, measure where it starts
