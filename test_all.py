@@ -450,16 +450,21 @@ def test_train_main_tiny_run(tmp_path, world):
     # --init-from: a fine-tuning ablation from this run's pretrain + align, nothing before fine-tuning redone
     ab = str(tmp_path / "ablation")
     abl = train.main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1",  # a fine-tuning seed of one align
-                                 "--lora-lr", "0.01", "--method", "lora"])
+                                 "--lora-lr", "0.01", "--method", "lora", "--calib-draw", "1"])
     assert abl["no_ft"] == res["no_ft"] and not {"pretrain", "align"} & set(abl["timing_s"])
+    # ... and the original LLM's analysis, made with the same analysis settings, copied rather than redone
+    assert "importance_original" not in abl["timing_s"] and abl["importance_noise_js"] == d1["importance_noise_js"]
+    assert abl["importance_validation"] == d1["importance_validation"]
+    rep = json.load(open(os.path.join(ab, "importance.json")))
+    assert {"original_text", "original_speech", "lora"} <= set(rep["distribution"]) and "table1_text" in rep
     assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another LR
     with pytest.raises(SystemExit, match="pretrain_steps=40"):  # checkpoints of another pretraining: refused
         train.main(argv[2:] + ["--out", str(tmp_path / "bad"), "--init-from", out, "--pretrain-steps", "50"])
     assert not os.path.exists(tmp_path / "bad")  # ... before anything was written
     rj = os.path.join(out, "run.json")  # a run made before a setting existed ran with that setting's default
     json.dump({k: v for k, v in json.load(open(rj)).items() if k != "real"}, open(rj, "w"))
-    assert train.main(argv[2:] + ["--out", str(tmp_path / "old"), "--init-from", out, "--method", "lora"])["no_ft"] \
-        == res["no_ft"]
+    old = train.main(argv[2:] + ["--out", str(tmp_path / "old"), "--init-from", out, "--method", "lora"])
+    assert old["no_ft"] == res["no_ft"] and "importance_original" in old["timing_s"]  # another draw: analysed anew
 
 
 

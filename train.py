@@ -513,8 +513,11 @@ def check_init_from(args):
     return json.load(open(os.path.join(src, "results.json")))
 
 
-def init_from(run, src, theirs, master):
-    """Copy RUN's pretrain + align checkpoints into OUT, and the results they gave into ours."""
+def init_from(run, src, theirs, args, master):
+    """Copy RUN's pretrain + align checkpoints into OUT, and the results they gave into ours. The analysis of the
+    original LLM is of the aligned model, not of a fine-tuning seed: made with our analysis settings, it is copied
+    too (results, report, importance_original.pt), so N fine-tuning seeds pay for it once (Table 1's random 3% is
+    then RUN's draw)."""
     for k in ("pretrain", "no_ft"):
         run.results.setdefault(k, theirs[k])
     run.results.setdefault("train_loss", {}).update({k: v for k, v in theirs.get("train_loss", {}).items()
@@ -523,6 +526,22 @@ def init_from(run, src, theirs, master):
     for f in ("pretrain.pt", "align_raw.pt", "align.pt"):
         if master and os.path.exists(os.path.join(src, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(src, f), run.path(f))
+    rec, default = json.load(open(os.path.join(src, "run.json"))), get_parser().get_default
+    same = all(rec.get(k, default(k)) == getattr(args, k) for k in ("calib_frac", "calib_min", "importance_kind"))
+    pt = os.path.join(src, "importance_original.pt")
+    if not (same and theirs.get("calib_draw", 0) == args.calib_draw and os.path.exists(pt)) \
+            or os.path.exists(run.path("importance_original.pt")):
+        return
+    for k in ("importance_validation", "importance_noise_js", "importance_noise_total_ratio"):
+        if k in theirs:
+            run.results[k] = theirs[k]
+    rep = json.load(open(os.path.join(src, "importance.json")))
+    for k in ("distribution", "top5_share", "concentration"):
+        run.report.setdefault(k, {}).update({n: v for n, v in rep.get(k, {}).items() if n.startswith("original_")})
+    run.report.update({k: v for k, v in rep.items() if k.startswith("table1_") or k == "noise_floor"})
+    if master:
+        run.save_report()
+        shutil.copyfile(pt, run.path("importance_original.pt"))
 
 
 def real_model(which):
@@ -826,7 +845,7 @@ def start(args):
     barrier(world)
     run = Run(args.out, rank == 0, world)
     if args.init_from:  # another run's pretrained LLM and aligned speech side: only fine-tuning left to do
-        init_from(run, args.init_from, theirs, rank == 0)
+        init_from(run, args.init_from, theirs, args, rank == 0)
     t = time.time()
     d = load_data(args, data_dir, manifest, rank == 0, world, rows)
     start_analysis(run, args)
