@@ -292,12 +292,12 @@ def format_tradeoff(results, sd=None):
     points = tradeoff(results, sd)
     base = points.get("no fine-tuning")
     lines = [f"{'trade-off':<16}{'T2T (text kept)':>20}{'S2T (spoken QA)':>20}{'dT2T vs no FT':>15}{'dS2T vs no FT':>15}"
-             f"{'ms/step':>9}{'trainable':>11}{'state MB':>10}{'peak MB':>9}"]
+             f"{'ms/step':>9}{'trainable':>14}{'state MB':>10}{'peak MB':>9}"]
     for n, (t, ts, s, ss) in sorted(points.items(), key=lambda kv: -kv[1][0]):
         d = f"{100 * (t - base[0]):>+15.1f}{100 * (s - base[2]):>+15.1f}" if base and n != "no fine-tuning" else ""
         c = results.get("methods", {}).get(n, {})  # its cost: time per step, trainable parameters, peak memory
         cost = "".join(f"{c[k]:>{w}{f}}" if c.get(k) is not None else f"{'':>{w}}"
-                       for k, w, f in (("ms_per_step", 9, ".0f"), ("trainable", 11, ",.0f"), ("state_mb", 10, ".1f"),
+                       for k, w, f in (("ms_per_step", 9, ".0f"), ("trainable", 14, ",.0f"), ("state_mb", 10, ".1f"),
                                        ("peak_mb", 9, ".0f")))
         lines.append(f"{n:<16}{f'{100 * t:.1f} ± {100 * ts:.1f}':>20}{f'{100 * s:.1f} ± {100 * ss:.1f}':>20}{d:<30}"
                      + (cost if d else ""))

@@ -815,13 +815,16 @@ def run_pipeline(args):
                                      args.align_ctc, wd))
     print(f"no fine-tuning: {fmt(run.results['no_ft'])}")
     model = new_model()
-    if d.encoded is None:  # the encoder is frozen from here on: its outputs, once (align computed them already),
+    todo = [m for m in args.methods if m not in run.results["methods"]]
+    if d.encoded is None and (todo or not os.path.exists(run.path("importance_original.pt"))):
+        # the encoder is frozen from here on: its outputs once, for the rows still read (align computed them already)
         later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
-        d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later}, by_length=bool(args.encoder))
+        d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later},
+                                             by_length=bool(args.encoder))
     original = run.stage("importance_original", lambda: evaluate.analyse_original(run, model, d, tc, args.importance_kind,
                                                                          args.seed))
     scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3), from the ORIGINAL LLM
-    for name in [m for m in args.methods if m not in run.results["methods"]]:
+    for name in todo:
         model = new_model()
         w0 = {k: v.detach().to("cpu", copy=True) for k, v in imp.importance_params(model).items()}
         row = method_row(name)
