@@ -501,7 +501,7 @@ def check_out_dir(args):
 
 def check_init_from(args):
     """--init-from RUN: RUN must be finished and made with our pretrain + align settings (its seed may differ: the
-    fine-tuning seeds of one aligned model); -> its results.json."""
+    fine-tuning seeds of one aligned model); -> (its results.json, its run.json)."""
     src = args.init_from
     if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "align.pt")):
         raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json and align.pt)")
@@ -511,10 +511,10 @@ def check_init_from(args):
             if k not in ("data_dir", "init_from", "seed") and theirs.get(k, default(k)) != v]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align settings differ ({', '.join(diff[:4])})")
-    return json.load(open(os.path.join(src, "results.json")))
+    return json.load(open(os.path.join(src, "results.json"))), theirs
 
 
-def init_from(run, src, theirs, args, master):
+def init_from(run, src, theirs, rec, args, master):
     """Copy RUN's pretrain + align checkpoints into OUT, and the results they gave into ours. The analysis of the
     original LLM is of the aligned model, not of a fine-tuning seed: made with our analysis settings, it is copied
     too (results, report, importance_original.pt), so N fine-tuning seeds pay for it once (Table 1's random 3% is
@@ -527,7 +527,7 @@ def init_from(run, src, theirs, args, master):
     for f in ("pretrain.pt", "align_raw.pt", "align.pt"):
         if master and os.path.exists(os.path.join(src, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(src, f), run.path(f))
-    rec, default = json.load(open(os.path.join(src, "run.json"))), get_parser().get_default
+    default = get_parser().get_default  # rec: RUN's run.json
     same = all(rec.get(k, default(k)) == getattr(args, k) for k in ("calib_frac", "calib_min", "importance_kind"))
     pt = os.path.join(src, "importance_original.pt")
     if not (same and theirs.get("calib_draw", 0) == args.calib_draw and os.path.exists(pt)) \
@@ -852,13 +852,13 @@ def start(args):
     if args.reanalyse:
         load_record(args)
     data_dir, manifest, rows = check_inputs(args)  # nothing is written before these checks pass
-    theirs = check_init_from(args) if args.init_from else None
+    theirs, rec = check_init_from(args) if args.init_from else (None, None)
     if rank == 0:
         check_out_dir(args)
     barrier(world)
     run = Run(args.out, rank == 0, world)
     if args.init_from:  # another run's pretrained LLM and aligned speech side: only fine-tuning left to do
-        init_from(run, args.init_from, theirs, args, rank == 0)
+        init_from(run, args.init_from, theirs, rec, args, rank == 0)
     t = time.time()
     d = load_data(args, data_dir, manifest, rank == 0, world, rows)
     start_analysis(run, args)
