@@ -529,8 +529,8 @@ def save_speech(jobs, per_worker=512):
 # Audio I/O and features
 
 def save_wav(path, wav):
-    """float32 [-1, 1] mono at 16 kHz -> 16-bit PCM WAV, written atomically."""
-    tmp = path + ".tmp"
+    """float32 [-1, 1] mono at 16 kHz -> 16-bit PCM WAV, written atomically (two runs may build one cache at once)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with wave.open(tmp, "wb") as w:
         w.setnchannels(1); w.setsampwidth(2); w.setframerate(SAMPLE_RATE)
         w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())
@@ -629,7 +629,7 @@ def check_splits(rows, needed, path):
 
 
 def write_jsonl(path, rows):
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
