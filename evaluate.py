@@ -114,8 +114,10 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
 
 
 def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1):
-    """Importance (importance.py: estimate_importance) over calibration rows, in batches of batch_size. Under DDP
-    each rank takes every world-th batch and the gradient sums are all-reduced: the same result."""
+    """Importance (importance.py: estimate_importance) over calibration rows: "taylor" in batches of batch_size (the
+    mean gradient does not depend on them), the others per sample, one row a batch. Under DDP each rank takes
+    every world-th batch and the sums are all-reduced: the same result."""
+    batch_size = batch_size if kind == "taylor" else 1
     batches = [make(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     return imp.estimate_importance(model, batches[rank::world], kind, all_reduce=world > 1)
 

@@ -4,7 +4,8 @@ Parameter importance analysis: the paper's analysis framework and its layer-wise
 arXiv 2509.23755, "Understanding Textual Capability Degradation in Speech LLMs via Parameter
 Importance Analysis". This file implements
 - Taylor importance (§Importance): I_i = |L(θ) - L(θ | θ_i = 0)| ≈ |∂L/∂θ_i · θ_i|, with the gradient
-  accumulated over a calibration subset; plus per-batch Taylor and diagonal Fisher for comparison.
+  accumulated over a calibration subset; plus per-sample Taylor (mean_i |∂L_i/∂θ · θ|, the default of
+  train.py's toy; README: why) and diagonal Fisher.
 - Table 1: zero the top / bottom / random 3% of the parameters by importance and re-evaluate.
 - Fig. 2/3: the layer-wise distribution of importance, and how far fine-tuning shifts it
   (JS divergence, Spearman rank correlation, overlap of the top-5% sets) [inferred metrics].
@@ -69,8 +70,9 @@ def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=
     """Per-entry importance {canonical key: fp32 CPU tensor shaped like the weight}.
     taylor        |ḡ ⊙ θ|, ḡ = mean_b ∂L_b/∂θ: the paper (accumulate the gradient first, then multiply)
     taylor_sample mean_b |g_b ⊙ θ|: each batch's estimate made non-negative first, so batches whose
-                  gradients disagree in sign add up instead of cancelling (always >= taylor)
-    fisher        mean_b g_b²: diagonal empirical Fisher as in EWC, but per batch, not per sample
+                  gradients disagree in sign add up instead of cancelling (always >= taylor); per-sample
+                  Taylor when each batch is one sample (as train.py's analysis passes it)
+    fisher        mean_b g_b²: diagonal empirical Fisher as in EWC (per sample, with one-sample batches)
     all_reduce: under torch.distributed, sum the running sums and batch counts over ranks before the
     final product (call it on the unwrapped module: a DDP wrapper already averages .grad in backward)."""
     if kind not in KINDS:

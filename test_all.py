@@ -947,6 +947,24 @@ def test_estimates_match_autograd_reference():
     assert all((ts[k] >= t[k] - 1e-7).all() for k in t)
 
 
+def test_pipeline_importance_is_per_sample_except_taylor(world):
+    """evaluate.importance, the analysis's entry point: taylor_sample = mean over rows of |∂L_i/∂θ ⊙ θ| (one row a
+    batch, whatever batch_size), taylor = |mean_b ∂L_b/∂θ ⊙ θ| over batches of batch_size; autograd references."""
+    rows, tok, feats, _ = world
+    rows = [r for r in rows if r["split"] == "speech_train" and r["task"] == "qa"][:6]
+    model, make = tiny_model(tok), lambda rs: data.make_batch(rs, tok, speech=False)
+    params = importance_params(model)
+    def grads(batches):
+        return [torch.autograd.grad(model.loss(make(b)), list(params.values())) for b in batches]
+    per_row, per_batch = grads([[r] for r in rows]), grads([rows[:4], rows[4:]])
+    got = {kind: evaluate.importance(model, rows, make, kind, batch_size=4) for kind in ("taylor_sample", "taylor")}
+    for i, (k, p) in enumerate(params.items()):
+        sample = torch.stack([(g[i] * p).abs() for g in per_row]).mean(0)
+        taylor = (torch.stack([g[i] for g in per_batch]).mean(0) * p).abs()
+        torch.testing.assert_close(got["taylor_sample"][k], sample.detach(), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(got["taylor"][k], taylor.detach(), rtol=1e-4, atol=1e-9)
+
+
 def test_estimate_restores_model_state_and_rejects_unknown_kind():
     model = Toy()
     model.train()
