@@ -169,7 +169,7 @@ def get_parser():
                    help="... but at least this many rows (default: the two sets are the two halves of our 512)")
     g.add_argument("--importance-kind", default="taylor_sample", choices=list(imp.KINDS),
                    help="importance estimator: taylor = the paper's |ḡ·θ|; taylor_sample = mean_i |g_i·θ|, per "
-                        "sample (the toy's default: 8x less noise, README); --real uses taylor")
+                        "sample (the toy's default: 7-16x less noise, README); --real uses taylor")
     return p
 
 
@@ -532,7 +532,8 @@ def init_from(run, src, theirs, rec, args, master):
         if master and os.path.exists(os.path.join(src, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(src, f), run.path(f))
     default = get_parser().get_default  # rec: RUN's run.json
-    same = all(rec.get(k, default(k)) == getattr(args, k) for k in ("calib_frac", "calib_min", "importance_kind"))
+    same = all(rec.get(k, default(k)) == getattr(args, k) for k in ("calib_frac", "calib_min")) \
+        and rec.get("importance_kind", "taylor") == args.importance_kind  # the default before per-sample Taylor
     pt = os.path.join(src, "importance_original.pt")
     if not (same and theirs.get("calib_draw", 0) == args.calib_draw and os.path.exists(pt)) \
             or os.path.exists(run.path("importance_original.pt")):
@@ -662,7 +663,7 @@ def check_inputs(args):
 def calibration_sets(pool, frac, at_least, draw, seed):
     """Two disjoint calibration sets of frac·len(pool) rows (at least `at_least`): the K-th (= draw) pair of one
     seeded shuffle. The paper takes 1/30 of its (thousands of) training dialogues; 1/30 of ours is 17 rows,
-    whose mean gradient is mostly noise. The second set measures that noise: the noise floor of every shift.
+    whose importance estimate is mostly noise. The second set measures that noise: the noise floor of every shift.
     By default the two sets are the two halves of the fine-tuning data, the largest this data allows."""
     n = min(len(pool), max(at_least, round(frac * len(pool))))
     first = 2 * draw * n

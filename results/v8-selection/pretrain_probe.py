@@ -1,8 +1,7 @@
 # The pretraining probe behind RESULTS.md "The default v8" (session 10): the pretrain stage alone, then T2T.
 # Run from the repo root with the v4 world built: python results/v8-selection/pretrain_probe.py SEED STEPS LR COPY_PER_ENTITY BATCH RARE_EVERY
 # (RARE_EVERY k: every k-th entity keeps one statement per fact and no typed QA; 0 = none). Appends to /tmp/exp/pre.jsonl.
-# pretrain-only probe: python pre.py SEED STEPS LR [copy_per_entity] [batch]
-import sys, time, json, torch
+import os, sys, time, json, torch
 sys.path.insert(0, ".")
 import train, data, evaluate
 from dataclasses import replace
@@ -45,4 +44,5 @@ for k, s in (("val_rare", [r for r in d.split("val") if r["id"].split("-")[1] in
              ("test_common", [r for r in d.split("test") if r["id"].split("-")[1] not in rare])):
     if s: out[k] = round(100 * evaluate.accuracy(m, s, d.text_batch, d.tok)[0], 1)
 print(json.dumps(out))
+os.makedirs("/tmp/exp", exist_ok=True)
 open("/tmp/exp/pre.jsonl", "a").write(json.dumps(out) + "\n")
