@@ -10,6 +10,9 @@ comparison runs both sides in this process, interleaved (A B A B ...) after a wa
   lora_vs_full_peak_mem    peak memory added by a LoRA step / by a full fine-tuning step     well below 1
   importance_vs_fwd_bwd    estimate_importance(kind="taylor") over N batches / plain         goal <= 1.15, must <= 1.5
                            forward+backward over the same N batches
+  sample_vs_fwd_bwd        estimate_importance(kind="taylor_sample") over the same rows one   goal <= 1.3, must <= 2
+                           a batch (train.py's default) / plain forward+backward of those;
+                           sample_vs_taylor: what per-sample costs over the batched estimate  (reported)
   decode_vs_hf_generate    tokens/s of SpeechLLM.generate / of llm.generate (greedy)         higher is better
   train_step_gflops        achieved GFLOP/s of a full-FT step, next to matmul_peak_gflops    (MFU-style, reported)
   real_*                   with --real: the first three on SmolLM2-135M-Instruct (train.py --real's LLM), batch 8x64
@@ -193,9 +196,9 @@ def bench_memory(res, goals, args):
 def bench_importance(res, goals, m, batches, reps, warm, sync, loss=None, what=None):
     """3. Taylor importance vs the forward+backward passes it is built on: by default the tiny SpeechLLM on text
     batches; loss: batch -> loss for another model (--real: a plain HF causal LM on token-id batches)."""
-    loss = loss or m.loss
-    def fwd_bwd():
-        for b in batches:
+    toy, loss = loss is None, loss or m.loss
+    def fwd_bwd(bs=batches):
+        for b in bs:
             loss(b).backward()
         m.zero_grad(set_to_none=True)
     ms = median_ms({"fwd_bwd": fwd_bwd, "taylor": lambda: estimate_importance(m, batches, kind="taylor", loss_fn=loss)},
@@ -204,6 +207,17 @@ def bench_importance(res, goals, m, batches, reps, warm, sync, loss=None, what=N
     goals["importance_vs_fwd_bwd"] = "<= 1.15 (must <= 1.5)"
     what = what or f"{len(batches)} batches of {len(batches[0]['prompts'])}"
     print(f"importance    | taylor {ms['taylor']:8.1f} ms | fwd+bwd {ms['fwd_bwd']:8.1f} ms | {what}")
+    if not toy:  # --real's HF LM takes token-id batches: no rows to split
+        return
+    # per-sample Taylor (train.py's default on the toy): the same rows, one a batch; |g_i·θ| summed after each row
+    rows = [{**b, "prompts": [p], "answers": [a]} for b in batches for p, a in zip(b["prompts"], b["answers"])]
+    ms1 = median_ms({"fwd_bwd": lambda: fwd_bwd(rows), "sample": lambda: estimate_importance(m, rows, "taylor_sample")},
+                    reps, warm, sync)
+    res.update(sample_ms=ms1["sample"], sample_vs_fwd_bwd=ms1["sample"] / ms1["fwd_bwd"],
+               sample_vs_taylor=ms1["sample"] / ms["taylor"])
+    goals["sample_vs_fwd_bwd"] = "<= 1.3 (must <= 2)"
+    print(f"importance    | per sample {ms1['sample']:8.1f} ms | fwd+bwd {ms1['fwd_bwd']:8.1f} ms | {len(rows)} rows, "
+          f"one a batch; {ms1['sample'] / ms['taylor']:.1f}x the batched estimate")
 
 
 def bench_decode(res, goals, m, dev, q, reps, warm, sync):

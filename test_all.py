@@ -633,8 +633,8 @@ def test_bench_quick(tmp_path, monkeypatch):
     import bench
     res = bench.main(["--quick", "--out", str(tmp_path / "b.json")])
     saved = json.load(open(tmp_path / "b.json"))
-    for k in ("lora_vs_peft_step", "lora_vs_full_peak_mem", "importance_vs_fwd_bwd", "decode_vs_hf_generate",
-              "train_step_gflops", "matmul_peak_gflops"):
+    for k in ("lora_vs_peft_step", "lora_vs_full_peak_mem", "importance_vs_fwd_bwd", "sample_vs_fwd_bwd",
+              "sample_vs_taylor", "decode_vs_hf_generate", "train_step_gflops", "matmul_peak_gflops"):
         if k == "lora_vs_peft_step" and res[k] is None:  # peft not installed
             continue
         assert k in saved and math.isfinite(res[k]) and res[k] > 0, k
