@@ -532,8 +532,7 @@ def init_from(run, src, theirs, rec, args, master):
         if master and os.path.exists(os.path.join(src, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(src, f), run.path(f))
     default = get_parser().get_default  # rec: RUN's run.json
-    same = all(rec.get(k, default(k)) == getattr(args, k) for k in ("calib_frac", "calib_min")) \
-        and rec.get("importance_kind", "taylor") == args.importance_kind  # the default before per-sample Taylor
+    same = all(rec.get(k, default(k)) == getattr(args, k) for k in ("calib_frac", "calib_min", "importance_kind"))
     pt = os.path.join(src, "importance_original.pt")
     if not (same and theirs.get("calib_draw", 0) == args.calib_draw and os.path.exists(pt)) \
             or os.path.exists(run.path("importance_original.pt")):
