@@ -113,13 +113,22 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
     return out
 
 
-def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1):
+def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1, per_row=None):
     """Importance (importance.py: estimate_importance) over calibration rows: "taylor" in batches of batch_size (the
     mean gradient does not depend on them), the others per sample, one row a batch. Under DDP each rank takes
-    every world-th batch and the sums are all-reduced: the same result."""
+    every world-th batch and the sums are all-reduced: the same result. per_row (a list; not taylor): each row's
+    importance per layer is appended, from every rank."""
     batch_size = batch_size if kind == "taylor" else 1
     batches = [make(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-    return imp.estimate_importance(model, batches[rank::world], kind, all_reduce=world > 1)
+    mine = [] if per_row is not None else None
+    scores = imp.estimate_importance(model, batches[rank::world], kind, all_reduce=world > 1, per_batch=mine)
+    if per_row is not None:
+        parts = [mine]
+        if world > 1:
+            parts = [None] * world
+            torch.distributed.all_gather_object(parts, mine)
+        per_row.extend(r for part in parts for r in part)
+    return scores
 
 
 def table1_check(model, scores, rows, make, seed=0):
@@ -137,14 +146,17 @@ def analyse_original(run, model, d, tc, kind, seed):
     """Stage 3: the original LLM's textual importance (transcripts typed) and speech importance (audio) on the
     calibration rows; Table 1 on the test questions, all of them and those it answers right from that input
     (where it is wrong it is often confidently wrong, and any perturbation that flattens it lowers perplexity);
-    the noise floor: the same model on the second calibration set. -> OUT/importance_original.pt"""
+    the noise floor: the same model on the second calibration set, and (per-sample kinds) over 200 random pairs of
+    disjoint sets drawn from both sets' rows. -> OUT/importance_original.pt"""
     test, rep = d.split("test"), run.report
     val, imps = {}, {}
+    per_row = [] if kind != "taylor" else None  # per-sample kinds: each calibration row's textual importance per layer
     with autocast(tc.device, tc.dtype):
         for inp, make in (("text", d.text_batch), ("speech", d.ft_batch)):
             preds = accuracy(model, test, make, d.tok)[2]
             answered = [r for r, ok in zip(test, right(test, preds)) if ok]
-            scores = importance(model, d.calib, make, kind, tc.batch_size, tc.rank, tc.world)
+            scores = importance(model, d.calib, make, kind, tc.batch_size, tc.rank, tc.world,
+                                per_row if inp == "text" else None)
             t1 = {sub: table1_check(model, scores, rows, make, seed)
                   for sub, rows in (("all", test), ("answered", answered)) if rows}
             rep["distribution"][f"original_{inp}"] = imp.layer_distribution(scores)
@@ -154,10 +166,14 @@ def analyse_original(run, model, d, tc, kind, seed):
             imps[inp] = scores
         text, text2 = imps["text"], None
         if len(d.calib2) == len(d.calib):  # no noise floor if the pool is too small for two sets
-            text2 = importance(model, d.calib2, d.text_batch, kind, tc.batch_size, tc.rank, tc.world)
+            text2 = importance(model, d.calib2, d.text_batch, kind, tc.batch_size, tc.rank, tc.world, per_row)
             rep["noise_floor"] = imp.shift_metrics(text, text2)
             run.results["importance_noise_js"] = rep["noise_floor"]["js"]
             run.results["importance_noise_total_ratio"] = rep["noise_floor"]["total_ratio"]
+            if per_row:  # the two sets are one draw of the noise; random pairs from both sets' rows give its mean
+                rep["noise_floor_resampled"] = imp.noise_floor(per_row, len(d.calib), seed=seed)
+                run.results["importance_noise_js_mean"] = rep["noise_floor_resampled"]["mean"]
+                run.results["importance_noise_js_p90"] = rep["noise_floor_resampled"]["p90"]
     rep["concentration"] = {"original_text": imp.concentration(text)}  # Fig. 1: rows / columns
     run.results["importance_validation"] = {**val["text"], "speech": val["speech"]}
     run.save_report()
@@ -242,7 +258,10 @@ def format_table(results, sd=None):
         return f"{txt:>{w}}"
     keys = ("t2t_acc", "t2t_em", "s2t_acc", "s2t_em", "wer")
     lines = [f"{'method':<16}" + "".join(f"{h:>13}" for h in ("T2T", "T2T EM", "S2T", "S2T EM", "WER"))
-             + f"{'dT2T vs full':>14}{'dS2T vs full':>14}{'importance JS':>15}{'JS, 2nd set':>13}{'importance sum':>16}"]
+             + f"{'dT2T vs full':>14}{'dS2T vs full':>14}{'importance JS':>15}{'JS, 2nd set':>13}{'x noise':>9}"
+             + f"{'importance sum':>16}"]
+    # the noise floor a shift is compared to: its mean over random pairs of calibration sets where measured
+    noise = results.get("importance_noise_js_mean", results.get("importance_noise_js"))
     sd = sd or {}
     rows = [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft"))]
     rows += [(n, m, sd.get("methods", {}).get(n)) for n, m in results.get("methods", {}).items()]
@@ -252,13 +271,17 @@ def format_table(results, sd=None):
         js = f"{m['importance_js']:>15.4f}" if "importance_js" in m else f"{'':>15}"
         js2 = m.get("importance_shift_2", {}).get("js")  # the same shift on the second calibration set
         js += f"{js2:>13.4f}" if js2 is not None else f"{'':>13}"
+        js += f"{m['importance_js'] / noise:>8.1f}x" if noise and "importance_js" in m else f"{'':>9}"
         tot = m.get("importance_shift", {}).get("total_ratio")  # summed textual importance, x the original's
         tot = f"{tot:>15.1f}x" if tot is not None else ""
         lines.append(f"{name:<16}" + "".join(cell(m, s, k) for k in keys) + f"{d('t2t_acc')}{d('s2t_acc')}{js}{tot}")
     if "importance_noise_js" in results:  # the same original model on a second calibration set
+        mean = results.get("importance_noise_js_mean")
         lines.append(f"noise floor (original model, another calibration set): importance JS "
-                     f"{results['importance_noise_js']:.4f}, importance sum "
-                     f"{results.get('importance_noise_total_ratio', float('nan')):.2f}x")
+                     f"{results['importance_noise_js']:.4f}"
+                     + (f" (over 200 random pairs of sets: mean {mean:.4f}, 90th percentile "
+                        f"{results['importance_noise_js_p90']:.4f})" if mean is not None else "")
+                     + f", importance sum {results.get('importance_noise_total_ratio', float('nan')):.2f}x")
     return "\n".join(lines)
 
 

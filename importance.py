@@ -8,7 +8,8 @@ Importance Analysis". This file implements
   train.py's toy; README: why) and diagonal Fisher.
 - Table 1: zero the top / bottom / random 3% of the parameters by importance and re-evaluate.
 - Fig. 2/3: the layer-wise distribution of importance, and how far fine-tuning shifts it
-  (JS divergence, Spearman rank correlation, overlap of the top-5% sets) [inferred metrics].
+  (JS divergence, Spearman rank correlation, overlap of the top-5% sets) [inferred metrics], and the
+  noise floor of that JS: disjoint random sets of calibration rows compared (ours).
 - Fig. 1/4: whether the top-5% entries of a matrix (importance map or LoRA ΔW) sit on few rows/columns.
 - Eq. (3): per-layer learning-rate multipliers from importance, and the optimizer's param groups.
 
@@ -66,7 +67,7 @@ def _layer_module(key):
 # -----------------------------------------------------------------------------
 # estimating importance over calibration batches
 
-def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=False):
+def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=False, per_batch=None):
     """Per-entry importance {canonical key: fp32 CPU tensor shaped like the weight}.
     taylor        |ḡ ⊙ θ|, ḡ = mean_b ∂L_b/∂θ: the paper (accumulate the gradient first, then multiply)
     taylor_sample mean_b |g_b ⊙ θ|: each batch's estimate made non-negative first, so batches whose
@@ -74,9 +75,13 @@ def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=
                   Taylor when each batch is one sample (as train.py's analysis passes it)
     fisher        mean_b g_b²: diagonal empirical Fisher as in EWC (per sample, with one-sample batches)
     all_reduce: under torch.distributed, sum the running sums and batch counts over ranks before the
-    final product (call it on the unwrapped module: a DDP wrapper already averages .grad in backward)."""
+    final product (call it on the unwrapped module: a DDP wrapper already averages .grad in backward).
+    per_batch: a list (taylor_sample / fisher): each batch's estimate summed per layer is appended to it, a list
+    of floats (index = layer), so that `noise_floor` can resample the calibration rows afterwards."""
     if kind not in KINDS:
         raise ValueError(f"unknown importance kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    if per_batch is not None and kind == "taylor":
+        raise ValueError("per_batch needs kind taylor_sample or fisher: taylor's |mean gradient · θ| is no sum over batches")
     loss_fn = loss_fn if loss_fn is not None else model.loss
     params = importance_params(model)
     assert params, "no `model.layers.<i>.…_proj.weight` parameters found"
@@ -84,6 +89,7 @@ def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     was_training = model.training
     sums, n = {}, 0
+    n_layers = 1 + max(_layer_module(k)[0] for k in params)
     try:
         model.eval()  # no dropout noise in the gradients
         for p, _, _ in saved:
@@ -96,11 +102,16 @@ def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=
                 n += 1
                 if kind == "taylor":
                     continue  # nothing per batch: costs one plain forward+backward per batch
+                layers = [0.0] * n_layers  # this batch's estimate summed per layer (for per_batch)
                 for k, p in params.items():
                     g = _grad32(p)
                     s = (g * p.detach().float()).abs() if kind == "taylor_sample" else g.square()
                     sums[k] = sums[k].add_(s) if k in sums else s
+                    if per_batch is not None:
+                        layers[_layer_module(k)[0]] += s.sum(dtype=torch.float64)
                     p.grad = None
+                if per_batch is not None:
+                    per_batch.append([float(x) for x in layers])
         if kind == "taylor" or n == 0:  # (n = 0: a rank with no batch of its own still joins the all-reduce)
             sums = {k: _grad32(p) for k, p in params.items()}  # in the param dtype until here (bf16 models: bf16 sums)
         if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -215,6 +226,24 @@ def shift_metrics(imp_orig, imp_new, frac=0.05):
             "top_jaccard": inter / union if union else 1.0,
             # not normalised: how much the summed importance grew (the paper's 8B curves drop as a whole, Fig. 3)
             "total_ratio": sum(ln) / max(sum(lo), 1e-30)}
+
+
+def noise_floor(per_row, n, draws=200, seed=0):
+    """How far the layer distribution moves by chance alone: the JS divergence between the layer distributions of
+    two disjoint random sets of n calibration rows, over `draws` random pairs. per_row: rows x layers, each row's
+    importance summed per layer (estimate_importance's per_batch, one row a batch). A second calibration set gives
+    one such draw, and one draw can land far in the tail; the mean is the noise floor a shift is compared to. [ours]"""
+    x = torch.as_tensor(per_row, dtype=torch.float64)  # (rows, layers)
+    if not 0 < 2 * n <= len(x):
+        raise ValueError(f"noise_floor: two disjoint sets of {n} rows need at least {2 * n} rows, got {len(x)}")
+    gen = torch.Generator().manual_seed(seed)
+    js = []
+    for _ in range(draws):
+        perm = torch.randperm(len(x), generator=gen)
+        js.append(js_divergence(x[perm[:n]].sum(0), x[perm[n:2 * n]].sum(0)))
+    js = torch.tensor(js, dtype=torch.float64)
+    return {"mean": js.mean().item(), "median": js.median().item(), "p90": js.quantile(0.9).item(),
+            "n": n, "draws": draws}
 
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import lora
 import train
 from importance import (aggregate, bar_chart, estimate_importance, format_lr_table, global_mask,
                         importance_params, js_divergence, layer_distribution, layer_lr_scale,
-                        layer_param_groups, masked_eval, plot_distributions, row_col_concentration,
+                        layer_param_groups, masked_eval, noise_floor, plot_distributions, row_col_concentration,
                         shift_metrics, spearman, table1, top_share_by_layer)
 from lora import (LoRALinear, TARGETS, count_parameters, inject_lora, load_lora_state_dict,
                   lora_state_dict, mark_only_lora_as_trainable, merge_lora, save_peft_adapter,
@@ -422,6 +422,10 @@ def test_train_main_tiny_run(tmp_path, world):
     assert table1[2].split()[:3] == ["text", "all", str(val["n_rows"])] and table1[-1].startswith("speech")
     assert res["importance_noise_js"] > 0  # the same model on a second calibration set differs only by noise
     assert res["importance_noise_total_ratio"] > 0
+    # the same noise over 200 random pairs of sets (per-sample importance): a distribution, the pair one draw of it
+    nf = json.load(open(os.path.join(out, "importance.json")))["noise_floor_resampled"]
+    assert 0 < nf["median"] <= nf["p90"] and nf["mean"] == res["importance_noise_js_mean"]
+    assert "x noise" in evaluate.format_table(res).splitlines()[0]
     assert all(res["methods"][m]["importance_shift"]["total_ratio"] > 0 for m in ("full", "lora"))
     # the same shift on the second calibration set: 0 for an untouched LLM, and printed beside importance JS
     assert res["methods"]["frozen"]["importance_shift_2"]["js"] == pytest.approx(0, abs=1e-9)
@@ -957,12 +961,36 @@ def test_pipeline_importance_is_per_sample_except_taylor(world):
     def grads(batches):
         return [torch.autograd.grad(model.loss(make(b)), list(params.values())) for b in batches]
     per_row, per_batch = grads([[r] for r in rows]), grads([rows[:4], rows[4:]])
-    got = {kind: evaluate.importance(model, rows, make, kind, batch_size=4) for kind in ("taylor_sample", "taylor")}
+    rows_out = []  # each row's importance summed per layer: what the resampled noise floor draws from
+    got = {kind: evaluate.importance(model, rows, make, kind, batch_size=4, per_row=rows_out if kind != "taylor"
+                                     else None) for kind in ("taylor_sample", "taylor")}
+    layer_ref = torch.zeros(len(rows), model.cfg.n_layers, dtype=torch.float64)
     for i, (k, p) in enumerate(params.items()):
         sample = torch.stack([(g[i] * p).abs() for g in per_row]).mean(0)
         taylor = (torch.stack([g[i] for g in per_batch]).mean(0) * p).abs()
         torch.testing.assert_close(got["taylor_sample"][k], sample.detach(), rtol=1e-4, atol=1e-9)
         torch.testing.assert_close(got["taylor"][k], taylor.detach(), rtol=1e-4, atol=1e-9)
+        for r, g in enumerate(per_row):
+            layer_ref[r, int(k.split("layers.")[1].split(".")[0])] += (g[i] * p).abs().sum().item()
+    torch.testing.assert_close(torch.tensor(rows_out, dtype=torch.float64), layer_ref, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="per_batch"):  # the mean gradient's estimate is no sum over rows
+        evaluate.importance(model, rows, make, "taylor", per_row=[])
+
+
+def test_noise_floor_resamples_disjoint_sets():
+    """importance.noise_floor: one draw is the JS between two disjoint sets' summed layer importance; identical rows
+    give 0; for independent rows the mean falls about as 1/n (JS of two sums of n rows ~ their variance)."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.rand(4000, 6, generator=g, dtype=torch.float64) * torch.tensor([4.0, 1, 1, 2, 1, 3], dtype=torch.float64)
+    one = noise_floor(rows[:40], 20, draws=1, seed=5)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(5))
+    assert one["mean"] == pytest.approx(js_divergence(rows[perm[:20]].sum(0), rows[perm[20:40]].sum(0)))
+    assert noise_floor(rows[:1].repeat(50, 1), 25)["mean"] == pytest.approx(0, abs=1e-12)
+    small, large = noise_floor(rows, 50, draws=300), noise_floor(rows, 800, draws=300)
+    assert small["median"] <= small["p90"] and small["n"] == 50 and small["draws"] == 300
+    assert 10 < small["mean"] / large["mean"] < 26  # 16x the rows: about 16x less noise
+    with pytest.raises(ValueError, match="need at least 100 rows"):
+        noise_floor(rows[:99], 50)
 
 
 def test_estimate_restores_model_state_and_rejects_unknown_kind():

@@ -537,13 +537,14 @@ def init_from(run, src, theirs, rec, args, master):
     if not (same and theirs.get("calib_draw", 0) == args.calib_draw and os.path.exists(pt)) \
             or os.path.exists(run.path("importance_original.pt")):
         return
-    for k in ("importance_validation", "importance_noise_js", "importance_noise_total_ratio"):
+    for k in ("importance_validation", "importance_noise_js", "importance_noise_total_ratio", "importance_noise_js_mean",
+              "importance_noise_js_p90"):
         if k in theirs:
             run.results[k] = theirs[k]
     rep = json.load(open(os.path.join(src, "importance.json")))
     for k in ("distribution", "top5_share", "concentration"):
         run.report.setdefault(k, {}).update({n: v for n, v in rep.get(k, {}).items() if n.startswith("original_")})
-    run.report.update({k: v for k, v in rep.items() if k.startswith("table1_") or k == "noise_floor"})
+    run.report.update({k: v for k, v in rep.items() if k.startswith("table1_") or k.startswith("noise_floor")})
     if master:
         run.save_report()
         shutil.copyfile(pt, run.path("importance_original.pt"))
