@@ -127,7 +127,8 @@ def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1,
         if world > 1:
             parts = [None] * world
             torch.distributed.all_gather_object(parts, mine)
-        per_row.extend(r for part in parts for r in part)
+        # one row a batch, and rank r took rows r, r + world, ...: back in row order, as one process has them
+        per_row.extend(parts[i % world][i // world] for i in range(len(rows)))
     return scores
 
 
@@ -260,7 +261,8 @@ def format_table(results, sd=None):
     lines = [f"{'method':<16}" + "".join(f"{h:>13}" for h in ("T2T", "T2T EM", "S2T", "S2T EM", "WER"))
              + f"{'dT2T vs full':>14}{'dS2T vs full':>14}{'importance JS':>15}{'JS, 2nd set':>13}{'x noise':>9}"
              + f"{'importance sum':>16}"]
-    # the noise floor a shift is compared to: its mean over random pairs of calibration sets where measured
+    # "x noise": the shift over the noise floor, its mean over random pairs of calibration sets where measured
+    # (per-sample kinds), else the one pair of sets the run drew
     noise = results.get("importance_noise_js_mean", results.get("importance_noise_js"))
     sd = sd or {}
     rows = [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft"))]
@@ -279,7 +281,7 @@ def format_table(results, sd=None):
         mean = results.get("importance_noise_js_mean")
         lines.append(f"noise floor (original model, another calibration set): importance JS "
                      f"{results['importance_noise_js']:.4f}"
-                     + (f" (over 200 random pairs of sets: mean {mean:.4f}, 90th percentile "
+                     + (f" (over random pairs of sets: mean {mean:.4f}, 90th percentile "
                         f"{results['importance_noise_js_p90']:.4f})" if mean is not None else "")
                      + f", importance sum {results.get('importance_noise_total_ratio', float('nan')):.2f}x")
     return "\n".join(lines)

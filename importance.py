@@ -102,16 +102,16 @@ def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=
                 n += 1
                 if kind == "taylor":
                     continue  # nothing per batch: costs one plain forward+backward per batch
-                layers = [0.0] * n_layers  # this batch's estimate summed per layer (for per_batch)
+                layers = torch.zeros(n_layers, dtype=torch.float64, device=next(iter(params.values())).device)
                 for k, p in params.items():
                     g = _grad32(p)
                     s = (g * p.detach().float()).abs() if kind == "taylor_sample" else g.square()
                     sums[k] = sums[k].add_(s) if k in sums else s
-                    if per_batch is not None:
+                    if per_batch is not None:  # this batch's estimate summed per layer
                         layers[_layer_module(k)[0]] += s.sum(dtype=torch.float64)
                     p.grad = None
                 if per_batch is not None:
-                    per_batch.append([float(x) for x in layers])
+                    per_batch.append(layers.tolist())  # one device sync per batch
         if kind == "taylor" or n == 0:  # (n = 0: a rank with no batch of its own still joins the all-reduce)
             sums = {k: _grad32(p) for k, p in params.items()}  # in the param dtype until here (bf16 models: bf16 sums)
         if all_reduce and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -232,10 +232,13 @@ def noise_floor(per_row, n, draws=200, seed=0):
     """How far the layer distribution moves by chance alone: the JS divergence between the layer distributions of
     two disjoint random sets of n calibration rows, over `draws` random pairs. per_row: rows x layers, each row's
     importance summed per layer (estimate_importance's per_batch, one row a batch). A second calibration set gives
-    one such draw, and one draw can land far in the tail; the mean is the noise floor a shift is compared to. [ours]"""
+    one such draw, and one draw can land far in the tail; the mean is the noise floor a shift is compared to. [ours]
+    A set's summed rows are n x its layer importance (a mean over rows); JS normalises, so the sums will do."""
     x = torch.as_tensor(per_row, dtype=torch.float64)  # (rows, layers)
     if not 0 < 2 * n <= len(x):
         raise ValueError(f"noise_floor: two disjoint sets of {n} rows need at least {2 * n} rows, got {len(x)}")
+    if draws < 1:
+        raise ValueError(f"noise_floor: draws must be >= 1, got {draws}")
     gen = torch.Generator().manual_seed(seed)
     js = []
     for _ in range(draws):

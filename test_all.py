@@ -564,7 +564,7 @@ losses, state = test_all._ddp_case({d!r}, {str(tmp_path / "ddp")!r}, ["--batch-s
 torch.save({{"losses": losses, "state": state}}, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
 train.main(["--out", {run!r}, "--data-dir", {d!r}, "--n-entities", "8", "--n-layers", "2", "--d-llm", "32",
             "--batch-size", "4", "--pretrain-steps", "6", "--align-steps", "2", "--compress-steps", "2",
-            "--steps", "2", "--log-every", "1000", "--method", "full,lora", "--calib-frac", "0.1"])
+            "--steps", "2", "--log-every", "1000", "--method", "full,lora", "--calib-frac", "0.1", "--calib-min", "9"])
 """)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(tmp_path / "ddp.py")], capture_output=True, text=True, cwd=here,
@@ -578,6 +578,12 @@ train.main(["--out", {run!r}, "--data-dir", {d!r}, "--n-entities", "8", "--n-lay
         torch.testing.assert_close(r0["state"][k], state[k], atol=1e-5, rtol=1e-4)
     res = json.load(open(os.path.join(run, "results.json")))
     assert set(res["methods"]) == {"full", "lora"} and p.stdout.count("finetune full:") == 1  # rank 0 prints
+    # the same checkpoints measured again in one process: the per-row terms gathered from both ranks came back in
+    # row order, so the resampled noise floor draws the same sets
+    nf = json.load(open(os.path.join(run, "importance.json")))["noise_floor_resampled"]
+    train.main(["--out", run, "--reanalyse", "--method", "full,lora"])
+    one = json.load(open(os.path.join(run, "importance.json")))["noise_floor_resampled"]
+    assert one == pytest.approx(nf, rel=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -973,6 +979,13 @@ def test_pipeline_importance_is_per_sample_except_taylor(world):
         for r, g in enumerate(per_row):
             layer_ref[r, int(k.split("layers.")[1].split(".")[0])] += (g[i] * p).abs().sum().item()
     torch.testing.assert_close(torch.tensor(rows_out, dtype=torch.float64), layer_ref, rtol=1e-4, atol=1e-9)
+    fisher_rows = []  # diagonal Fisher's rows: each row's g² summed per layer
+    evaluate.importance(model, rows, make, "fisher", per_row=fisher_rows)
+    layer_of = [int(k.split("layers.")[1].split(".")[0]) for k in params]
+    fisher_ref = [[sum(g[i].square().sum().item() for i in range(len(g)) if layer_of[i] == l)
+                   for l in range(model.cfg.n_layers)] for g in per_row]
+    torch.testing.assert_close(torch.tensor(fisher_rows, dtype=torch.float64),
+                               torch.tensor(fisher_ref, dtype=torch.float64), rtol=1e-4, atol=1e-12)
     with pytest.raises(ValueError, match="per_batch"):  # the mean gradient's estimate is no sum over rows
         evaluate.importance(model, rows, make, "taylor", per_row=[])
 
@@ -991,6 +1004,8 @@ def test_noise_floor_resamples_disjoint_sets():
     assert 10 < small["mean"] / large["mean"] < 26  # 16x the rows: about 16x less noise
     with pytest.raises(ValueError, match="need at least 100 rows"):
         noise_floor(rows[:99], 50)
+    with pytest.raises(ValueError, match="draws"):
+        noise_floor(rows, 50, draws=0)
 
 
 def test_estimate_restores_model_state_and_rejects_unknown_kind():

@@ -884,6 +884,8 @@ def start_analysis(run, args):
     res["calib_draw"] = args.calib_draw
     if args.reanalyse:  # keep the checkpoints, recompute everything measured from them
         res["methods"], run.report = {}, {"distribution": {}, "top5_share": {}}
+        for k in [k for k in res if k.startswith("importance_noise")]:  # measured again, or not at all
+            del res[k]
         if run.master and os.path.exists(run.path("importance_original.pt")):
             os.remove(run.path("importance_original.pt"))
         barrier(run.world)
