@@ -71,11 +71,11 @@ QUESTIONS = {  # 8 phrasings each, used by disjoint sets of rows (PHRASINGS belo
 # Which phrasings each split asks in. Pretraining types 0, 1, 6, 7; the spoken fine-tuning questions use 2 and 5,
 # never typed in pretraining, so the calibration rows (a sample of them) are not text the LLM memorised
 # verbatim, as the paper's speech data is not its LLM's text; val and test ask in 3-4, never trained on.
-PHRASINGS = {"pretrain": (0, 1, 6, 7), "speech_train": (2, 5), "val": (3, 4), "test": (3, 4)}
+PHRASINGS = {"pretrain": (0, 1, 6, 7), "speech_train": (2, 5), "val": (3, 4), "test": (3, 4), "pretrain_val": (3, 4)}
 ASR_PER_ENTITY = 40  # ASR utterances per entity for `align` (random 1-4 word strings); fine-tuning is QA only
 COPY_PER_ENTITY = 16  # typed 'repeat after me' rows per entity in pretraining (the ASR task in text form)
 ASR_INSTRUCTION = "repeat after me: "  # the ASR task's user turn is this + the utterance
-WORLD_VERSION = 4  # bump when make_world / make_splits / the synthesiser change: cached worlds are keyed by it
+WORLD_VERSION = 5  # bump when make_world / make_splits / the synthesiser change: cached worlds are keyed by it
 N_ENTITIES = 128  # the default world: more facts than the tiny LLM learns perfectly (README: why 128)
 VAL_FRACTION = 0.25  # of the text-only entities: questions for choosing settings (world size, steps, LRs)
 
@@ -93,7 +93,9 @@ def make_world(n_entities=N_ENTITIES, seed=0):
 
 def make_splits(world, seed=0):
     """Rows of the manifest (without audio yet). The first half of the entities are 'speech' entities (spoken
-    questions in fine-tuning); of the other, text-only half, VAL_FRACTION go to `val`, the rest to `test`."""
+    questions in fine-tuning); of the other, text-only half, VAL_FRACTION go to `val`, the rest to `test`.
+    `pretrain_val`: the speech entities asked typed in the test phrasings, where pretraining checks how much the
+    LLM knows (train.py: --pretrain-target) without asking about any val or test entity."""
     rng = random.Random(seed + 1)
     n_asr_train, n_asr_test, n_copy = ASR_PER_ENTITY * len(world), 2 * len(world), COPY_PER_ENTITY * len(world)
     half = len(world) // 2
@@ -120,6 +122,7 @@ def make_splits(world, seed=0):
                          task="copy", split="pretrain"))
     for e in world[:half]:  # speech_train: spoken questions about the speech entities only
         qa(e, "speech_train")
+        qa(e, "pretrain_val")
     for i in range(n_asr_train):
         w = words(rng.randint(1, 4))
         rows.append(dict(id=f"asr-train-{i}", transcript=w, question="", answer=w, task="asr", split="speech_train"))
@@ -592,7 +595,7 @@ def log_mel(wav, n_mels=N_MELS):
 # Manifest: one JSON object a line: id, audio, transcript, question, answer, task, split
 
 TASKS = ("qa", "asr", "lm", "copy")
-SPLITS = ("pretrain", "speech_train", "val", "test", "asr_test")
+SPLITS = ("pretrain", "pretrain_val", "speech_train", "val", "test", "asr_test")
 
 
 def read_manifest(path):
@@ -683,7 +686,7 @@ def build(data_dir, seed=0, tts="formant", n_entities=N_ENTITIES):
     speak = {"formant": synthesize, "espeak": synthesize_espeak}[tts]
     rng, jobs = random.Random(seed + 2), []
     for r in rows:
-        if r["task"] in ("qa", "asr") and r["split"] != "pretrain":
+        if r["task"] in ("qa", "asr") and r["split"] not in ("pretrain", "pretrain_val"):  # those two are typed
             r["audio"] = f"audio/{r['id']}.wav"
             jobs.append((os.path.join(data_dir, r["audio"]), speak, (r["transcript"], random_speaker(rng))))
     save_speech(jobs)

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import struct
+import types
 import wave
 
 import numpy as np
@@ -66,6 +67,9 @@ def test_splits_separate_speech_and_text_only_entities(world):
     assert phr("speech_train").isdisjoint(phr("test"))                    # (spoken QA) are not pretraining text
     ft = data.finetune_rows(rows)
     assert ft and all(r["task"] == "qa" and r["split"] == "speech_train" for r in ft)  # fine-tuning: spoken QA only
+    # where pretraining checks its level: the speech entities, typed, in the test phrasings; no val/test entity
+    assert ents("pretrain_val") == ents("speech_train") and phr("pretrain_val") == phr("test")
+    assert not any(r.get("audio") for r in rows if r["split"] == "pretrain_val")
 
 
 def test_scorer_refuses_answers_that_list_candidates():
@@ -390,6 +394,27 @@ def test_get_lr_schedule():
     assert train.get_lr(9, 100, 10) == pytest.approx(1.0)
     assert train.get_lr(99, 100, 10) == pytest.approx(0.1, abs=1e-3)
     assert all(train.get_lr(i, 100, 10) >= train.get_lr(i + 1, 100, 10) for i in range(10, 99))
+
+
+def test_pretrain_stops_at_target(world, monkeypatch):
+    """--pretrain-target: T2T on pretrain_val every check_every steps; the first check at or above the target ends
+    pretraining (the LR schedule stays the planned one); target 0 runs every step and checks nothing."""
+    rows, tok, feats, _ = world
+    d = train.Data(rows, tok, feats, [], [], ModelConfig.n_mels)
+    levels, asked = iter([0.2, 0.5, 0.8, 0.9, 0.9, 0.9]), []
+    def fake_accuracy(model, rs, make, tok_):
+        asked.append({r["split"] for r in rs})
+        return next(levels), None, None
+    monkeypatch.setattr(evaluate, "accuracy", fake_accuracy)
+    tc = train.TrainConfig(batch_size=4, log_every=1000)
+    run = types.SimpleNamespace(results={})
+    train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 20, 0.0, target=0.7, check_every=2)
+    assert run.results["pretrain"]["checks"] == [(2, 0.2), (4, 0.5), (6, 0.8)]  # then T2T on test and val
+    assert run.results["pretrain"]["steps"] == 6 and run.results["train_loss"]["pretrain"]
+    assert asked[:3] == [{"pretrain_val"}] * 3 and asked[3:] == [{"test"}, {"val"}]
+    levels, run = iter([0.9, 0.9]), types.SimpleNamespace(results={})
+    train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 5, 0.0, target=0.0, check_every=2)
+    assert run.results["pretrain"]["steps"] == 5 and run.results["pretrain"]["checks"] == []
 
 
 def test_train_main_tiny_run(tmp_path, world):
