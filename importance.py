@@ -89,7 +89,7 @@ def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=
     saved = [(p, p.requires_grad, p.grad) for p in model.parameters()]
     was_training = model.training
     sums, n = {}, 0
-    n_layers = 1 + max(_layer_module(k)[0] for k in params)
+    layer_of = {k: _layer_module(k)[0] for k in params}  # for per_batch: each weight's layer, parsed once
     try:
         model.eval()  # no dropout noise in the gradients
         for p, _, _ in saved:
@@ -102,15 +102,16 @@ def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=
                 n += 1
                 if kind == "taylor":
                     continue  # nothing per batch: costs one plain forward+backward per batch
-                layers = torch.zeros(n_layers, dtype=torch.float64, device=next(iter(params.values())).device)
+                layers = None if per_batch is None else \
+                    torch.zeros(1 + max(layer_of.values()), dtype=torch.float64, device=next(iter(params.values())).device)
                 for k, p in params.items():
                     g = _grad32(p)
                     s = (g * p.detach().float()).abs() if kind == "taylor_sample" else g.square()
                     sums[k] = sums[k].add_(s) if k in sums else s
-                    if per_batch is not None:  # this batch's estimate summed per layer
-                        layers[_layer_module(k)[0]] += s.sum(dtype=torch.float64)
+                    if layers is not None:  # this batch's estimate summed per layer
+                        layers[layer_of[k]] += s.sum(dtype=torch.float64)
                     p.grad = None
-                if per_batch is not None:
+                if layers is not None:
                     per_batch.append(layers.tolist())  # one device sync per batch
         if kind == "taylor" or n == 0:  # (n = 0: a rank with no batch of its own still joins the all-reduce)
             sums = {k: _grad32(p) for k, p in params.items()}  # in the param dtype until here (bf16 models: bf16 sums)

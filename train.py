@@ -547,8 +547,7 @@ def init_from(run, src, theirs, rec, args, master):
     if not (same and theirs.get("calib_draw", 0) == args.calib_draw and os.path.exists(pt)) \
             or os.path.exists(run.path("importance_original.pt")):
         return
-    for k in ("importance_validation", "importance_noise_js", "importance_noise_total_ratio", "importance_noise_js_mean",
-              "importance_noise_js_p90"):
+    for k in ["importance_validation"] + [k for k in theirs if k.startswith("importance_noise")]:
         if k in theirs:
             run.results[k] = theirs[k]
     rep = json.load(open(os.path.join(src, "importance.json")))
