@@ -417,6 +417,30 @@ def test_pretrain_stops_at_target(world, monkeypatch):
     assert run.results["pretrain"]["steps"] == 5 and run.results["pretrain"]["checks"] == []
 
 
+def test_pretrain_cooldown_after_stop(world, monkeypatch):
+    """--pretrain-cooldown: after a target stop, that many steps more, from the LR of the last step (on the
+    planned schedule) down, on a new batch order; none when the target is never reached (already annealed)."""
+    rows, tok, feats, _ = world
+    d = train.Data(rows, tok, feats, [], [], ModelConfig.n_mels)
+    levels, calls, real_train = iter([0.2, 0.8, 0.9, 0.9]), [], train.train
+    monkeypatch.setattr(evaluate, "accuracy", lambda *a: (next(levels), None, None))
+    def spy(model, groups, batches, steps, cfg, teacher=None, stop=None):
+        calls.append((cfg.name, steps, [g["initial_lr"] for g in groups], batches(0)[0]["prompts"]))
+        return real_train(model, groups, batches, steps, cfg, teacher, stop)
+    monkeypatch.setattr(train, "train", spy)
+    tc, run = train.TrainConfig(batch_size=4, log_every=1000, seed=3), types.SimpleNamespace(results={})
+    train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 20, 0.0, target=0.7, cooldown=3, check_every=2)
+    (n1, s1, lr1, x1), (n2, s2, lr2, x2) = calls
+    assert (n1, s1, n2, s2) == ("pretrain", 20, "pretrain_cooldown", 3)
+    assert lr2 == [pytest.approx(1e-3 * train.get_lr(3, 20, 1))] * len(lr1)  # stopped after step 4 (index 3)
+    assert x1 != x2  # another batch order
+    p = run.results["pretrain"]
+    assert (p["steps"], p["cooldown"], p["checks"][-1]) == (7, 3, (4, 0.8))
+    calls.clear()
+    levels, run = iter([0.1, 0.1, 0.9, 0.9]), types.SimpleNamespace(results={})
+    train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 4, 0.0, target=0.7, cooldown=3, check_every=2)
+    assert [c[0] for c in calls] == ["pretrain"] and run.results["pretrain"]["cooldown"] == 0
+
 def test_train_main_tiny_run(tmp_path, world):
     """The real entry point on tiny flags: every stage runs, the pretraining loss falls, results.json has
     the contract keys, and a rerun skips finished stages."""

@@ -148,6 +148,9 @@ def get_parser():
                    help="stop pretraining at the first check (every 25 steps) where T2T on pretrain_val reaches this, "
                         "e.g. 0.74 (the paper's 1B on LlamaQ typed) with --pretrain-steps 1500: a steadier original "
                         "LLM (RESULTS.md, 'The default v9'); 0: off, every step")
+    g.add_argument("--pretrain-cooldown", type=int, default=0,
+                   help="after a --pretrain-target stop: this many more steps, the LR from where it stopped down to "
+                        "10%% (cosine), so the original LLM is annealed as released LLMs are; 0: none")
     g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak LR of pretraining")
     g.add_argument("--align-steps", type=int, default=1000,
                    help="align phase 1: encoder + adaptor, LLM frozen (with compression: CTC alone, LLM not run)")
@@ -203,7 +206,7 @@ def get_args(argv=None):
 def check_flags(p, args):
     """Every flag checked before any work: one line naming the flag (argparse's p.error, exit 2)."""
     positive = ("batch_size", "grad_accum", "steps", "lora_r", "calib_min", "log_every")
-    for k in positive + ("pretrain_steps", "align_steps", "compress_steps", "calib_draw"):
+    for k in positive + ("pretrain_steps", "pretrain_cooldown", "align_steps", "compress_steps", "calib_draw"):
         if getattr(args, k) < (1 if k in positive else 0):
             p.error(f"--{k.replace('_', '-')}: must be >= {1 if k in positive else 0}, got {getattr(args, k)}")
     for k in ("lr", "lora_lr", "pretrain_lr", "align_lr"):
@@ -727,12 +730,16 @@ def build_model(cfg, run, device, seed, grad_checkpointing=False):
     return model
 
 
-def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, check_every=25):
+def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0, check_every=25):
     """Stage 1: the tiny LLM learns the whole world from text. -> OUT/pretrain.pt, "the original LLM".
     target > 0: every check_every steps, T2T on `pretrain_val` (no val or test entity); the first check at or
     above target ends pretraining. How many facts an LLM knows after a fixed step count is a lottery of the seed
     (and the CPU): the facts are learnt in a steep transition whose timing varies. Stopping at a level of
-    knowledge gives every seed an original LLM of about the same T2T (RESULTS.md, "The default v9")."""
+    knowledge gives every seed an original LLM of about the same T2T (RESULTS.md, "The default v9").
+    cooldown: after such a stop, that many steps more with the LR decaying from where it stopped (a fresh AdamW,
+    new batch order). A stopped LLM is not annealed: 150 steps of cooldown add 10-20 points of T2T, and without
+    them speech fine-tuning at a low LR does that annealing and hides the forgetting (RESULTS.md, "The default
+    v10")."""
     set_trainable(model, ["llm."])
     print(f"pretrain: {count(model)}")
     check, checks = d.split("pretrain_val"), []
@@ -748,14 +755,21 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, check_every
         model.train()
         tqdm.write(f"pretrain step {step}: T2T {checks[-1][1]:.3f} on pretrain_val (target {target})")
         return checks[-1][1] >= target
-    losses = train(model, param_groups(model, lr, weight_decay), batches_of(d.split("pretrain"), d.text_batch, tc),
+    rows = d.split("pretrain")
+    losses = train(model, param_groups(model, lr, weight_decay), batches_of(rows, d.text_batch, tc),
                    steps, replace(tc, name="pretrain"), stop=stop)
+    stopped_at = len(losses)
+    if cooldown and stopped_at < steps:
+        lr_now = lr * get_lr(stopped_at - 1, steps, max(1, int(tc.warmup * steps)))  # the LR of its last step
+        losses += train(model, param_groups(model, lr_now, weight_decay),
+                        batches_of(rows, d.text_batch, replace(tc, seed=tc.seed + 1)), cooldown,
+                        replace(tc, name="pretrain_cooldown"))
     run.results.setdefault("train_loss", {})["pretrain"] = loss_summary(losses)
     with autocast(tc.device, tc.dtype):  # T2T of the original LLM, on test and (for choosing settings) val
         run.results["pretrain"] = {k: evaluate.accuracy(model, d.split(s), d.text_batch, d.tok)[0]
                                    for k, s in (("t2t_acc", "test"), ("val_t2t_acc", "val")) if d.split(s)}
-    # the steps it took, and (step, T2T on pretrain_val) at every check: the last is where it stopped
-    run.results["pretrain"].update(steps=len(losses), checks=checks)
+    # the steps it took (cooldown included), and (step, T2T on pretrain_val) at every check: the last is where it stopped
+    run.results["pretrain"].update(steps=len(losses), checks=checks, cooldown=len(losses) - stopped_at)
     return {"config": vars(model.cfg), "model": trainable_state(model)}
 
 
@@ -843,7 +857,7 @@ def run_pipeline(args):
         run.results["pretrain"] = {"t2t_acc": evaluate.accuracy(new_model(), d.split("test"), d.text_batch, d.tok)[0]}
     elif not args.llm:
         run.stage("pretrain", lambda: pretrain(run, new_model(), d, tc, args.pretrain_lr, args.pretrain_steps, wd,
-                                                      args.pretrain_target))
+                                                      args.pretrain_target, args.pretrain_cooldown))
     print(f"pretrained LLM: T2T {run.results['pretrain']['t2t_acc']:.3f}")
     run.stage("align", lambda: align(run, new_model(), d, tc, args.align_lr, args.align_steps, args.compress_steps,
                                      args.align_ctc, wd))
