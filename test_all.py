@@ -494,7 +494,7 @@ def test_train_main_tiny_run(tmp_path, world):
     assert redone["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)
     assert redone["full"]["importance_shift_2"]["js"] == pytest.approx(res["methods"]["full"]["importance_shift_2"]["js"])
     p = reanalyse("--lr", "0.5")  # the run's settings come from its run.json: another value is refused
-    assert p.returncode == 1 and "holds a run with other settings (lr=0.0003->0.5)" in p.stderr
+    assert p.returncode == 1 and f"holds a run with other settings (lr={train.get_parser().get_default('lr')}->0.5)" in p.stderr
     # --calib-draw K: the K-th disjoint pair of calibration sets; analysis only, so a finished run needs --reanalyse
     with pytest.raises(SystemExit, match="--reanalyse"):
         train.main(argv + ["--calib-draw", "1"])
