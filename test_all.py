@@ -319,6 +319,7 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
              (["--calib-frac", "1.5"], "--calib-frac"), (["--calib-frac", "0"], "--calib-frac"),
              (["--steps", "-1"], "--steps: must be >= 1"), (["--batch-size", "0"], "--batch-size"),
              (["--lr", "0"], "--lr: must be > 0"), (["--seeds", "a"], "--seeds"),
+             (["--pretrain-target", "1.5"], "--pretrain-target"), (["--pretrain-cooldown", "-1"], "--pretrain-cooldown"),
              (["--out", str(tmp_path / "afile")], "is a file"),
              (["--weight-decay", "0.1", "--method", "full,freeze_top"], "--weight-decay: must be 0")]
     if not torch.cuda.is_available():
