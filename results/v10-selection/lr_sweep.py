@@ -5,13 +5,17 @@
 #   python train.py --init-from runs/v10sel/seedS --out runs/v10sel/lr/seedS_TAG --seed S <same pretrain flags> \
 #       --method full,lora --lr LR --lora-lr LORA_LR --steps STEPS    (TAG below)
 # Criterion (as in v6): the highest val S2T per method, here summed over the four seeds.
-#   python results/v10-selection/lr_sweep.py
-import json, os
-here = os.path.dirname(os.path.abspath(__file__))
+#   python results/v10-selection/lr_sweep.py                                  -> lr_sweep.txt
+# The same sweep of v9's fixed recipe (runs/base_ps: seeds 0-2, 1000 steps, no target; JSON in v9-recipe/):
+#   python results/v10-selection/lr_sweep.py results/v10-selection/v9-recipe 0,1,2   -> v9-recipe/lr_sweep.txt
+import json, os, sys
+here = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
 TAGS = {"std100": "3e-4 / 6e-4, 100 steps", "lo100": "1e-4 / 2e-4, 100 steps", "hi100": "1e-3 / 2e-3, 100 steps",
         "xhi100": "3e-3 / 6e-3, 100 steps (LoRA only)", "xlo300": "3e-5 / 6e-5, 300 steps",
         "lo300": "1e-4 / 2e-4, 300 steps (seeds 50-51)"}
-seeds = (50, 51, 52, 53)
+if len(sys.argv) > 1:
+    TAGS = {k: v for k, v in TAGS.items() if k not in ("xhi100", "lo300")}
+seeds = tuple(int(x) for x in sys.argv[2].split(",")) if len(sys.argv) > 2 else (50, 51, 52, 53)
 print("LR full / LoRA         | " + " | ".join(f"seed {s}: full, LoRA (val T2T/S2T)" for s in seeds) + " | sum val S2T: full, LoRA")
 for s in seeds:
     nf = json.load(open(f"{here}/pipeline/seed{s}/results.json"))["no_ft"]
