@@ -320,6 +320,7 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
              (["--steps", "-1"], "--steps: must be >= 1"), (["--batch-size", "0"], "--batch-size"),
              (["--lr", "0"], "--lr: must be > 0"), (["--seeds", "a"], "--seeds"),
              (["--pretrain-target", "1.5"], "--pretrain-target"), (["--pretrain-cooldown", "-1"], "--pretrain-cooldown"),
+             (["--pretrain-cooldown", "150"], "--pretrain-cooldown: follows a --pretrain-target stop"),
              (["--out", str(tmp_path / "afile")], "is a file"),
              (["--weight-decay", "0.1", "--method", "full,freeze_top"], "--weight-decay: must be 0")]
     if not torch.cuda.is_available():
@@ -441,6 +442,43 @@ def test_pretrain_cooldown_after_stop(world, monkeypatch):
     levels, run = iter([0.1, 0.1, 0.9, 0.9]), types.SimpleNamespace(results={})
     train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 4, 0.0, target=0.7, cooldown=3, check_every=2)
     assert [c[0] for c in calls] == ["pretrain"] and run.results["pretrain"]["cooldown"] == 0
+
+def test_pretrain_cooldown_resumes(world, monkeypatch, tmp_path):
+    """Killed during the cooldown, --resume continues it from its checkpoint without pretraining again, and ends
+    with the weights and record of an uninterrupted run."""
+    rows, tok, feats, _ = world
+    d = train.Data(rows, tok, feats, [], [], ModelConfig.n_mels)
+    levels = {}
+    monkeypatch.setattr(evaluate, "accuracy", lambda m, rs, *a: (next(levels[rs[0]["split"]]) if rs[0]["split"]
+                                                                 in levels else 0.5, None, None))
+    calls, real_train = [], train.train
+    def spy(model, groups, batches, steps, cfg, teacher=None, stop=None):
+        calls.append(cfg.name)
+        def b(step):
+            if cfg.name == "pretrain_cooldown" and step == kill_at[0]:
+                raise RuntimeError("killed")
+            return batches(step)
+        return real_train(model, groups, b, steps, cfg, teacher, stop)
+    monkeypatch.setattr(train, "train", spy)
+    def run_once(out, resume=False):
+        os.makedirs(out, exist_ok=True)
+        levels["pretrain_val"] = iter([0.2, 0.8])
+        tc = train.TrainConfig(batch_size=4, log_every=2, out=str(out), resume=resume)
+        run, m = types.SimpleNamespace(results={}), tiny_model(tok)
+        train.pretrain(run, m, d, tc, 1e-3, 20, 0.0, target=0.7, cooldown=3, check_every=2)
+        return run.results["pretrain"], train.trainable_state(m)
+    kill_at = [None]
+    ref, ref_w = run_once(tmp_path / "a")
+    kill_at[0] = 2  # after the cooldown's checkpoint at step 2
+    with pytest.raises(RuntimeError):
+        run_once(tmp_path / "b")
+    assert os.path.exists(tmp_path / "b" / "pretrain_stop.json")
+    kill_at[0], calls[:] = None, []
+    res, w = run_once(tmp_path / "b", resume=True)
+    assert calls == ["pretrain_cooldown"]  # the stopped pretraining is not run again
+    assert res == ref and all(torch.equal(w[k], ref_w[k]) for k in ref_w)
+    assert not os.path.exists(tmp_path / "b" / "pretrain_stop.json")
+
 
 def test_train_main_tiny_run(tmp_path, world):
     """The real entry point on tiny flags: every stage runs, the pretraining loss falls, results.json has

@@ -145,12 +145,12 @@ def get_parser():
     g.add_argument("--pretrain-steps", type=int, default=1000,
                    help="text LM steps of the tiny LLM (the LR schedule's length; --pretrain-target may stop it sooner)")
     g.add_argument("--pretrain-target", type=float, default=0.0,
-                   help="stop pretraining at the first check (every 25 steps) where T2T on pretrain_val reaches this, "
-                        "(with --pretrain-steps 1500 --pretrain-cooldown 150: RESULTS.md, 'The default v10', not "
-                        "adopted); 0: off, every step")
+                   help="stop pretraining at the first check (every 25 steps) where T2T on pretrain_val reaches this; "
+                        "e.g. 0.5 with --pretrain-steps 1500 --pretrain-cooldown 150 (RESULTS.md, 'The default v10', "
+                        "not adopted); 0: off, every step")
     g.add_argument("--pretrain-cooldown", type=int, default=0,
-                   help="after a --pretrain-target stop: this many more steps, the LR from where it stopped down to "
-                        "10%% (cosine), so the original LLM is annealed as released LLMs are; 0: none")
+                   help="after a --pretrain-target stop: this many more steps, a fresh AdamW from the LR of the last "
+                        "step down to 10%% of it (cosine), so the original LLM is annealed as released LLMs are; 0: none")
     g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak LR of pretraining")
     g.add_argument("--align-steps", type=int, default=1000,
                    help="align phase 1: encoder + adaptor, LLM frozen (with compression: CTC alone, LLM not run)")
@@ -218,6 +218,8 @@ def check_flags(p, args):
         p.error(f"--lam: must be in [0, 1], got {args.lam}")
     if not 0 <= args.pretrain_target <= 1:
         p.error(f"--pretrain-target: must be in [0, 1] (0: off), got {args.pretrain_target}")
+    if args.pretrain_cooldown and not args.pretrain_target:
+        p.error("--pretrain-cooldown: follows a --pretrain-target stop; give --pretrain-target too")
     for k in ("replay_frac", "freeze_frac"):
         if not 0 <= getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')}: must be in [0, 1), got {getattr(args, k)}")
@@ -504,7 +506,8 @@ def check_out_dir(args):
     made = [f for f in os.listdir(args.out) if f.endswith(".pt") or f in ("results.json", "data")]
     if os.path.exists(path) and made:
         theirs = json.load(open(path))
-        diff = [f"{k}={theirs[k]!r}->{v!r}" for k, v in mine.items() if k in theirs and theirs[k] != v]
+        default = get_parser().get_default  # a setting newer than their run: they ran with its default
+        diff = [f"{k}={theirs.get(k, default(k))!r}->{v!r}" for k, v in mine.items() if theirs.get(k, default(k)) != v]
         if diff and not args.force:
             raise SystemExit(f"--out {args.out}: holds a run with other settings ({', '.join(diff[:4])}); "
                              f"use another --out, or --force to delete it")
@@ -736,8 +739,8 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
     above target ends pretraining. How many facts an LLM knows after a fixed step count is a lottery of the seed
     (and the CPU): the facts are learnt in a steep transition whose timing varies. Stopping at a level of
     knowledge takes out that timing (RESULTS.md, "The default v9"), not all of the spread.
-    cooldown: after such a stop, that many steps more with the LR decaying from where it stopped (a fresh AdamW,
-    new batch order). A stopped LLM is not annealed: 150 steps of cooldown add 10-30 points of T2T, and without
+    cooldown: after such a stop, that many steps more on a new batch order: a fresh AdamW warms up (5%) to the LR
+    of the last step, then decays (cosine) to 10% of it. A stopped LLM is not annealed: 150 steps of cooldown add 10-30 points of T2T, and without
     them speech fine-tuning at a low LR does that annealing and hides the forgetting (RESULTS.md, "The default
     v10")."""
     set_trainable(model, ["llm."])
@@ -756,14 +759,25 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
         tqdm.write(f"pretrain step {step}: T2T {checks[-1][1]:.3f} on pretrain_val (target {target})")
         return checks[-1][1] >= target
     rows = d.split("pretrain")
-    losses = train(model, param_groups(model, lr, weight_decay), batches_of(rows, d.text_batch, tc),
-                   steps, replace(tc, name="pretrain"), stop=stop)
+    # the stop, recorded while the cooldown runs: --resume then continues the cooldown from its own checkpoint
+    stop_file = os.path.join(tc.out, "pretrain_stop.json") if tc.out else ""
+    if tc.resume and stop_file and all(os.path.exists(os.path.join(tc.out, f))
+                                       for f in ("pretrain_stop.json", "pretrain_cooldown.partial.pt")):
+        rec = json.load(open(stop_file))
+        losses, checks = rec["losses"], [tuple(c) for c in rec["checks"]]
+    else:
+        losses = train(model, param_groups(model, lr, weight_decay), batches_of(rows, d.text_batch, tc),
+                       steps, replace(tc, name="pretrain"), stop=stop)
     stopped_at = len(losses)
     if cooldown and stopped_at < steps:
+        if stop_file and tc.rank == 0:
+            save_json(stop_file, {"losses": losses, "checks": checks})
         lr_now = lr * get_lr(stopped_at - 1, steps, max(1, int(tc.warmup * steps)))  # the LR of its last step
         losses += train(model, param_groups(model, lr_now, weight_decay),
                         batches_of(rows, d.text_batch, replace(tc, seed=tc.seed + 1)), cooldown,
                         replace(tc, name="pretrain_cooldown"))
+        if stop_file and tc.rank == 0:
+            os.remove(stop_file)
     run.results.setdefault("train_loss", {})["pretrain"] = loss_summary(losses)
     with autocast(tc.device, tc.dtype):  # T2T of the original LLM, on test and (for choosing settings) val
         run.results["pretrain"] = {k: evaluate.accuracy(model, d.split(s), d.text_batch, d.tok)[0]

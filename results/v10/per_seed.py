@@ -1,5 +1,6 @@
 # Every finding of the paper, per seed, from a multi-seed run's JSON (README "What this repo shows", RESULTS.md):
 #   python results/v10/per_seed.py results/v10 60,61,62,63,64,65
+#   python results/v10/per_seed.py results/v10/v9-lrs 60,61,62,63,64,65   (-> v9-lrs/per_seed.txt)
 import json, sys
 root, seeds = sys.argv[1], sys.argv[2].split(",")
 P = ("full", "layer_lr", "lora")
