@@ -143,14 +143,14 @@ def get_parser():
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g = p.add_argument_group("Pretrain and align")
     g.add_argument("--pretrain-steps", type=int, default=1000,
-                   help="text LM steps of the tiny LLM (the LR schedule's length; --pretrain-target may stop it sooner)")
+                   help="text LM steps of the tiny LLM (the LR schedule's length; --pretrain-target may stop sooner)")
     g.add_argument("--pretrain-target", type=float, default=0.0,
                    help="stop pretraining at the first check (every 25 steps) where T2T on pretrain_val reaches this; "
                         "e.g. 0.5 with --pretrain-steps 1500 --pretrain-cooldown 150 (RESULTS.md, 'The default v10', "
                         "not adopted); 0: off, every step")
     g.add_argument("--pretrain-cooldown", type=int, default=0,
                    help="after a --pretrain-target stop: this many more steps, a fresh AdamW from the LR of the last "
-                        "step down to 10%% of it (cosine), so the original LLM is annealed as released LLMs are; 0: none")
+                        "step down to 10%% of it (cosine): the original LLM annealed, as released LLMs are; 0: none")
     g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak LR of pretraining")
     g.add_argument("--align-steps", type=int, default=1000,
                    help="align phase 1: encoder + adaptor, LLM frozen (with compression: CTC alone, LLM not run)")
@@ -310,6 +310,11 @@ def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
     return batches
 
 
+def partial_path(cfg):
+    """The stage's resume checkpoint: train saves it every log_every steps and deletes it when the stage ends."""
+    return os.path.join(cfg.out, f"{cfg.name}.partial.pt")
+
+
 def train(model, param_groups, batches, steps, cfg, teacher=None, stop=None):
     """One training loop for every stage. param_groups: AdamW groups, each with its own `initial_lr` and
     `weight_decay`; batches(step) -> this rank's micro-batches. teacher: a frozen model; each micro-batch then
@@ -324,7 +329,7 @@ def train(model, param_groups, batches, steps, cfg, teacher=None, stop=None):
     fwd = DDP(model, device_ids=[torch.device(cfg.device).index] if cuda else None) if W > 1 else model.loss
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op)
     scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=cfg.dtype == "fp16")
-    partial, start, losses = os.path.join(cfg.out, f"{cfg.name}.partial.pt"), 0, []
+    partial, start, losses = partial_path(cfg), 0, []
     if cfg.resume and cfg.out and os.path.exists(partial):
         ck = load_checkpoint(partial)
         model.load_state_dict(ck["model"], strict=False)
@@ -740,9 +745,9 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
     (and the CPU): the facts are learnt in a steep transition whose timing varies. Stopping at a level of
     knowledge takes out that timing (RESULTS.md, "The default v9"), not all of the spread.
     cooldown: after such a stop, that many steps more on a new batch order: a fresh AdamW warms up (5%) to the LR
-    of the last step, then decays (cosine) to 10% of it. A stopped LLM is not annealed: 150 steps of cooldown add 10-30 points of T2T, and without
-    them speech fine-tuning at a low LR does that annealing and hides the forgetting (RESULTS.md, "The default
-    v10")."""
+    of the last step, then decays (cosine) to 10% of it. A stopped LLM is not annealed: 150 steps of cooldown add
+    10-30 points of T2T, and without them speech fine-tuning at a low LR does that annealing and hides the
+    forgetting (RESULTS.md, "The default v10")."""
     set_trainable(model, ["llm."])
     print(f"pretrain: {count(model)}")
     check, checks = d.split("pretrain_val"), []
@@ -760,9 +765,9 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
         return checks[-1][1] >= target
     rows = d.split("pretrain")
     # the stop, recorded while the cooldown runs: --resume then continues the cooldown from its own checkpoint
+    cool = replace(tc, name="pretrain_cooldown")
     stop_file = os.path.join(tc.out, "pretrain_stop.json") if tc.out else ""
-    if tc.resume and stop_file and all(os.path.exists(os.path.join(tc.out, f))
-                                       for f in ("pretrain_stop.json", "pretrain_cooldown.partial.pt")):
+    if tc.resume and stop_file and os.path.exists(stop_file) and os.path.exists(partial_path(cool)):
         rec = json.load(open(stop_file))
         losses, checks = rec["losses"], [tuple(c) for c in rec["checks"]]
     else:
@@ -774,15 +779,14 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
             save_json(stop_file, {"losses": losses, "checks": checks})
         lr_now = lr * get_lr(stopped_at - 1, steps, max(1, int(tc.warmup * steps)))  # the LR of its last step
         losses += train(model, param_groups(model, lr_now, weight_decay),
-                        batches_of(rows, d.text_batch, replace(tc, seed=tc.seed + 1)), cooldown,
-                        replace(tc, name="pretrain_cooldown"))
+                        batches_of(rows, d.text_batch, replace(tc, seed=tc.seed + 1)), cooldown, cool)
         if stop_file and tc.rank == 0:
             os.remove(stop_file)
     run.results.setdefault("train_loss", {})["pretrain"] = loss_summary(losses)
     with autocast(tc.device, tc.dtype):  # T2T of the original LLM, on test and (for choosing settings) val
         run.results["pretrain"] = {k: evaluate.accuracy(model, d.split(s), d.text_batch, d.tok)[0]
                                    for k, s in (("t2t_acc", "test"), ("val_t2t_acc", "val")) if d.split(s)}
-    # the steps it took (cooldown included), and (step, T2T on pretrain_val) at every check: the last is where it stopped
+    # the steps it took (cooldown included), and (step, T2T on pretrain_val) at every check: the last is the stop
     run.results["pretrain"].update(steps=len(losses), checks=checks, cooldown=len(losses) - stopped_at)
     return {"config": vars(model.cfg), "model": trainable_state(model)}
 
