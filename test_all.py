@@ -321,6 +321,8 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
              (["--lr", "0"], "--lr: must be > 0"), (["--seeds", "a"], "--seeds"),
              (["--pretrain-target", "1.5"], "--pretrain-target"), (["--pretrain-cooldown", "-1"], "--pretrain-cooldown"),
              (["--pretrain-cooldown", "150"], "--pretrain-cooldown: follows a --pretrain-target stop"),
+             (["--pretrain-extend", "-1"], "--pretrain-extend"),
+             (["--pretrain-extend", "500"], "--pretrain-extend: runs until --pretrain-target is reached"),
              (["--out", str(tmp_path / "afile")], "is a file"),
              (["--weight-decay", "0.1", "--method", "full,freeze_top"], "--weight-decay: must be 0")]
     if not torch.cuda.is_available():
@@ -442,6 +444,26 @@ def test_pretrain_cooldown_after_stop(world, monkeypatch):
     levels, run = iter([0.1, 0.1, 0.9, 0.9]), types.SimpleNamespace(results={})
     train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 4, 0.0, target=0.7, cooldown=3, check_every=2)
     assert [c[0] for c in calls] == ["pretrain"] and run.results["pretrain"]["cooldown"] == 0
+
+def test_pretrain_extend_runs_at_the_floor_lr(world, monkeypatch):
+    """--pretrain-extend: a seed below the target when the planned schedule ends goes on at the schedule's final LR
+    (10% of the peak) until a check reaches the target, or the extension runs out; one optimizer throughout."""
+    rows, tok, feats, _ = world
+    d = train.Data(rows, tok, feats, [], [], ModelConfig.n_mels)
+    lrs, real_get_lr = [], train.get_lr
+    monkeypatch.setattr(train, "get_lr", lambda it, total, warmup: lrs.append(real_get_lr(it, total, warmup)) or
+                        lrs[-1])
+    tc = train.TrainConfig(batch_size=4, log_every=1000)
+    for levels, steps in (([0.1, 0.2, 0.3, 0.8], 8), ([0.1] * 7, 14)):  # reached at step 8; never (4 + 10 steps)
+        levels = levels + [0.5, 0.5]  # then T2T on test and val
+        it, run, lrs[:] = iter(levels), types.SimpleNamespace(results={}), []
+        monkeypatch.setattr(evaluate, "accuracy", lambda *a: (next(it), None, None))
+        train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 4, 0.0, target=0.7, extend=10, check_every=2)
+        assert run.results["pretrain"]["steps"] == len(lrs) == steps
+        assert lrs[:4] == [real_get_lr(i, 4, 1) for i in range(4)] and lrs[4:] == [pytest.approx(0.1)] * (steps - 4)
+    assert [real_get_lr(i, 10, 1) for i in (9, 10, 50)] == [pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 9))),
+                                                            pytest.approx(0.1), pytest.approx(0.1)]
+
 
 def test_pretrain_cooldown_resumes(world, monkeypatch, tmp_path):
     """Killed during the cooldown, --resume continues it from its checkpoint without pretraining again, and ends

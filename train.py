@@ -151,6 +151,9 @@ def get_parser():
     g.add_argument("--pretrain-cooldown", type=int, default=0,
                    help="after a --pretrain-target stop: this many more steps, a fresh AdamW from the LR of the last "
                         "step down to 10%% of it (cosine): the original LLM annealed, as released LLMs are; 0: none")
+    g.add_argument("--pretrain-extend", type=int, default=0,
+                   help="with --pretrain-target: when the planned steps end below the target, up to this many more "
+                        "steps at the schedule's final LR (10%% of the peak) until it is reached")
     g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak LR of pretraining")
     g.add_argument("--align-steps", type=int, default=1000,
                    help="align phase 1: encoder + adaptor, LLM frozen (with compression: CTC alone, LLM not run)")
@@ -206,7 +209,8 @@ def get_args(argv=None):
 def check_flags(p, args):
     """Every flag checked before any work: one line naming the flag (argparse's p.error, exit 2)."""
     positive = ("batch_size", "grad_accum", "steps", "lora_r", "calib_min", "log_every")
-    for k in positive + ("pretrain_steps", "pretrain_cooldown", "align_steps", "compress_steps", "calib_draw"):
+    for k in positive + ("pretrain_steps", "pretrain_cooldown", "pretrain_extend", "align_steps", "compress_steps",
+                         "calib_draw"):
         if getattr(args, k) < (1 if k in positive else 0):
             p.error(f"--{k.replace('_', '-')}: must be >= {1 if k in positive else 0}, got {getattr(args, k)}")
     for k in ("lr", "lora_lr", "pretrain_lr", "align_lr"):
@@ -220,6 +224,8 @@ def check_flags(p, args):
         p.error(f"--pretrain-target: must be in [0, 1] (0: off), got {args.pretrain_target}")
     if args.pretrain_cooldown and not args.pretrain_target:
         p.error("--pretrain-cooldown: follows a --pretrain-target stop; give --pretrain-target too")
+    if args.pretrain_extend and not args.pretrain_target:
+        p.error("--pretrain-extend: runs until --pretrain-target is reached; give --pretrain-target too")
     for k in ("replay_frac", "freeze_frac"):
         if not 0 <= getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')}: must be in [0, 1), got {getattr(args, k)}")
@@ -268,6 +274,7 @@ class TrainConfig:
     kl_temp: float = 1.0       # distillation temperature, when train() is given a teacher
     ctc_only: bool = False     # the CTC loss alone, the LLM not run (align's first phase with CTC compression)
     log_every: int = 100
+    schedule: int = 0          # the LR schedule's length in steps (0: the stage's); past it the LR stays at its floor
     seed: int = 0              # the order of the batches
     device: str = "cpu"
     dtype: str = "fp32"        # autocast dtype of the forward passes
@@ -277,10 +284,10 @@ class TrainConfig:
 
 
 def get_lr(it, total, warmup):
-    """LR multiplier at step `it`: linear warmup, then cosine decay to 10% of the peak."""
+    """LR multiplier at step `it`: linear warmup, then cosine decay to 10% of the peak at `total`, flat after."""
     if it < warmup:
         return (it + 1) / warmup
-    progress = (it - warmup) / max(1, total - warmup)
+    progress = min(1.0, (it - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -337,11 +344,12 @@ def train(model, param_groups, batches, steps, cfg, teacher=None, stop=None):
         torch.set_rng_state(ck["rng"])  # dropout draws continue exactly (batches are a function of step)
         start, losses = ck["step"], ck["losses"]
         print(f"{cfg.name}: resumed at step {start}")
-    warmup = max(1, int(cfg.warmup * steps))
+    schedule = cfg.schedule or steps
+    warmup = max(1, int(cfg.warmup * schedule))
     model.train()
     t0 = time.time()
     for step in (bar := tqdm(range(start, steps), desc=cfg.name, leave=False, disable=None if cfg.rank == 0 else True)):
-        lrm = get_lr(step, steps, warmup)
+        lrm = get_lr(step, schedule, warmup)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * lrm
         micro = batches(step)
@@ -738,7 +746,7 @@ def build_model(cfg, run, device, seed, grad_checkpointing=False):
     return model
 
 
-def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0, check_every=25):
+def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0, extend=0, check_every=25):
     """Stage 1: the tiny LLM learns the whole world from text. -> OUT/pretrain.pt, "the original LLM".
     target > 0: every check_every steps, T2T on `pretrain_val` (no val or test entity); the first check at or
     above target ends pretraining. How many facts an LLM knows after a fixed step count is a lottery of the seed
@@ -747,12 +755,16 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
     cooldown: after such a stop, that many steps more on a new batch order: a fresh AdamW warms up (5%) to the LR
     of the last step, then decays (cosine) to 10% of it. A stopped LLM is not annealed: 150 steps of cooldown add
     10-30 points of T2T, and without them speech fine-tuning at a low LR does that annealing and hides the
-    forgetting (RESULTS.md, "The default v10")."""
+    forgetting (RESULTS.md, "The default v10").
+    extend: when the planned steps end below the target, up to that many more at the schedule's final LR until a
+    check reaches it. A seed that learns late then ends at the level of one that learns early, and every seed ends
+    annealed or nearly so (RESULTS.md, "The default v11")."""
     set_trainable(model, ["llm."])
     print(f"pretrain: {count(model)}")
     check, checks = d.split("pretrain_val"), []
     if target and not check:
         print(f"pretrain: no pretrain_val rows to check --pretrain-target against; all {steps} steps")
+        extend = 0
 
     def stop(step):
         if not (target and check and step % check_every == 0):
@@ -772,7 +784,7 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
         losses, checks = rec["losses"], [tuple(c) for c in rec["checks"]]
     else:
         losses = train(model, param_groups(model, lr, weight_decay), batches_of(rows, d.text_batch, tc),
-                       steps, replace(tc, name="pretrain"), stop=stop)
+                       steps + extend, replace(tc, name="pretrain", schedule=steps), stop=stop)
     stopped_at = len(losses)
     if cooldown and stopped_at < steps:
         if stop_file and tc.rank == 0:
@@ -875,7 +887,8 @@ def run_pipeline(args):
         run.results["pretrain"] = {"t2t_acc": evaluate.accuracy(new_model(), d.split("test"), d.text_batch, d.tok)[0]}
     elif not args.llm:
         run.stage("pretrain", lambda: pretrain(run, new_model(), d, tc, args.pretrain_lr, args.pretrain_steps, wd,
-                                                      args.pretrain_target, args.pretrain_cooldown))
+                                                      args.pretrain_target, args.pretrain_cooldown,
+                                                      args.pretrain_extend))
     print(f"pretrained LLM: T2T {run.results['pretrain']['t2t_acc']:.3f}")
     run.stage("align", lambda: align(run, new_model(), d, tc, args.align_lr, args.align_steps, args.compress_steps,
                                      args.align_ctc, wd))
