@@ -146,14 +146,14 @@ def get_parser():
                    help="text LM steps of the tiny LLM (the LR schedule's length; --pretrain-target may stop sooner)")
     g.add_argument("--pretrain-target", type=float, default=0.0,
                    help="stop pretraining at the first check (every 25 steps) where T2T on pretrain_val reaches this; "
-                        "e.g. 0.5 with --pretrain-steps 1500 --pretrain-cooldown 150 (RESULTS.md, 'The default v10', "
-                        "not adopted); 0: off, every step")
+                        "e.g. 0.74 with --pretrain-extend 500 (RESULTS.md, 'The default v11'), or 0.5 with "
+                        "--pretrain-steps 1500 --pretrain-cooldown 150 ('The default v10'); neither adopted; 0: off")
     g.add_argument("--pretrain-cooldown", type=int, default=0,
                    help="after a --pretrain-target stop: this many more steps, a fresh AdamW from the LR of the last "
                         "step down to 10%% of it (cosine): the original LLM annealed, as released LLMs are; 0: none")
     g.add_argument("--pretrain-extend", type=int, default=0,
                    help="with --pretrain-target: when the planned steps end below the target, up to this many more "
-                        "steps at the schedule's final LR (10%% of the peak) until it is reached")
+                        "steps at the schedule's final LR (10%% of the peak) until it is reached; 0: none")
     g.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak LR of pretraining")
     g.add_argument("--align-steps", type=int, default=1000,
                    help="align phase 1: encoder + adaptor, LLM frozen (with compression: CTC alone, LLM not run)")
