@@ -450,9 +450,10 @@ def test_pretrain_extend_runs_at_the_floor_lr(world, monkeypatch):
     (10% of the peak) until a check reaches the target, or the extension runs out; one optimizer throughout."""
     rows, tok, feats, _ = world
     d = train.Data(rows, tok, feats, [], [], ModelConfig.n_mels)
-    lrs, real_get_lr = [], train.get_lr
+    lrs, real_get_lr, calls, real_train = [], train.get_lr, [], train.train
     monkeypatch.setattr(train, "get_lr", lambda it, total, warmup: lrs.append(real_get_lr(it, total, warmup)) or
                         lrs[-1])
+    monkeypatch.setattr(train, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
     tc = train.TrainConfig(batch_size=4, log_every=1000)
     for levels, steps in (([0.1, 0.2, 0.3, 0.8], 8), ([0.1] * 7, 14)):  # reached at step 8; never (4 + 10 steps)
         levels = levels + [0.5, 0.5]  # then T2T on test and val
@@ -461,6 +462,8 @@ def test_pretrain_extend_runs_at_the_floor_lr(world, monkeypatch):
         train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 4, 0.0, target=0.7, extend=10, check_every=2)
         assert run.results["pretrain"]["steps"] == len(lrs) == steps
         assert lrs[:4] == [real_get_lr(i, 4, 1) for i in range(4)] and lrs[4:] == [pytest.approx(0.1)] * (steps - 4)
+        assert len(calls) == 1  # one train() call: one optimizer, one resume checkpoint
+        calls.clear()
     assert [real_get_lr(i, 10, 1) for i in (9, 10, 50)] == [pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 9))),
                                                             pytest.approx(0.1), pytest.approx(0.1)]
 

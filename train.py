@@ -143,14 +143,16 @@ def get_parser():
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     g = p.add_argument_group("Pretrain and align")
     g.add_argument("--pretrain-steps", type=int, default=1000,
-                   help="text LM steps of the tiny LLM (the LR schedule's length; --pretrain-target may stop sooner)")
+                   help="text LM steps of the tiny LLM (the LR schedule's length; --pretrain-target may stop sooner, "
+                        "--pretrain-extend go on past it)")
     g.add_argument("--pretrain-target", type=float, default=0.0,
                    help="stop pretraining at the first check (every 25 steps) where T2T on pretrain_val reaches this; "
                         "e.g. 0.74 with --pretrain-extend 500 (RESULTS.md, 'The default v11'), or 0.5 with "
                         "--pretrain-steps 1500 --pretrain-cooldown 150 ('The default v10'); neither adopted; 0: off")
     g.add_argument("--pretrain-cooldown", type=int, default=0,
-                   help="after a --pretrain-target stop: this many more steps, a fresh AdamW from the LR of the last "
-                        "step down to 10%% of it (cosine): the original LLM annealed, as released LLMs are; 0: none")
+                   help="after a --pretrain-target stop before --pretrain-steps: this many more steps, a fresh AdamW "
+                        "from the LR of the last step down to 10%% of it (cosine): the original LLM annealed, as "
+                        "released LLMs are; 0: none")
     g.add_argument("--pretrain-extend", type=int, default=0,
                    help="with --pretrain-target: when the planned steps end below the target, up to this many more "
                         "steps at the schedule's final LR (10%% of the peak) until it is reached; 0: none")
@@ -326,7 +328,7 @@ def train(model, param_groups, batches, steps, cfg, teacher=None, stop=None):
     """One training loop for every stage. param_groups: AdamW groups, each with its own `initial_lr` and
     `weight_decay`; batches(step) -> this rank's micro-batches. teacher: a frozen model; each micro-batch then
     holds the same rows typed (batch["typed"]) and the loss is KL to the teacher's answer distribution on them.
-    stop(steps done) -> True ends the stage there (the LR schedule stays the one planned for `steps`).
+    stop(steps done) -> True ends the stage there (the LR schedule stays the planned one: cfg.schedule or `steps`).
     Returns the loss of every step."""
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), fused=True)  # fused: one kernel for every param
     params = [p for g in param_groups for p in g["params"]]
@@ -757,14 +759,15 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
     10-30 points of T2T, and without them speech fine-tuning at a low LR does that annealing and hides the
     forgetting (RESULTS.md, "The default v10").
     extend: when the planned steps end below the target, up to that many more at the schedule's final LR until a
-    check reaches it. A seed that learns late then ends at the level of one that learns early, and every seed ends
-    annealed or nearly so (RESULTS.md, "The default v11")."""
+    check reaches it. Within that cap a seed that learns late ends at the level of one that learns early, and a
+    seed that stops late in the decay is nearly annealed (RESULTS.md, "The default v11")."""
     set_trainable(model, ["llm."])
     print(f"pretrain: {count(model)}")
     check, checks = d.split("pretrain_val"), []
     if target and not check:
         print(f"pretrain: no pretrain_val rows to check --pretrain-target against; all {steps} steps")
-        extend = 0
+    if not (target and check):
+        extend = 0  # nothing could end the extension
 
     def stop(step):
         if not (target and check and step % check_every == 0):

@@ -1,5 +1,5 @@
 # The EMA probe behind RESULTS.md "The default v11" (session 13), run before any pipeline with EMA weights:
-#   python results/v11-selection/ema_probe.py SEED   (seeds 50-53; appends to results/v11-selection/ema_probe.jsonl)
+#   python results/v11-selection/ema_probe.py SEED   (seeds 50-51; appends to results/v11-selection/ema_probe.jsonl)
 # One pretraining pass per seed (the same 1500-step cosine plan as v10's), with exponential moving averages of the
 # weights at several decays beside the raw weights. Every 25 steps: T2T on pretrain_val of the raw and of each EMA;
 # at the first check where an EMA reaches a target, that EMA's T2T on val too (test not read: this chooses the decay)
