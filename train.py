@@ -285,6 +285,11 @@ class TrainConfig:
     world: int = 1
 
 
+def warmup_steps(cfg, steps):
+    """The warmup of a `steps`-long LR schedule: cfg.warmup of it, at least one step."""
+    return max(1, int(cfg.warmup * steps))
+
+
 def get_lr(it, total, warmup):
     """LR multiplier at step `it`: linear warmup, then cosine decay to 10% of the peak at `total`, flat after."""
     if it < warmup:
@@ -347,7 +352,7 @@ def train(model, param_groups, batches, steps, cfg, teacher=None, stop=None):
         start, losses = ck["step"], ck["losses"]
         print(f"{cfg.name}: resumed at step {start}")
     schedule = cfg.schedule or steps
-    warmup = max(1, int(cfg.warmup * schedule))
+    warmup = warmup_steps(cfg, schedule)
     model.train()
     t0 = time.time()
     for step in (bar := tqdm(range(start, steps), desc=cfg.name, leave=False, disable=None if cfg.rank == 0 else True)):
@@ -513,6 +518,13 @@ def load_record(args):
         args.methods = sorted(f[3:-3] for f in os.listdir(args.out) if re.fullmatch(r"ft_\w+\.pt", f))
 
 
+def recorded(rec):
+    """A run.json's settings as a function name -> value. A setting newer than that run reads as its parser default,
+    which is what the run ran with."""
+    default = get_parser().get_default
+    return lambda k: rec.get(k, default(k))
+
+
 def check_out_dir(args):
     """Refuse to mix two runs in one OUT: run.json must match these settings, unless --force. A directory
     that holds no results yet (only a run.json from a start that failed) takes the new settings."""
@@ -520,9 +532,8 @@ def check_out_dir(args):
     path, mine = os.path.join(args.out, "run.json"), settings(args)
     made = [f for f in os.listdir(args.out) if f.endswith(".pt") or f in ("results.json", "data")]
     if os.path.exists(path) and made:
-        theirs = json.load(open(path))
-        default = get_parser().get_default  # a setting newer than their run: they ran with its default
-        diff = [f"{k}={theirs.get(k, default(k))!r}->{v!r}" for k, v in mine.items() if theirs.get(k, default(k)) != v]
+        theirs = recorded(json.load(open(path)))
+        diff = [f"{k}={theirs(k)!r}->{v!r}" for k, v in mine.items() if theirs(k) != v]
         if diff and not args.force:
             raise SystemExit(f"--out {args.out}: holds a run with other settings ({', '.join(diff[:4])}); "
                              f"use another --out, or --force to delete it")
@@ -541,9 +552,9 @@ def check_init_from(args):
     if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "align.pt")):
         raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json and align.pt)")
     theirs = json.load(open(os.path.join(src, "run.json")))
-    default = get_parser().get_default  # a setting newer than their run: they ran with its default
-    diff = [f"{k}={theirs.get(k, default(k))!r}" for k, v in stage_settings(args).items()  # --seed: fine-tuning's own
-            if k not in ("data_dir", "init_from", "seed") and theirs.get(k, default(k)) != v]
+    setting = recorded(theirs)
+    diff = [f"{k}={setting(k)!r}" for k, v in stage_settings(args).items()  # --seed: fine-tuning's own
+            if k not in ("data_dir", "init_from", "seed") and setting(k) != v]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align settings differ ({', '.join(diff[:4])})")
     return json.load(open(os.path.join(src, "results.json"))), theirs
@@ -562,8 +573,8 @@ def init_from(run, src, theirs, rec, args, master):
     for f in ("pretrain.pt", "align_raw.pt", "align.pt"):
         if master and os.path.exists(os.path.join(src, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(src, f), run.path(f))
-    default = get_parser().get_default  # rec: RUN's run.json
-    same = all(rec.get(k, default(k)) == getattr(args, k) for k in ("calib_frac", "calib_min", "importance_kind"))
+    setting = recorded(rec)  # rec: RUN's run.json
+    same = all(setting(k) == getattr(args, k) for k in ("calib_frac", "calib_min", "importance_kind"))
     pt = os.path.join(src, "importance_original.pt")
     if not (same and theirs.get("calib_draw", 0) == args.calib_draw and os.path.exists(pt)) \
             or os.path.exists(run.path("importance_original.pt")):
@@ -764,9 +775,9 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
     set_trainable(model, ["llm."])
     print(f"pretrain: {count(model)}")
     check, checks = d.split("pretrain_val"), []
-    if target and not check:
-        print(f"pretrain: no pretrain_val rows to check --pretrain-target against; all {steps} steps")
     if not (target and check):
+        if target:
+            print(f"pretrain: no pretrain_val rows to check --pretrain-target against; all {steps} steps")
         extend = 0  # nothing could end the extension
 
     def stop(step):
@@ -792,7 +803,7 @@ def pretrain(run, model, d, tc, lr, steps, weight_decay, target=0.0, cooldown=0,
     if cooldown and stopped_at < steps:
         if stop_file and tc.rank == 0:
             save_json(stop_file, {"losses": losses, "checks": checks})
-        lr_now = lr * get_lr(stopped_at - 1, steps, max(1, int(tc.warmup * steps)))  # the LR of its last step
+        lr_now = lr * get_lr(stopped_at - 1, steps, warmup_steps(tc, steps))  # the LR of its last step
         losses += train(model, param_groups(model, lr_now, weight_decay),
                         batches_of(rows, d.text_batch, replace(tc, seed=tc.seed + 1)), cooldown, cool)
         if stop_file and tc.rank == 0:
