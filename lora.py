@@ -1,11 +1,9 @@
 """LoRA from scratch: low-rank adapters for a frozen HuggingFace causal LM.
 
-Implements the LoRA mitigation of arXiv 2509.23755: a rank-r update
-dW = B @ A, scaled by alpha / r, on every attention and MLP linear of the LLM
-(q, k, v, o, gate, up, down); r = 8 for the 1B and 16 for the 8B model,
-alpha = 2r, base LLM frozen. Follows Hu et al. 2021 (arXiv 2106.09685) with the
-loralib parameter layout; rslora scaling alpha / sqrt(r) is Kalajdzievski 2023.
-Needs only torch (safetensors is imported lazily by save_peft_adapter).
+Implements the LoRA mitigation of arXiv 2509.23755: a rank-r update dW = B @ A, scaled by alpha / r, on every
+attention and MLP linear of the LLM (q, k, v, o, gate, up, down); r = 8 for the 1B and 16 for the 8B model, alpha = 2r,
+base LLM frozen. Follows Hu et al. 2021 (arXiv 2106.09685) with the loralib parameter layout; rslora scaling
+alpha / sqrt(r) is Kalajdzievski 2023. Needs only torch (safetensors is imported lazily by save_peft_adapter).
 
 Nothing here imports the project: copy this file alone. On a plain transformers LlamaForCausalLM (the
 README shows these lines; test_all.py runs them):
@@ -29,7 +27,6 @@ import torch.nn as nn
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-
 class LoRALinear(nn.Module):
     """y = base(x) + (dropout(x) @ A.T @ B.T) * scaling, with base frozen."""
 
@@ -41,8 +38,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / r ** 0.5 if rslora else alpha / r
         base.requires_grad_(False)
         w = base.weight
-        # Adam steps on fp16/bf16 params lose most of their bits, so the (tiny) LoRA
-        # params stay fp32 over a half-precision base, as in peft/QLoRA.
+        # Adam steps on fp16/bf16 params lose most of their bits: the (tiny) LoRA params stay fp32, as in peft/QLoRA
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=5 ** 0.5)  # same init as nn.Linear / loralib
@@ -55,8 +51,7 @@ class LoRALinear(nn.Module):
         """Fold dW into (merged=True) or out of base.weight; True if anything changed."""
         if self.merged == merged:
             return False
-        # Sum in fp32 so a bf16 weight is rounded once; unmerging a half-precision
-        # weight is therefore exact only up to that rounding.
+        # sum in fp32, so a bf16 weight is rounded once (and unmerging it is exact only up to that rounding)
         w, delta = self.base.weight, (self.lora_B.float() @ self.lora_A.float()) * self.scaling
         w.copy_((w.float() + delta if merged else w.float() - delta).to(w.dtype))
         self.merged = merged
@@ -72,15 +67,12 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
 
-
 def _lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
 
 def _replace(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
-
 
 def inject_lora(model: nn.Module, targets=TARGETS, r: int = 8, alpha: float = 16,
                 dropout: float = 0.0, rslora: bool = False) -> list[str]:
@@ -98,12 +90,10 @@ def inject_lora(model: nn.Module, targets=TARGETS, r: int = 8, alpha: float = 16
                 matched.add(last)
     # All checks happen before the first swap, so a typo leaves the model untouched.
     if missing := [t for t in targets if t not in matched]:
-        raise ValueError(f"inject_lora: targets {missing} matched no nn.Linear; "
-                         f"Linear modules include {linears[:6]}")
+        raise ValueError(f"inject_lora: targets {missing} matched no nn.Linear; Linear modules include {linears[:6]}")
     for name in found:
         _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora))
     return found
-
 
 def mark_only_lora_as_trainable(model: nn.Module, also: tuple[str, ...] = ()) -> None:
     """Freeze all params except lora_A/lora_B and those whose name starts with a prefix in `also`."""
@@ -116,22 +106,18 @@ def mark_only_lora_as_trainable(model: nn.Module, also: tuple[str, ...] = ()) ->
     if n_lora == 0:  # otherwise this would silently freeze the whole model
         raise ValueError("mark_only_lora_as_trainable: no LoRA parameters; call inject_lora first")
 
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); tied weights are counted once."""
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
-
-# Merging is always an explicit call, never a side effect of .train()/.eval() as in
-# loralib, so weights (and checkpoints) never change behind the caller's back.
+# Merging is always an explicit call, never a side effect of .train()/.eval() as in loralib, so weights (and
+# checkpoints) never change behind the caller's back.
 def merge_lora(model: nn.Module) -> int:
     return sum(m.set_merged(True) for _, m in _lora_modules(model))
 
-
 def unmerge_lora(model: nn.Module) -> int:
     return sum(m.set_merged(False) for _, m in _lora_modules(model))
-
 
 def unload_lora(model: nn.Module) -> nn.Module:
     """Merge, then swap each LoRALinear for its base nn.Linear: a plain save_pretrained-able model."""
@@ -140,10 +126,8 @@ def unload_lora(model: nn.Module) -> nn.Module:
         _replace(model, name, m.base)
     return model
 
-
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.state_dict().items() if k.rpartition(".")[2] in ("lora_A", "lora_B")}
-
 
 def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
     expected = lora_state_dict(model).keys()
@@ -155,21 +139,16 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> None:
         raise RuntimeError("load_lora_state_dict: call unmerge_lora(model) first")
     model.load_state_dict(sd, strict=False)
 
-
 def _atomic_write(path: str, data: bytes):
     with open(path + ".tmp", "wb") as f:
         f.write(data)
     os.replace(path + ".tmp", path)  # readers see the old file or the whole new one
 
-
 def save_peft_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: str | None = None,
                       prefix: str = "") -> None:
-    """Write adapter_config.json + adapter_model.safetensors for peft.PeftModel.from_pretrained.
-
-    `prefix` (e.g. "llm.") is stripped so paths are relative to the model you hand to peft.
-    """
+    """Write adapter_config.json + adapter_model.safetensors for peft.PeftModel.from_pretrained. `prefix` (e.g.
+    "llm.") is stripped, so paths are relative to the model you hand to peft."""
     from safetensors.torch import save
-
     prefix = prefix + "." if prefix and not prefix.endswith(".") else prefix
     mods = [(n[len(prefix):], m) for n, m in _lora_modules(model) if n.startswith(prefix)]
     if not mods:
@@ -178,12 +157,9 @@ def save_peft_adapter(model: nn.Module, out_dir: str, base_model_name_or_path: s
     if len(hparams) > 1:  # would need peft's rank_pattern/alpha_pattern
         raise ValueError(f"save_peft_adapter: mixed (r, alpha, rslora, dropout) unsupported: {hparams}")
     r, alpha, rslora, dropout = hparams.pop()
-    # peft's on-disk keys: its wrapper path, plus A/B as nn.Linear weights; the
-    # adapter name ("default") that peft uses in memory is not saved.
-    tensors = {}
-    for n, m in mods:
-        tensors[f"base_model.model.{n}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
-        tensors[f"base_model.model.{n}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
+    # peft's on-disk keys: its wrapper path, plus A/B as nn.Linear weights (its in-memory adapter name is not saved)
+    tensors = {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().cpu().contiguous()
+               for n, m in mods for ab in "AB"}
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
                   target_modules=sorted({n.rpartition(".")[2] for n, _ in mods}), use_rslora=rslora,
                   bias="none", fan_in_fan_out=False, base_model_name_or_path=base_model_name_or_path,

@@ -9,18 +9,14 @@ speech in, text out), as the paper describes its model.
 Text input ("T2T") uses the same prompt with the typed question in place of <speech>.
 The default is tiny and trained here from scratch (no downloads): a 2-layer Whisper-architecture
 encoder and an 8-layer Llama. `ModelConfig.llm` / `.encoder` point to real weights instead
-(the encoder: a transformers Whisper, or a CTranslate2 / faster-whisper directory, read by load_ct2_whisper).
+(the encoder: a transformers Whisper, or a CTranslate2 / faster-whisper directory, read by real.py).
 
     python -c "import model; print(model.SpeechLLM(model.ModelConfig()))"
 """
-import json
 import os
-import re
-import struct
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,8 +50,7 @@ class ModelConfig:
 
 
 def build_llm(cfg):
-    if cfg.llm:  # a local directory or hub id of any causal LM, or a .gguf file (needs the optional gguf package)
-        import os
+    if cfg.llm:  # a local directory of any causal LM, or a .gguf file (needs the optional gguf package)
         from transformers import AutoModelForCausalLM
         if cfg.llm.endswith(".gguf"):
             return AutoModelForCausalLM.from_pretrained(os.path.dirname(cfg.llm), gguf_file=os.path.basename(cfg.llm))
@@ -68,8 +63,9 @@ def build_llm(cfg):
 
 
 def build_encoder(cfg):
-    if cfg.encoder and is_ct2(cfg.encoder):  # a CTranslate2 (faster-whisper) directory
-        return load_ct2_whisper(cfg.encoder).model.get_encoder()
+    if cfg.encoder and os.path.isfile(os.path.join(cfg.encoder, "model.bin")):  # CTranslate2's (faster-whisper)
+        import real
+        return real.load_ct2_whisper(cfg.encoder).model.get_encoder()
     if cfg.encoder:
         from transformers import WhisperModel
         return WhisperModel.from_pretrained(cfg.encoder).get_encoder()
@@ -77,137 +73,6 @@ def build_encoder(cfg):
         num_mel_bins=cfg.n_mels, d_model=cfg.d_enc, encoder_layers=cfg.enc_layers,
         encoder_attention_heads=cfg.enc_heads, encoder_ffn_dim=4 * cfg.d_enc,
         max_source_positions=cfg.enc_max_frames))
-
-
-def encoder_n_mels(path):
-    """Mel bins a pretrained Whisper expects (80, or 128 for large-v3): a transformers dir / hub id or a CT2 dir."""
-    if is_ct2(path):
-        return read_ct2(os.path.join(path, "model.bin"))["encoder/conv1/weight"].shape[1]  # (d, n_mels, 3)
-    return WhisperConfig.from_pretrained(path).num_mel_bins
-
-# -----------------------------------------------------------------------------
-# CTranslate2 Whisper (the format faster-whisper ships) -> transformers, so a Whisper packaged only that way works
-
-def is_ct2(path):
-    """A directory with CTranslate2's model.bin and no transformers config.json (theirs has a "model_type")."""
-    cfg = os.path.join(path, "config.json")
-    return os.path.isfile(os.path.join(path, "model.bin")) and not (
-        os.path.isfile(cfg) and "model_type" in json.load(open(cfg)))
-
-
-CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # type ids 0..5, ctranslate2/types.h
-
-
-def read_ct2(path):
-    """CTranslate2's model.bin (binary version 6) -> {variable name: tensor}, floats as float32. Layout, all
-    little-endian: u32 version, str spec name, u32 revision, u32 n; n x (str name, u8 rank, rank x u32 dims,
-    u8 type id, u32 n_bytes, bytes); u32 m; m x (str alias, str target). A str is u16 length (incl. NUL) + bytes
-    + NUL. Quantized weights (int8/int16) are stored times their `<name>_scale`; we divide it back out."""
-    buf, pos = open(path, "rb").read(), 0
-    def take(fmt):  # -> tuple of values
-        nonlocal pos
-        out = struct.unpack_from("<" + fmt, buf, pos)
-        pos += struct.calcsize("<" + fmt)
-        return out
-    def string():
-        nonlocal pos
-        (n,) = take("H")
-        pos += n
-        return buf[pos - n:pos - 1].decode()
-    (version,) = take("I")
-    if version != 6:
-        raise ValueError(f"{path}: CTranslate2 binary version {version}, only 6 is supported (ctranslate2 >= 3.0)")
-    string(), take("I")  # spec name ("WhisperSpec"), spec revision
-    v = {}
-    for _ in range(take("I")[0]):
-        name = string()
-        shape = take(f"{take('B')[0]}I")
-        type_id, n_bytes = take("BI")
-        if type_id >= len(CT2_DTYPES):
-            raise ValueError(f"{path}: {name} has CTranslate2 type id {type_id}; known: 0-5 = {CT2_DTYPES}")
-        dt = CT2_DTYPES[type_id]
-        a = np.frombuffer(buf, np.uint16 if dt == "bfloat16" else dt, int(np.prod(shape)), pos).reshape(shape)
-        t = torch.from_numpy(a.copy())  # copy: the file's bytes are read-only
-        v[name] = t.view(torch.bfloat16).float() if dt == "bfloat16" else t.float() if dt == "float16" else t
-        pos += n_bytes
-    for name in [k for k in v if k.endswith("_scale")]:  # dequantize: w = stored / scale (per output row)
-        scale = v.pop(name).float()
-        v[name[:-6]] = v[name[:-6]].float() / (scale[:, None] if scale.ndim else scale)
-    for _ in range(take("I")[0]):
-        alias = string()
-        v[alias] = v[string()]  # tied weights, e.g. decoder/projection = decoder/embeddings
-    return v
-
-
-CT2_LAYER = {  # scope inside a CT2 layer -> its transformers module(s); a fused weight is split row-wise
-    "self_attention/linear_0": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),  # fused QKV
-    "self_attention/linear_1": ("self_attn.out_proj",), "self_attention/layer_norm": ("self_attn_layer_norm",),
-    "attention/linear_0": ("encoder_attn.q_proj",),                                # decoder cross-attention
-    "attention/linear_1": ("encoder_attn.k_proj", "encoder_attn.v_proj"),          # fused KV
-    "attention/linear_2": ("encoder_attn.out_proj",), "attention/layer_norm": ("encoder_attn_layer_norm",),
-    "ffn/linear_0": ("fc1",), "ffn/linear_1": ("fc2",), "ffn/layer_norm": ("final_layer_norm",)}
-CT2_TOP = {"encoder/conv1": "model.encoder.conv1", "encoder/conv2": "model.encoder.conv2",
-           "encoder/position_encodings": "model.encoder.embed_positions",
-           "encoder/layer_norm": "model.encoder.layer_norm",
-           "decoder/embeddings": "model.decoder.embed_tokens",
-           "decoder/position_encodings": "model.decoder.embed_positions",
-           "decoder/layer_norm": "model.decoder.layer_norm", "decoder/projection": "proj_out"}  # tied to embeddings
-
-
-def load_ct2_whisper(path):
-    """A CTranslate2 Whisper directory (model.bin [+ config.json, tokenizer.json]) -> transformers'
-    WhisperForConditionalGeneration in float32, every weight loaded (asserted). The shapes give the config."""
-    from transformers import WhisperForConditionalGeneration
-    v = read_ct2(os.path.join(path, "model.bin"))
-    sd = {}
-    for name, t in v.items():
-        if t.ndim == 0:
-            continue  # scalars: head counts and flags (pre-norm, GELU, ...) that Whisper's architecture fixes
-        scope, leaf = name.rsplit("/", 1)
-        leaf = {"gamma": "weight", "beta": "bias", "encodings": "weight"}.get(leaf, leaf)
-        m = re.fullmatch(r"(encoder|decoder)/layer_(\d+)/(.+)", scope)
-        dsts = [f"model.{m[1]}.layers.{m[2]}.{d}" for d in CT2_LAYER.get(m[3], ())] if m else [CT2_TOP.get(scope)]
-        if not dsts or None in dsts:
-            raise ValueError(f"{path}: unknown CTranslate2 Whisper variable {name} (only plain Whisper is supported)")
-        for dst, part in zip(dsts, t.chunk(len(dsts))):  # (3d, d) -> 3 x (d, d): q, k, v
-            # Whisper's k_proj has no bias (q.b is the same for every key: softmax ignores it); CT2 stores zeros
-            if not (dst.endswith("k_proj") and leaf == "bias"):
-                sd[f"{dst}.{leaf}"] = part
-    n_layers = lambda side: len({k.split("/")[1] for k in v if re.match(side + r"/layer_\d+/", k)})
-    read = lambda f: json.load(open(os.path.join(path, f))) if os.path.isfile(os.path.join(path, f)) else {}
-    meta = read("config.json")                              # CT2's own: suppress_ids, alignment_heads, lang_ids
-    ids = {t["content"]: t["id"] for t in read("tokenizer.json").get("added_tokens", [])}
-    eot = ids.get("<|endoftext|>")
-    cfg = WhisperConfig(
-        vocab_size=v["decoder/embeddings/weight"].shape[0], d_model=v["encoder/conv1/weight"].shape[0],
-        num_mel_bins=v["encoder/conv1/weight"].shape[1], encoder_layers=n_layers("encoder"),
-        decoder_layers=n_layers("decoder"), encoder_attention_heads=int(v["encoder/num_heads"]),
-        decoder_attention_heads=int(v["decoder/num_heads"]),
-        encoder_ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
-        decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
-        max_source_positions=v["encoder/position_encodings/encodings"].shape[0],
-        max_target_positions=v["decoder/position_encodings/encodings"].shape[0],
-        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,  # as Whisper's own config: all <|endoftext|>
-        decoder_start_token_id=ids.get("<|startoftranscript|>", 0),  # 0 only for a checkpoint without tokenizer
-        suppress_tokens=meta.get("suppress_ids"), begin_suppress_tokens=meta.get("suppress_ids_begin"))
-    model = WhisperForConditionalGeneration(cfg).eval()
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not missing and not unexpected, f"{path}: missing {missing}, unexpected {unexpected}"
-    return model
-
-
-@torch.no_grad()
-def whisper_greedy(whisper, mel, prompt, eot, max_new_tokens=64):
-    """Greedy transcription with a whole Whisper (a check that a loaded checkpoint hears): mel (n_mels, 3000), i.e.
-    30 s padded as Whisper is trained; prompt e.g. [<|startoftranscript|>, <|notimestamps|>] -> new token ids."""
-    enc = whisper.model.encoder(mel[None]).last_hidden_state      # (1, 1500, d)
-    ids = list(prompt)
-    for _ in range(max_new_tokens):                             # no KV cache: a teaching check, ~1 s for tiny
-        nxt = int(whisper(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-        if nxt == eot:
-            break
-        ids.append(nxt)
-    return ids[len(prompt):]
 
 
 class Adaptor(nn.Module):
@@ -445,11 +310,15 @@ def autocast(device, dtype):
 def save_checkpoint(path, ckpt):
     """One dict (config, weights, optimizer, step, ...), written atomically: temp file + rename, so a crash
     mid-write never leaves a half-written checkpoint where a good one was."""
-    import os
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint on the CPU; one that cannot be read is named, with the fix, in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (PytorchStreamReader), not a zip, a pickle that is not plain data, ...
+        raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to redo that stage "
+                         "(a .partial.pt: to restart it), or --force to start over")

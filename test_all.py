@@ -1070,6 +1070,37 @@ def test_estimates_match_autograd_reference():
     assert all((ts[k] >= t[k] - 1e-7).all() for k in t)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_estimate_stays_on_the_weights_device(device):
+    """estimate_importance returns each weight's importance on that weight's device, never copied to the CPU (on a GPU
+    that copy cost several times the estimate); it matches the CPU estimate, and the analysis takes it as it is."""
+    data, ref_model, model = batches(n=3), Toy(), Toy().to(device)
+    for kind in ("taylor", "taylor_sample", "fisher"):
+        ref_rows, rows = ([], []) if kind != "taylor" else (None, None)
+        ref = estimate_importance(ref_model, data, kind=kind, per_batch=ref_rows)
+        imp = estimate_importance(model, [b.to(device) for b in data], kind=kind, per_batch=rows)
+        assert imp.keys() == ref.keys()
+        for k, p in importance_params(model).items():
+            assert imp[k].device == p.device and imp[k].dtype == torch.float32 and imp[k].shape == p.shape
+            torch.testing.assert_close(imp[k].cpu(), ref[k], rtol=1e-3, atol=1e-8)
+        if rows is not None:
+            torch.testing.assert_close(torch.tensor(rows), torch.tensor(ref_rows), rtol=1e-4, atol=0)
+    ref, imp = estimate_importance(ref_model, data), estimate_importance(model, [b.to(device) for b in data])
+    assert aggregate(imp)["layer"] == pytest.approx(aggregate(ref)["layer"], rel=1e-5)
+    assert layer_distribution(imp) == pytest.approx(layer_distribution(ref), rel=1e-5)
+    assert sum(top_share_by_layer(imp)) == pytest.approx(1.0)
+    assert shift_metrics(ref, imp)["js"] < 1e-9 and shift_metrics(imp, imp)["top_jaccard"] == 1.0
+    masks = global_mask(imp, 0.03, "top")
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.03 * sum(v.numel() for v in imp.values()))
+    from importance import concentration
+    assert concentration(imp)["all"]["ratio"] == pytest.approx(concentration(ref)["all"]["ratio"], rel=0.05)
+    params = importance_params(model)
+    zeroed = masked_eval(model, imp, 0.03, "top", lambda: sum(int((p == 0).sum()) for p in params.values()))
+    assert zeroed == sum(int(m.sum()) for m in masks.values())
+    assert set(table1(model, imp, lambda: 1.0)) == {"baseline", "top", "bottom", "random"}
+
+
 def test_pipeline_importance_is_per_sample_except_taylor(world):
     """evaluate.importance, the analysis's entry point: taylor_sample = mean over rows of |∂L_i/∂θ ⊙ θ| (one row a
     batch, whatever batch_size), taylor = |mean_b ∂L_b/∂θ ⊙ θ| over batches of batch_size; autograd references."""

