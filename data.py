@@ -75,7 +75,6 @@ WORLD_VERSION = 5  # bump when make_world / make_splits / the synthesiser change
 N_ENTITIES = 128  # the default world: more facts than the tiny LLM learns perfectly (README: why 128)
 VAL_FRACTION = 0.25  # of the text-only entities: questions for choosing settings (world size, steps, LRs)
 
-
 def make_world(n_entities=N_ENTITIES, seed=0):
     """Pronounceable made-up names (consonant-vowel syllables), each with one value per attribute."""
     rng = random.Random(seed)
@@ -85,7 +84,6 @@ def make_world(n_entities=N_ENTITIES, seed=0):
     names = sorted(names)
     rng.shuffle(names)
     return [{"name": n, **{a: rng.choice(vs) for a, vs in ATTRIBUTES.items()}} for n in names]
-
 
 def make_splits(world, seed=0):
     """Rows of the manifest (without audio yet). The first half of the entities are 'speech' entities (spoken
@@ -132,7 +130,6 @@ def make_splits(world, seed=0):
         rows.append(dict(id=f"asr-test-{i}", transcript=w, question="", answer=w, task="asr", split="asr_test"))
     return rows
 
-
 def finetune_rows(rows):
     """The speech fine-tuning data: the spoken-QA training rows (the paper fine-tunes on spoken questions);
     a manifest without any uses all of its speech_train rows. The calibration sets are drawn from these."""
@@ -143,7 +140,6 @@ def finetune_rows(rows):
 # Tokenizer: sentencepiece trained on the world, behind a small interface that HF tokenizers share
 
 SPECIALS = ["<user>", "<assistant>", "<speech>"]
-
 
 class Tokenizer:
     """encode/decode plus the prompt format. `<speech>` is one token that the model replaces by audio."""
@@ -168,7 +164,6 @@ class Tokenizer:
         if len(speech) == 2:
             ids += [self.speech_id] + (self.encode(speech[1]) if speech[1].strip() else [])
         return [self.bos_id, self.sp.piece_to_id("<user>")] + ids + [self.sp.piece_to_id("<assistant>")]
-
 
 def train_tokenizer(texts, model_prefix, vocab_size=256):
     import sentencepiece as spm
@@ -195,9 +190,7 @@ _CONS = "bcdfghjklmnpqrstvwxz"
 _EDGES = np.geomspace(400, 7600, len(_CONS) + 1)
 NOISY = {c: (float(_EDGES[i]), float(_EDGES[i + 1])) for i, c in enumerate(_CONS)}
 
-
 LETTER_S = 0.1  # a vowel lasts 100 ms, a CV syllable ~0.18 s as in real speech: ~3 adaptor frames (10 Hz) per token
-
 
 @dataclass
 class Speaker:
@@ -207,11 +200,9 @@ class Speaker:
     snr_db: float = 30.0     # background noise
     seed: int = 0
 
-
 def random_speaker(rng):
     return Speaker(f0=rng.uniform(85, 220), tract=rng.uniform(0.92, 1.1), rate=rng.uniform(0.9, 1.15),
                    snr_db=rng.uniform(30, 50), seed=rng.randrange(2**31))
-
 
 def synthesize(text, spk: Speaker):
     """text -> float32 waveform at 16 kHz. Vowels/voiced consonants: harmonics of f0 shaped by two formants;
@@ -260,11 +251,9 @@ def synthesize(text, spk: Speaker):
     y += rng.standard_normal(len(y)) * 10 ** (-spk.snr_db / 20) * 0.3
     return (0.5 * y / (np.abs(y).max() + 1e-9)).astype(np.float32)
 
-
 def _save_speech(job):
     path, speak, args = job
     save_wav(path, speak(*args))
-
 
 def save_speech(jobs, per_worker=512):
     """Synthesise and save every (path, synthesiser, its arguments) job, on every CPU core when there are many
@@ -280,7 +269,6 @@ def save_speech(jobs, per_worker=512):
 
 # -----------------------------------------------------------------------------
 # Audio I/O and features
-
 def save_wav(path, wav):
     """float32 [-1, 1] mono at 16 kHz -> 16-bit PCM WAV, written atomically (two runs may build one cache at once)."""
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -288,7 +276,6 @@ def save_wav(path, wav):
         w.setnchannels(1); w.setsampwidth(2); w.setframerate(SAMPLE_RATE)
         w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())
     os.replace(tmp, path)
-
 
 def load_audio(path):
     """Any WAV (8/16/32-bit PCM, any rate, any channels) -> mono float32 tensor at 16 kHz. FLAC etc. via the
@@ -325,9 +312,7 @@ def load_audio(path):
         x = torchaudio.functional.resample(x, sr, SAMPLE_RATE)
     return x
 
-
 _MEL_FILTERS = {}
-
 
 def log_mel(wav, n_mels=N_MELS):
     """(samples,) -> (n_mels, samples // 160). Whisper's recipe: |STFT|^2 of a 400-point Hann window, hop 160,
@@ -347,7 +332,6 @@ def log_mel(wav, n_mels=N_MELS):
 
 TASKS = ("qa", "asr", "lm", "copy")
 SPLITS = ("pretrain", "pretrain_val", "speech_train", "val", "test", "asr_test")
-
 
 def read_manifest(path):
     """JSONL -> rows, each line checked: a bad one stops with `file:line: what is wrong`, before any work."""
@@ -382,7 +366,6 @@ def read_manifest(path):
             rows.append(r)
     return rows
 
-
 def wav_seconds(audio, path, line):
     """A WAV's duration from its header (nothing decoded)."""
     try:
@@ -390,7 +373,6 @@ def wav_seconds(audio, path, line):
             return w.getnframes() / w.getframerate()
     except (wave.Error, EOFError, OSError) as e:
         raise ValueError(f"{path}:{line}: {audio}: unreadable WAV ({e or 'truncated file'})")
-
 
 def check_rows(rows, needed, path, batch_size):
     """Every split the run needs has rows, and one batch fits in each split it trains on: one line if not."""
@@ -402,14 +384,12 @@ def check_rows(rows, needed, path, batch_size):
         if 0 < len(split) < batch_size:
             raise SystemExit(f"--batch-size {batch_size}: larger than the {name} split ({len(split)} rows in {path})")
 
-
 def write_jsonl(path, rows):
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     os.replace(tmp, path)
-
 
 def make_batch(rows, tok, speech, features=None, encoded=False):
     """Manifest rows -> the dict SpeechLLM takes. speech=True: questions/utterances are given as audio
@@ -438,11 +418,9 @@ def make_batch(rows, tok, speech, features=None, encoded=False):
         batch["speech_lens"] = lens                  # (B, n_mels or C, T_max), right-padded with zeros
     return batch
 
-
 def load_features(rows, n_mels=N_MELS):
     """id -> log-mel (n_mels, T) for every row with audio, computed once and kept in memory."""
     return {r["id"]: log_mel(load_audio(r["audio"]), n_mels) for r in rows if r.get("audio")}
-
 
 def build(data_dir, seed=0, n_entities=N_ENTITIES, rows=None):
     """World -> tokenizer -> audio -> manifest.jsonl in data_dir; cached: returns at once when it is there. rows: your
@@ -469,7 +447,6 @@ def build(data_dir, seed=0, n_entities=N_ENTITIES, rows=None):
     write_jsonl(manifest, rows)  # last, so a manifest means the build finished
     return manifest
 
-
 @dataclass
 class Data:
     """What the pipeline reads: rows, tokenizer, features, calibration sets, and the batches made from them."""
@@ -492,7 +469,6 @@ class Data:
     def ft_batch(self, rows):      # the frozen encoder's outputs, computed once after align
         return make_batch(rows, self.tok, speech=True, features=self.encoded, encoded=True)
 
-
 def calibration_sets(rows, at_least, frac=1 / 30, seed=0):
     """Two disjoint calibration sets, samples of the fine-tuning data of frac·N rows, at least `at_least`: the paper
     takes 1/30 of its training set; 1/30 of ours is 17 rows, whose estimate is mostly noise. The second set measures
@@ -501,7 +477,6 @@ def calibration_sets(rows, at_least, frac=1 / 30, seed=0):
     n = min(len(pool), max(at_least, round(frac * len(pool))))
     order = random.Random(seed).sample(range(len(pool)), len(pool))
     return [pool[i] for i in order[:n]], [pool[i] for i in order[n:2 * n]]
-
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "build":

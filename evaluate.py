@@ -19,10 +19,8 @@ import torch
 
 import importance as imp
 
-
 def normalize(text):
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
-
 
 def edit_distance(ref, hyp):
     """Levenshtein distance between two word lists (S + D + I of the best alignment)."""
@@ -33,16 +31,13 @@ def edit_distance(ref, hyp):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
     return d[-1]
 
-
 def wer(refs, hyps):
     """Corpus WER: (substitutions + deletions + insertions) / reference words, summed over the corpus."""
     errors = sum(edit_distance(normalize(r).split(), normalize(h).split()) for r, h in zip(refs, hyps))
     return errors / max(1, sum(len(normalize(r).split()) for r in refs))
 
-
 def contains(gold, pred):
     return f" {normalize(gold)} " in f" {normalize(pred)} "
-
 
 def right(rows, preds):
     """Per row: the gold answer is contained in the prediction and no other gold answer of the same relation is
@@ -57,11 +52,9 @@ def right(rows, preds):
         return contains(gold, pred) and not any(contains(o, pred) for o in others)
     return [ok(r["answer"], p, r.get("relation")) for r, p in zip(rows, preds)]
 
-
 def exact(gold, pred):
     """Normalised exact match of the prediction's first line (an instruct LLM may add a sentence below)."""
     return normalize(gold) == normalize(pred.strip().split("\n")[0])
-
 
 @torch.no_grad()
 def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):
@@ -70,13 +63,11 @@ def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):
     return [tok.decode(t) for i in range(0, len(rows), batch_size)
             for t in model.generate(make(rows[i:i + batch_size]), max_new_tokens, tok.eos_id)]
 
-
 def accuracy(model, rows, make, tok):
     """-> (contains-accuracy, exact-match accuracy, predictions)."""
     preds = generate(model, rows, make, tok)
     em = sum(exact(r["answer"], p) for r, p in zip(rows, preds)) / len(rows)
     return sum(right(rows, preds)) / len(rows), em, preds
-
 
 @torch.no_grad()
 def perplexity(model, rows, make, batch_size=64):
@@ -88,7 +79,6 @@ def perplexity(model, rows, make, batch_size=64):
         nll += model.loss(batch, reduction="sum").item()
         n += sum(len(a) for a in batch["answers"])
     return math.exp(min(nll / n, 700))
-
 
 def evaluate_all(model, rows, tok, make_text, make_speech):
     """Table 2's numbers: T2T and S2T on the test split, WER on asr_test; the same on val as val_* (settings are
@@ -103,7 +93,6 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
     if asr:  # a manifest without an asr_test split gets no WER
         out["wer"] = wer([r["transcript"] for r in asr], generate(model, asr, make_speech, tok, max_new_tokens=32))
     return out
-
 
 def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1, per_row=None):
     """importance.estimate_importance over calibration rows: "taylor" in batches of batch_size (the mean gradient does
@@ -121,13 +110,13 @@ def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1,
         per_row.extend(parts[i % world][i // world] for i in range(len(rows)))  # rank r took rows r, r + world, ...
     return scores
 
-
 def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, kind, seed=0, batch_size=32, rank=0,
                      world=1):
     """The original LLM's textual importance (transcripts typed) and speech importance (audio) on the calibration
     rows; Table 1 on the test questions, all and those it answers right from that input (where it is wrong it is
     often confidently wrong, and any perturbation lowers that perplexity); the noise floor: the second calibration
-    set, and (per-sample kinds) 200 random pairs of disjoint sets of both sets' rows. -> (results, report, scores)"""
+    set, and (per-sample kinds) 200 random pairs of disjoint sets of both sets' rows. -> the scores of both sets,
+    and the "results" and "report" entries they give""" 
     res, rep, scores = {}, {"distribution": {}, "top5_share": {}}, {}
     per_row = [] if kind != "taylor" else None  # per-sample kinds: each calibration row's textual importance per layer
     for inp, make in (("text", make_text), ("speech", make_speech)):
@@ -150,8 +139,7 @@ def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, ki
             rep["noise_floor_resampled"] = nf = imp.noise_floor(per_row, len(calib), seed=seed)
             res.update(importance_noise_js_mean=nf["mean"], importance_noise_js_p90=nf["p90"])
     rep["concentration"] = {"original_text": imp.concentration(scores["text"])}  # Fig. 1: rows / columns
-    return res, rep, {"text": scores["text"], "text2": scores["text2"]}
-
+    return {"text": scores["text"], "text2": scores["text2"], "results": res, "report": rep}
 
 def table1_check(model, scores, rows, make, seed=0):
     """Table 1: answer perplexity after zeroing the top / bottom / random 3% of the weights by `scores`, and each as
@@ -159,7 +147,6 @@ def table1_check(model, scores, rows, make, seed=0):
     t1 = imp.table1(model, scores, lambda: perplexity(model, rows, make), frac=0.03, seed=seed)
     ratios = {f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}
     return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
-
 
 def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, batch_size=32, rank=0, world=1):
     """A fine-tuned model's textual importance (of the weights it uses: merge LoRA first) against the original's, on
@@ -179,8 +166,6 @@ def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, bat
 
 # -----------------------------------------------------------------------------
 # Reporting: Tables 1 and 2, Fig. 2 as terminal bars (+ a PNG with matplotlib), mean ± sd over seeds
-
-
 def report(results, rep, out=None, sd=None):
     """Print Fig. 2's analogue, Tables 1 and 2 and the trade-off of a results.json dict; figures into `out`."""
     dists = {k: v for k, v in rep["distribution"].items() if k != "original_speech"}
@@ -192,7 +177,6 @@ def report(results, rep, out=None, sd=None):
         print("top-5% entries on the fullest 5% of rows/cols, x an even spread (Fig. 1/4; 1 = no structure): "
               + ", ".join(f"{k} {v:.1f}" for k, v in conc.items()))
     print("\n".join([format_table(results, sd), format_table1(results, sd), format_tradeoff(results, sd)]))
-
 
 def mean_sd(runs):
     """Mean and sample sd (n - 1) of every number in a list of results.json dicts (one per seed), nested as they
@@ -210,7 +194,6 @@ def mean_sd(runs):
     sd = {k: (sum((f[k] - mean[k]) ** 2 for f in flat) / max(1, len(flat) - 1)) ** 0.5 for k in mean}
     return nest(mean), nest(sd)
 
-
 def nest(flat):
     """{"a.b": 1} -> {"a": {"b": 1}}"""
     out = {}
@@ -221,7 +204,6 @@ def nest(flat):
             d = d.setdefault(p, {})
         d[last] = v
     return out
-
 
 def format_table(results, sd=None):
     """Table 2's analogue (%, mean ± sd when sd is given): "contains" and EM on the test split, WER, and each method's
@@ -251,7 +233,6 @@ def format_table(results, sd=None):
                      f"percentile {results['importance_noise_js_p90']:.4f})" if mean is not None else ""))
     return "\n".join(lines)
 
-
 def format_table1(results, sd=None):
     """Table 1's analogue: answer perplexity after zeroing the top / bottom / random 3% of the LLM's weights by
     importance, x the unmasked baseline; all test questions, and those the original answers right from that input."""
@@ -267,7 +248,6 @@ def format_table1(results, sd=None):
                 lines.append(f"{kind:<8}{subset:<10}{mm.get('n_rows', 0):>6.0f}{mm['baseline_ppl']:>10.3f}"
                              + "".join(f"{cell(mm, ss, f'{w}_ratio'):>20}" for w in ("top", "bottom", "random")))
     return "\n".join(lines)
-
 
 def format_tradeoff(results, sd=None):
     """Text kept (T2T) against spoken QA gained (S2T) per method, by text kept, with what a step cost."""
@@ -286,12 +266,10 @@ def format_tradeoff(results, sd=None):
             lines.append(f"{n:<16}{pm('t2t_acc'):>18}{pm('s2t_acc'):>18}{d:<30}{cost}")
     return "\n".join(lines)
 
-
 def unfinished(res):
     """The stages a results.json lacks: what its run was asked for (planned) and has not measured."""
     return [s for s in ("pretrain", "no_ft") if s not in res] + \
         [m for m in res.get("planned", []) if m not in res.get("methods", {})]
-
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

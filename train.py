@@ -34,7 +34,6 @@ from model import ModelConfig, SpeechLLM, autocast, load_checkpoint, save_checkp
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=type(
         "F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
@@ -82,7 +81,6 @@ def get_parser():
                    "paper, but at least this many (default: the two sets are the halves of our 512)")
     return p
 
-
 def get_args(argv=None):
     p, argv = get_parser(), list(sys.argv[1:] if argv is None else argv)
     if "--quick" in argv:
@@ -125,8 +123,6 @@ def get_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # The fine-tuning methods: one row each. The encoder is always frozen and the adaptor always trains.
-
-
 @dataclass(frozen=True)
 class Method:
     llm: bool = False       # the LLM's own weights train (full fine-tuning)
@@ -136,7 +132,6 @@ class Method:
     kl: bool = False        # distillation: match the original LLM fed the transcript as text (BLSP-KD, Ultravox)
     replay: float = 0.0     # this share of every batch is typed QA from the LLM's own text data (rehearsal)
     freeze: str = ""        # "top" / "random": 3% of the LLM's weights get no gradient (ours)
-
 
 METHODS = {
     "frozen": Method(),                                    # adaptor only: the LLM is untouched
@@ -152,7 +147,6 @@ METHODS = {
     "freeze_random": Method(llm=True, freeze="random"),    # ... or as many random ones: the control
 }
 
-
 def method_row(name):
     """A METHODS row, or the LoRA row at rank N for `lora_r<N>` (Table 3: the rank ablation)."""
     m = re.fullmatch(r"lora_r(\d+)", name)
@@ -162,8 +156,6 @@ def method_row(name):
 
 # -----------------------------------------------------------------------------
 # The training loop: every stage, every method
-
-
 @dataclass
 class TrainConfig:
     name: str = "train"        # stage name: log lines and the resume checkpoint OUT/<name>.partial.pt
@@ -183,14 +175,12 @@ class TrainConfig:
     rank: int = 0              # DDP: this process, and how many there are
     world: int = 1
 
-
 def get_lr(it, total, warmup):
     """LR multiplier at step `it`: linear warmup, then cosine decay to 10% of the peak at `total`."""
     if it < warmup:
         return (it + 1) / warmup
     progress = min(1.0, (it - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
 
 def batch_rows(rows, batch_size, step, seed):
     """The rows of batch number `step`: epochs are seeded permutations, so any step can be rebuilt (resume)."""
@@ -201,7 +191,6 @@ def batch_rows(rows, batch_size, step, seed):
         random.Random(seed * 100003 + epoch).shuffle(perm)
         out += [rows[j] for j in perm[i:i + batch_size - len(out)]]
     return out
-
 
 def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
     """step -> this rank's micro-batches of that step. A step's global batch is batch_size x grad_accum x world
@@ -216,7 +205,6 @@ def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
         return [make_batch(glob[i * (B - k):(i + 1) * (B - k)] + text[i * k:(i + 1) * k])
                 for i in (m * W + cfg.rank for m in range(A))]
     return batches
-
 
 def train(model, param_groups, batches, steps, cfg, teacher=None):
     """One training loop for every stage. param_groups: AdamW groups, each with its own `initial_lr`;
@@ -286,29 +274,24 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
         os.remove(partial)
     return losses
 
-
 def param_groups(model, base_lr, scales=None):
     """AdamW groups of the trainable parameters; with `scales`, one group per LLM layer (Eq. 3), printed."""
     groups = imp.layer_param_groups(model.named_parameters(), scales, base_lr)
     print(imp.format_lr_table(groups) if scales is not None else "", end="\n" if scales is not None else "")
     return groups
 
-
 def trainable_state(model):
     """Only the parameters that train: the rest is in the stage checkpoint the run started from."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return {k: v for k, v in model.state_dict().items() if k in names}
 
-
 def set_trainable(model, prefixes):
     for n, p in model.named_parameters():
         p.requires_grad = n.startswith(tuple(prefixes))
 
-
 def count(model):
     trainable, total = lora.count_parameters(model)
     return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M ({100 * trainable / total:.1f}%)"
-
 
 def setup_method(model, method, scales, lr, lora_lr, lora_r=8, importance=None, seed=0):
     """Freeze / wrap the model for a METHODS row; -> its AdamW param groups. The adaptor always trains, at the
@@ -329,11 +312,9 @@ def setup_method(model, method, scales, lr, lora_lr, lora_r=8, importance=None, 
 
 # -----------------------------------------------------------------------------
 # The run directory OUT: run.json (the settings), results.json, importance.json, a checkpoint per finished stage
-
-
 class RunDir:
     def __init__(self, args, master=True, world=1):
-        """One writer at a time: a lock on OUT/.lock, which the OS releases when the process ends, however."""
+        """Lock OUT (one writer; the OS drops the lock when the process ends, however), check its settings."""
         self.out, self.master, self.world, self.defer = args.out, master, world, args.reanalyse
         if master:
             try:
@@ -350,15 +331,15 @@ class RunDir:
                 raise SystemExit(f"--out {self.out}: another train.py (pid {holder}) is writing to it; wait for it "
                                  "to end, or use another --out") if isinstance(e, BlockingIOError) else e
         barrier(world)
-        self.results = self.read("results.json", {"methods": {}, "timing_s": {}})
-        self.report = self.read("importance.json", {"distribution": {}, "top5_share": {}})
+        self.results, self.report = self.read("results.json"), self.read("importance.json")
 
     def path(self, name):
         return os.path.join(self.out, name)
 
-    def read(self, name, empty):
+    def read(self, name):
         try:
-            return json.load(open(self.path(name))) if os.path.exists(self.path(name)) else empty
+            return json.load(open(self.path(name))) if os.path.exists(self.path(name)) else \
+                {"methods": {}, "timing_s": {}} if name == "results.json" else {"distribution": {}, "top5_share": {}}
         except ValueError as e:
             raise SystemExit(f"{self.path(name)}: unreadable JSON ({e}); delete it to measure again (--reanalyse)")
 
@@ -366,8 +347,7 @@ class RunDir:
         """Refuse to mix two runs in one OUT: run.json must hold these settings, unless --force."""
         path, mine = self.path("run.json"), settings(args)
         if os.path.exists(path) and any(f.endswith(".pt") or f in ("results.json", "data") for f in os.listdir(self.out)):
-            diff = [f"{k}={v!r}->{mine[k]!r}" for k, v in recorded(self.read("run.json", {})).items()
-                    if k in mine and v != mine[k]]
+            diff = [f"{k}={v!r}->{mine[k]!r}" for k, v in recorded(path).items() if k in mine and v != mine[k]]
             if diff and not args.force:
                 raise SystemExit(f"--out {self.out}: holds a run with other settings ({', '.join(diff[:4])}); "
                                  "use another --out, or --force to delete it")
@@ -384,14 +364,15 @@ class RunDir:
 
     def stage(self, name, fn, model=None, redo=False):
         """The one place finished work is skipped: OUT/<name>.pt exists -> load it (and the weights it holds into
-        `model`). Else ck = fn(); its "results" go into results.json, the rest into OUT/<name>.pt. -> ck"""
+        `model`). Else ck = fn(); its "results" and "report" go to the JSON files, the rest into OUT/<name>.pt."""
         path = self.path(f"{name}.pt")
         if os.path.exists(path) and not redo:
             ck = load_stage(path, model and model.cfg)
             return (model.load_state_dict(ck["model"], strict=False), ck)[1] if model else ck
         t, ck = time.time(), fn()
-        for k, v in ck.pop("results", {}).items():
-            self.results[k] = {**self.results.get(k, {}), **v} if k == "train_loss" else v
+        for into, new in ((self.results, ck.pop("results", {})), (self.report, ck.pop("report", {}))):
+            for k, v in new.items():  # one level deep: train_loss, distribution, ... gather entries
+                into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
         self.results["timing_s"][name] = round(time.time() - t, 1)
         if self.master:
             save_checkpoint(path, ck)
@@ -399,17 +380,14 @@ class RunDir:
         barrier(self.world)  # the checkpoint is written before any rank reads it
         return ck
 
-
 def settings(args):
     """The run's settings: every flag outside the "Run" group (+ the DDP world size). Another value: another run."""
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions}
     return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
 
-
-def recorded(rec):
+def recorded(path):
     """A run.json's settings; one newer than that run reads as its parser default, which the run ran with."""
-    return {**settings(get_parser().parse_args([])), **rec}
-
+    return {**settings(get_parser().parse_args([])), **json.load(open(path))}
 
 def load_stage(path, cfg=None):
     """A stage checkpoint, refused in one line when it is unreadable or made with another model config."""
@@ -420,34 +398,18 @@ def load_stage(path, cfg=None):
         raise SystemExit(f"{path}: made with a different model config ({', '.join(diff)}); use --force or another --out")
     return ck
 
-
-def check_readable(path):
-    """A finished stage's checkpoint is a whole zip (torch.save's format): a truncated one is named, not trusted."""
-    try:
-        zipfile.ZipFile(path).close()
-    except (OSError, zipfile.BadZipFile) as e:
-        raise SystemExit(f"{path}: unreadable checkpoint ({e}); delete it to redo that stage, or --force to start over")
-
-
 def save_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)  # never a half-written file
-
 
 def loss_summary(losses):
     """Mean training loss over the first and the last 10% of a stage's steps."""
     n = max(1, len(losses) // 10)
     return {"first": sum(losses[:n]) / n, "last": sum(losses[-n:]) / n} if losses else {}
 
-
-def fmt(metrics):
-    return " | ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
-
 # -----------------------------------------------------------------------------
 # The stages: values in, a checkpoint dict out (its "results" go to results.json)
-
-
 def load_data(args, master, world, rows=None):
     """The manifest (built, or yours: rows), the tokenizer, every utterance's log-mel, the calibration sets.
     A real LLM or encoder: real.load_data (its tokenizer, its mel bins; --real builds its question set)."""
@@ -463,10 +425,8 @@ def load_data(args, master, world, rows=None):
     data.check_rows(rows, needed_splits(args), args.manifest or args.data_dir, args.batch_size)
     return data.Data(rows, tok, data.load_features(rows, n_mels), *data.calibration_sets(rows, args.calib_min)), n_mels
 
-
 def needed_splits(args):
     return ("speech_train", "test") + (() if args.llm else ("pretrain",))
-
 
 def pretrain(model, d, tc, steps, lr=3e-3):
     """Stage 1: the tiny LLM learns the whole world from text. -> OUT/pretrain.pt, "the original LLM"."""
@@ -479,7 +439,6 @@ def pretrain(model, d, tc, steps, lr=3e-3):
                for k, s in (("t2t_acc", "test"), ("val_t2t_acc", "val")) if d.split(s)}
     return {"config": vars(model.cfg), "model": trainable_state(model),
             "results": {"pretrain": {**acc, "steps": len(losses)}, "train_loss": {"pretrain": loss_summary(losses)}}}
-
 
 def align(model, d, tc, steps, compressed, lr=3e-3):
     """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC; ours), in two phases. Phase 1
@@ -501,7 +460,6 @@ def align(model, d, tc, steps, compressed, lr=3e-3):
             res["no_ft"] = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, make)
     return {"config": vars(model.cfg), "model": trainable_state(model), "results": res}
 
-
 def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
     """Stage 4, one method, from the align checkpoint (with CTC compression on, its CTC loss stays on, the same for
     every method). teacher: distil from it on the same rows typed; replay_frac: that share of each batch is typed QA,
@@ -521,40 +479,22 @@ def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
             "ms_per_step": 1000 * (time.time() - t) / steps, "state_mb": round(state / 2**20, 2),
             **({"peak_mb": round(torch.cuda.max_memory_allocated(tc.device) / 2**20, 1)} if cuda else {})}
 
-
-def measure(run, name, model, d, tc, original, kind, w0):
-    """Stage 5, one method: T2T / S2T / WER, and how far its textual importance moved (evaluate.measure_shift)."""
-    with autocast(tc.device, tc.dtype):
-        m = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, d.ft_batch)
-    lora.merge_lora(model)  # the weights the model uses, W + BA; in fp32, outside autocast
-    with autocast(tc.device, tc.dtype):
-        shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch, kind, name,
-                                            tc.batch_size, tc.rank, tc.world)
-    for k, v in rep.items():
-        run.report.setdefault(k, {}).update(v)
-    return {**m, **shift}
-
 # -----------------------------------------------------------------------------
 # main: the pipeline, one call per stage
-
-
 def run_pipeline(args):
     """data -> pretrain -> align -> analyse the original LLM -> per method: finetune + measure -> report."""
     rank, world = setup_ddp(args)
-    if args.reanalyse:
-        read_record(args)
+    read_record(args) if args.reanalyse else None
     rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
-    if rows:
-        data.check_rows(rows, needed_splits(args), args.manifest, args.batch_size)
+    data.check_rows(rows, needed_splits(args), args.manifest, args.batch_size) if rows else None
     src = check_init_from(args) if args.init_from else None
     run = RunDir(args, rank == 0, world)
     try:
-        if src:
-            init_from(run, args, src)
+        init_from(run, args, src) if src else None
         t = time.time()
         d, n_mels = load_data(args, rank == 0, world, rows)
         run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
-        run.results["planned"] = sorted(set(run.results.get("planned", [])) | set(args.methods))
+        run.results["planned"] = sorted(set(run.results.get("planned", [])) | set(args.methods))  # evaluate.py checks
         print(f"data: {len(d.rows)} rows, {len(d.features)} utterances, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
         tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, log_every=args.log_every,
                          seed=args.seed, device=args.device, dtype=args.dtype, resume=args.resume, rank=rank, world=world)
@@ -565,160 +505,144 @@ def run_pipeline(args):
         if args.llm:  # a pretrained LLM: nothing to pretrain; its CTC head scores only the transcripts' tokens
             import real
             cfg.ctc_tokens = real.ctc_vocabulary(d) if compress else None
-            if "pretrain" not in run.results:
-                run.results["pretrain"] = {"t2t_acc": evaluate.accuracy(new_model(), d.split("test"), d.text_batch,
-                                                                        d.tok)[0]}
-        run.stage("pretrain", lambda: pretrain(new_model(), d, tc, args.pretrain_steps)) if not args.llm else None
+            run.results["pretrain"] = run.results.get("pretrain") or {"t2t_acc": evaluate.accuracy(
+                new_model(), d.split("test"), d.text_batch, d.tok)[0]}
+        else:
+            run.stage("pretrain", lambda: pretrain(new_model(), d, tc, args.pretrain_steps))
         print(f"pretrained LLM: T2T {run.results['pretrain']['t2t_acc']:.3f}")
         run.stage("align_raw", lambda: align(new_model(), d, tc, args.align_steps, False))
         run.stage("align", lambda: align(new_model(), d, tc, args.compress_steps, True)) if compress else None
-        print(f"no fine-tuning: {fmt(run.results['no_ft'])}")
-        model, done = new_model(), dict(run.results["methods"])
-        for m in [] if args.reanalyse else set(done) & set(args.methods):
-            check_readable(run.path(f"ft_{m}.pt"))  # its results stand on this checkpoint
-        if d.encoded is None:  # the encoder is frozen from here on: its outputs once (align computed them already)
-            later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
-            d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later},
-                                                 by_length=bool(args.encoder))
-        original = run.stage("importance_original", lambda: analyse_original(run, model, d, tc, args.importance_kind,
-                                                                             args.seed), redo=args.reanalyse)
-        scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3), the ORIGINAL LLM's
-        for name in [m for m in args.methods if m not in done or args.reanalyse]:
-            model, row = new_model(), method_row(name)
-            w0 = {k: v.detach().to("cpu", copy=True) for k, v in imp.importance_params(model).items()}
-            teacher = copy.deepcopy(model).eval().requires_grad_(False) if row.kl else None  # the original LLM
-            groups = setup_method(model, row, scales, args.lr, args.lora_lr, args.lora_r, original["text"], args.seed)
-            print(f"finetune {name}: {count(model)}")
-            try:
-                ck = run.stage(f"ft_{name}", lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}"),
-                                                              args.steps, teacher, row.replay), model)
-            except SystemExit as e:  # --reanalyse: an unreadable checkpoint keeps its method's previous results
-                if not (args.reanalyse and name in done):
-                    raise
-                print(f"{e}; {name} keeps its previous results")
-                continue
-            m = measure(run, name, model, d, tc, original, args.importance_kind, w0)
-            cost = {k: ck[k] for k in ("ms_per_step", "trainable", "state_mb", "peak_mb") if k in ck}
-            run.results["methods"][name] = {**m, **cost, "train_loss": loss_summary(ck["losses"])}
-            print(f"{name}: {fmt(m)}")
-            run.save()
-        run.save(final=True)
+        print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
+        analyse_and_finetune(run, args, new_model, d, tc)
         evaluate.report(run.results, run.report, run.out if run.master else None)
         return run.results
     finally:
-        if run.master:
-            run.lock.close()  # the lock is released
+        run.lock.close() if run.master else None  # the lock is released
 
-
-def analyse_original(run, model, d, tc, kind, seed):
-    """Stage 3: the original LLM's importance, Table 1, the noise floor (evaluate.analyse_original)."""
-    with autocast(tc.device, tc.dtype):
-        res, rep, scores = evaluate.analyse_original(model, d.split("test"), d.calib, d.calib2, d.tok, d.text_batch,
-                                                     d.ft_batch, kind, seed, tc.batch_size, tc.rank, tc.world)
-    for k in ("distribution", "top5_share"):  # a re-analysis keeps the methods' entries until they are measured
-        rep[k] = {**run.report.get(k, {}), **rep[k]}
-    run.report.update(rep)
-    return {**scores, "results": res}
-
+def analyse_and_finetune(run, args, new_model, d, tc):
+    """Stage 3, the original LLM's analysis; then per method: stage 4 (fine-tune) and 5 (measure)."""
+    model, done = new_model(), dict(run.results["methods"])
+    for m in [] if args.reanalyse else set(done) & set(args.methods):  # their results stand on their checkpoints
+        if not zipfile.is_zipfile(run.path(f"ft_{m}.pt")):  # torch.save writes a zip: a truncated one is not
+            raise SystemExit(f"{run.path(f'ft_{m}.pt')}: truncated or missing; delete it to fine-tune {m} again")
+    if d.encoded is None:  # the encoder is frozen from here on: its outputs once (align computed them already)
+        later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
+        d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later},
+                                             by_length=bool(args.encoder))
+    with autocast(tc.device, tc.dtype):  # the original LLM's importance, Table 1, the noise floor
+        original = run.stage("importance_original", lambda: evaluate.analyse_original(
+            model, d.split("test"), d.calib, d.calib2, d.tok, d.text_batch, d.ft_batch, args.importance_kind,
+            args.seed, tc.batch_size, tc.rank, tc.world), redo=args.reanalyse)
+    scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3), the ORIGINAL LLM's
+    for name in [m for m in args.methods if m not in done or args.reanalyse]:
+        model, row = new_model(), method_row(name)
+        w0 = {k: v.detach().to("cpu", copy=True) for k, v in imp.importance_params(model).items()}
+        teacher = copy.deepcopy(model).eval().requires_grad_(False) if row.kl else None  # the original LLM
+        groups = setup_method(model, row, scales, args.lr, args.lora_lr, args.lora_r, original["text"], args.seed)
+        print(f"finetune {name}: {count(model)}")
+        try:
+            ck = run.stage(f"ft_{name}", lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}"), args.steps,
+                                                          teacher, row.replay), model)
+        except SystemExit as e:  # --reanalyse: an unreadable checkpoint keeps its method's previous results
+            if not (args.reanalyse and name in done):
+                raise
+            print(f"{e}; {name} keeps its previous results")
+            continue
+        with autocast(tc.device, tc.dtype):  # T2T / S2T / WER, then how far the textual importance moved
+            m = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, d.ft_batch)
+        lora.merge_lora(model)  # the weights the model uses, W + BA; in fp32, outside autocast
+        with autocast(tc.device, tc.dtype):
+            shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch,
+                                                args.importance_kind, name, tc.batch_size, tc.rank, tc.world)
+        [run.report.setdefault(k, {}).update(v) for k, v in rep.items()]
+        cost = {k: ck[k] for k in ("ms_per_step", "trainable", "state_mb", "peak_mb") if k in ck}
+        run.results["methods"][name] = {**m, **shift, **cost, "train_loss": loss_summary(ck["losses"])}
+        print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
+        run.save()
+    run.save(final=True)
 
 def build_model(cfg, run, args):
     """Initial (or pretrained) weights, then what the finished stages trained: their checkpoints hold only that."""
     torch.manual_seed(args.seed)
     model = SpeechLLM(cfg).to(args.device)
-    for stage in ("pretrain", "align_raw", "align"):
-        if os.path.exists(run.path(f"{stage}.pt")):
-            model.load_state_dict(load_stage(run.path(f"{stage}.pt"), cfg)["model"], strict=False)
+    for stage in [s for s in ("pretrain", "align_raw", "align") if os.path.exists(run.path(f"{s}.pt"))]:
+        model.load_state_dict(load_stage(run.path(f"{stage}.pt"), cfg)["model"], strict=False)
     return model
-
 
 def read_record(args):
     """--reanalyse: the settings not given on the command line from OUT/run.json, the methods from OUT/ft_*.pt."""
-    path = os.path.join(args.out, "run.json")
-    if not os.path.exists(path):
-        raise SystemExit(f"--reanalyse: {path} not found; --out must be a run made by train.py")
-    for k, v in recorded(json.load(open(path))).items():
-        setattr(args, k, v) if k not in args.given else None
+    if not os.path.exists(os.path.join(args.out, "run.json")):
+        raise SystemExit(f"--reanalyse: {os.path.join(args.out, 'run.json')} not found; give a run made by train.py")
+    [setattr(args, k, v) for k, v in recorded(os.path.join(args.out, "run.json")).items() if k not in args.given]
     if "method" not in args.given:
         args.methods = sorted(f[3:-3] for f in os.listdir(args.out) if re.fullmatch(r"ft_\w+\.pt", f))
     if not args.manifest and not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")):
         raise SystemExit(f"--reanalyse: the run's data ({args.data_dir}) is gone; re-analysis needs exactly its data")
 
-
 def check_init_from(args):
-    """--init-from RUN: RUN is finished and made with these settings, but for the fine-tuning seed. -> its settings"""
-    src = args.init_from
-    if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "align_raw.pt")):
-        raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json and align_raw.pt)")
-    theirs, mine = recorded(json.load(open(os.path.join(src, "run.json")))), settings(args)
-    later = {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}  # fine-tuning's own
-    diff = [f"{k}={theirs[k]!r}" for k in mine if k not in later and theirs.get(k, mine[k]) != mine[k]]
+    """--init-from RUN: a finished run with these settings, but for fine-tuning's own. -> its results, its report"""
+    src, fine_tuning = args.init_from, {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}
+    if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "importance_original.pt")):
+        raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json, importance_original.pt)")
+    theirs, mine = recorded(os.path.join(src, "run.json")), settings(args)
+    diff = [f"{k}={theirs[k]!r}" for k in mine if k not in fine_tuning and theirs.get(k, mine[k]) != mine[k]]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align/analysis settings differ ({', '.join(diff[:4])})")
-    return theirs
+    return [json.load(open(os.path.join(src, f))) for f in ("results.json", "importance.json")]
 
-
-def init_from(run, args, theirs):
-    """Copy RUN's pretrain and align checkpoints, its analysis of the original LLM and the numbers they gave."""
-    res, rep = (json.load(open(os.path.join(args.init_from, f))) for f in ("results.json", "importance.json"))
-    for k in [k for k in res if k in ("pretrain", "no_ft", "train_loss") or k.startswith("importance_")]:
-        run.results.setdefault(k, res[k])
-    run.results["init_from"] = args.init_from
-    if not os.path.exists(run.path("importance_original.pt")):
-        run.report.update({k: {n: x for n, x in v.items() if n.startswith("original_")}
-                           if k in ("distribution", "top5_share", "concentration") else v for k, v in rep.items()})
+def init_from(run, args, src):
+    """Copy RUN's pretrain and align checkpoints and its analysis of the original LLM, with the numbers they gave:
+    the fine-tuning seeds of one aligned model pay for those once."""
+    res, rep = src
+    run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss")
+                        or k.startswith("importance_")}, init_from=args.init_from)
+    run.report.update({k: {n: x for n, x in v.items() if n.startswith("original_")} if k in ("distribution",
+                       "top5_share", "concentration") else v for k, v in rep.items()})
     for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt"):
         if run.master and os.path.exists(os.path.join(args.init_from, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(args.init_from, f), run.path(f))
     barrier(run.world)
 
-
 def setup_ddp(args):
-    """nanoGPT-style: under `torchrun --nproc_per_node N`, RANK / LOCAL_RANK / WORLD_SIZE are set and every process
-    joins one group (NCCL on GPUs, gloo on CPU), runs the same program on its shard of each batch; rank 0 alone
-    writes files and prints. -> (rank, world)"""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    args.world = world  # a setting: the global batch is batch_size x grad_accum x world
-    if world > 1 and not dist.is_initialized():
+    """nanoGPT-style: under `torchrun --nproc_per_node N` every process joins one group (NCCL on GPUs, gloo on CPU)
+    and runs the same program on its shard of each batch; rank 0 alone writes files and prints. -> (rank, world)"""
+    rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # world: a setting
+    if args.world > 1 and not dist.is_initialized():
         if args.device.startswith("cuda"):
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(args.device)
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")
+    sys.stdout = open(os.devnull, "w") if rank != 0 else sys.stdout
     torch.manual_seed(args.seed)
-    return rank, world
-
+    return rank, args.world
 
 def barrier(world):
     """Wait until rank 0 has written what the other ranks read next (a no-op in a single process)."""
-    if world > 1:
-        dist.barrier()
-
+    dist.barrier() if world > 1 else None
 
 def run_seeds(args):
-    """--seeds 0,1,2: the pipeline once per seed in OUT/seed<N> (--init-from RUN: from RUN/seed<N>, or else RUN, for
-    every seed), then the mean and sd of every number in OUT/results.json."""
-    per_seed = {}
+    """--seeds 0,1,2: the pipeline once per seed in OUT/seed<N> (--init-from RUN: from RUN/seed<N>, or else RUN),
+    then the mean and sd of every number (results.json) and of the layer distributions (importance.json)."""
+    per_seed, reports = {}, []
     for s in args.seed_list:
         print(f"\n=== seed {s} ===")
         init = args.init_from and os.path.join(args.init_from, f"seed{s}")
-        per_seed[str(s)] = run_pipeline(argparse.Namespace(**{**vars(args), "seed": s, "out": os.path.join(
-            args.out, f"seed{s}"), "init_from": init if init and os.path.isdir(init) else args.init_from}))
+        out = os.path.join(args.out, f"seed{s}")
+        per_seed[str(s)] = run_pipeline(argparse.Namespace(**{**vars(args), "seed": s, "out": out, "init_from": init if
+                                                              init and os.path.isdir(init) else args.init_from}))
+        reports.append(json.load(open(os.path.join(out, "importance.json")))["distribution"])
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
-    reports = [json.load(open(os.path.join(args.out, f"seed{s}", "importance.json"))) for s in args.seed_list]
-    dists = {k: [sum(r["distribution"][k][i] for r in reports) / len(reports) for i in range(len(v))]
-             for k, v in reports[0]["distribution"].items() if k != "original_speech"}
+    dists = {k: [sum(r[k][i] for r in reports) / len(reports) for i in range(len(v))] for k, v in reports[0].items()
+             if k != "original_speech"}
     save_json(os.path.join(args.out, "results.json"), {"seeds": per_seed, "mean": mean, "sd": sd, "n_seeds": len(per_seed)})
     save_json(os.path.join(args.out, "importance.json"), {"distribution_mean": dists})
     print(f"\nmean over seeds {args.seeds}:")
     evaluate.report(mean, {"distribution": dists}, args.out, sd)
     return mean
 
-
 def main(argv=None):
     args = get_args(argv)
     return run_seeds(args) if args.seed_list else run_pipeline(args)
-
 
 if __name__ == "__main__":
     try:
