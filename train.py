@@ -462,11 +462,9 @@ def align(model, d, tc, steps, compressed, lr=3e-3):
 
 def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
     """Stage 4, one method, from the align checkpoint (with CTC compression on, its CTC loss stays on, the same for
-    every method). teacher: distil from it on the same rows typed; replay_frac: that share of each batch is typed QA,
-    the LLM's own text data (a real LLM's is not ours: the fine-tuning questions typed stand in)."""
+    every method). teacher: distil from it on the same rows typed; replay_frac: that share of each batch is typed QA."""
     make = d.ft_batch if teacher is None else lambda rows: {**d.ft_batch(rows), "typed": d.text_batch(rows)}
-    replay = [r for r in d.rows if r["split"] == "pretrain" and r["task"] == "qa"] or \
-        [{**r, "audio": None} for r in data.finetune_rows(d.rows)] if replay_frac else ()
+    replay = replay_rows(d.rows) if replay_frac else ()
     cuda, t = tc.device.startswith("cuda"), time.time()
     if cuda:
         torch.cuda.reset_peak_memory_stats(tc.device)
@@ -478,6 +476,12 @@ def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
     return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses, "trainable": trainable,
             "ms_per_step": 1000 * (time.time() - t) / steps, "state_mb": round(state / 2**20, 2),
             **({"peak_mb": round(torch.cuda.max_memory_allocated(tc.device) / 2**20, 1)} if cuda else {})}
+
+def replay_rows(rows):
+    """Typed QA from the LLM's own text data (split pretrain); a real LLM's is not ours: the fine-tuning questions
+    typed (the same facts, as text; a row without audio is typed) stand in."""
+    return [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"] or \
+        [{**r, "audio": None} for r in data.finetune_rows(rows)]
 
 # -----------------------------------------------------------------------------
 # main: the pipeline, one call per stage
