@@ -279,7 +279,8 @@ if __name__ == "__main__":
         res = json.load(open(path))
     except (OSError, ValueError) as e:
         raise SystemExit(f"{path}: cannot read it ({e}); run python train.py --out {sys.argv[1]} to make or finish it")
-    missing = [f"seed {s}: {', '.join(unfinished(r))}" for s, r in res.get("seeds", {"": res}).items() if unfinished(r)]
+    missing = [(f"seed {s}: " if s else "") + ", ".join(unfinished(r)) for s, r in res.get("seeds", {"": res}).items()
+               if unfinished(r)]
     if missing:
         raise SystemExit(f"{sys.argv[1]}: an unfinished run, missing {'; '.join(missing)}; rerun its train.py command")
     mean, sd = (res["mean"], res["sd"]) if "mean" in res else (res, None)

@@ -442,6 +442,47 @@ def test_train_main_tiny_run(tmp_path, world):
     assert redone["full"]["importance_shift_2"]["js"] == pytest.approx(res["methods"]["full"]["importance_shift_2"]["js"])
     p = reanalyse("--lr", "0.5")  # the run's settings come from its run.json: another value is refused
     assert p.returncode == 1 and f"holds a run with other settings (lr={train.get_parser().get_default('lr')}->0.5)" in p.stderr
+    # Nothing lost: a re-analysis that dies half-way leaves both files as they were (they are replaced once, whole)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in ("results.json", "importance.json")}
+    calls, measure = [], evaluate.measure_shift
+    def dies(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill: no handler runs
+        return measure(*a, **k)
+    evaluate.measure_shift = dies
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(["--out", out, "--reanalyse"])
+    finally:
+        evaluate.measure_shift = measure
+    assert all(open(os.path.join(out, f), "rb").read() == b for f, b in before.items())
+    # ... and a fine-tuning checkpoint it cannot read keeps that method's previous results, said in one line
+    ft = os.path.join(out, "ft_kl.pt")
+    good = open(ft, "rb").read()
+    open(ft, "wb").write(good[:len(good) // 2])
+    p = reanalyse()
+    assert p.returncode == 0 and "ft_kl.pt: unreadable checkpoint" in p.stdout and "kl keeps its previous results" in p.stdout
+    assert json.load(open(os.path.join(out, "results.json")))["methods"]["kl"] == redone["kl"]
+    # a plain rerun does not trust a truncated checkpoint either: it names the file and the fix
+    with pytest.raises(SystemExit, match=r"ft_kl.pt: truncated or missing; delete it to fine-tune kl again"):
+        train.main(argv)
+    open(ft, "wb").write(good)
+    align = os.path.join(out, "align.pt")
+    good = open(align, "rb").read()
+    open(align, "wb").write(good[:1000])
+    with pytest.raises(SystemExit, match=r"align.pt: unreadable checkpoint \(\w+\); delete it to redo that stage"):
+        train.main(argv)
+    open(align, "wb").write(good)
+    # evaluate.py on an unfinished run says what is missing and exits non-zero; a finished one prints its tables
+    ev = lambda d: subprocess.run([sys.executable, "evaluate.py", d], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert ev(out).returncode == 0 and "importance JS" in ev(out).stdout
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    json.dump({**res, "methods": {"full": res["methods"]["full"]}}, open(unfinished / "results.json", "w"))
+    p = ev(str(unfinished))
+    assert p.returncode == 1 and "an unfinished run, missing freeze_top, frozen, kl, lora, replay;" in p.stderr
     # --init-from: a fine-tuning seed of this run's aligned model; nothing before fine-tuning is redone, and the
     # original LLM's analysis is copied, not redone
     ab = str(tmp_path / "ablation")
@@ -507,6 +548,65 @@ def test_resume_is_exact(tmp_path, world):
     for (n, p), (_, q) in zip(ref_model.named_parameters(), model.named_parameters()):
         assert torch.equal(p, q), n
     assert not os.path.exists(tmp_path / "b" / "t.partial.pt")  # removed once the stage is done
+
+
+def test_partial_checkpoint_without_resume_starts_over_and_says_so(tmp_path, world, capsys):
+    rows, tok, feats, _ = world
+    FEATS.update(feats)
+    ref_model, ref_losses = _tiny_run(tmp_path / "a", tok, rows)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_run(tmp_path / "b", tok, rows, stop_after=5)
+    capsys.readouterr()
+    _, losses = _tiny_run(tmp_path / "b", tok, rows)
+    assert "t: starting over; " in capsys.readouterr().out and losses == ref_losses  # --resume would continue it
+
+
+def test_one_writer_per_run_dir(tmp_path):
+    """A second process on the same --out stops at once, naming the first one's pid; once that one is gone (killed:
+    its .lock file stays), the directory is free again."""
+    import subprocess, sys, time
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write(str(os.getpid())); f.flush(); print(1, flush=True); "
+                               "time.sleep(60)", str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        holder.stdout.readline()  # it holds the lock
+        with pytest.raises(SystemExit, match=rf"another train.py \(pid {holder.pid}\) is writing to it"):
+            train.RunDir(train.get_args(["--out", str(out)]))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".lock").exists()
+    train.RunDir(train.get_args(["--out", str(out)])).lock.close()  # a stale lock file does not block
+
+
+def test_bad_inputs_stop_before_any_work(tmp_path, world, capsys):
+    """Each bad input: one line naming the file (and line) or the flag, before anything is written to --out."""
+    rows, *_ = world
+    out, good = str(tmp_path / "run"), [dict(r) for r in rows if r["split"] in ("pretrain", "speech_train", "test")]
+    m = tmp_path / "m.jsonl"
+    long_wav = str(tmp_path / "long.wav")
+    data.save_wav(long_wav, np.zeros(60 * data.SAMPLE_RATE, np.float32))
+    data.write_jsonl(str(m), good[:3] + [{**next(r for r in good if r.get("audio")), "audio": long_wav}])
+    with pytest.raises(ValueError, match=r"m.jsonl:4: .*long.wav lasts 60.0 s, longer than the encoder's 30 s window"):
+        train.main(["--out", out, "--manifest", str(m)])
+    m.write_bytes(json.dumps(good[0]).encode() + b"\n" + b'{"id": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2: not UTF-8 \(byte 0xe9 at column 12\)"):
+        train.main(["--out", out, "--manifest", str(m)])
+    data.write_jsonl(str(m), good)
+    with pytest.raises(SystemExit, match=r"--batch-size 100000: larger than the pretrain split \(\d+ rows in .*m.jsonl\)"):
+        train.main(["--out", out, "--manifest", str(m), "--batch-size", "100000"])
+    assert not os.path.exists(out)
+    (tmp_path / "afile").write_text("")
+    for bad in (str(tmp_path / "afile" / "run"), "/proc/no/run"):
+        with pytest.raises(SystemExit, match=rf"--out {bad}: cannot create it \("):
+            train.main(["--out", bad, "--manifest", str(m)])
+    w24 = str(tmp_path / "w24.wav")
+    with wave.open(w24, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(3), w.setframerate(16000), w.writeframes(b"\0" * 300)
+    with pytest.raises(ValueError, match=r"w24.wav: unsupported WAV sample width \(24 bit"):
+        data.load_audio(w24)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, world):
