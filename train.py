@@ -325,36 +325,31 @@ class RunDir:
             try:
                 fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.lock.truncate(0), self.lock.write(str(os.getpid())), self.lock.flush()
-                self.check_settings(args)
+                mine, made = settings(args), [f for f in os.listdir(self.out) if f.endswith(".pt") or f == "data"]
+                diff = [f"{k}={v!r}->{mine[k]!r}" for k, v in self.read("run.json", {}).items() if mine.get(k, v) != v]
+                if made and diff and not args.force:  # one OUT, one run
+                    raise SystemExit(f"--out {self.out}: holds a run with other settings ({', '.join(diff[:4])}); "
+                                     "use another --out, or --force to delete it")
+                if made and diff:  # --force: start over, OUT/data included (it may hold a world for other settings)
+                    shutil.rmtree(self.path("data"), ignore_errors=True)
+                    [os.remove(self.path(f)) for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]
+                save_json(self.path("run.json"), mine)
             except BaseException as e:
                 holder, _ = open(self.path(".lock")).read(), self.lock.close()
                 raise SystemExit(f"--out {self.out}: another train.py (pid {holder}) is writing to it; wait for it "
                                  "to end, or use another --out") if isinstance(e, BlockingIOError) else e
         barrier(world)
-        self.results, self.report = self.read("results.json"), self.read("importance.json")
+        self.results = self.read("results.json", {"methods": {}, "timing_s": {}})
+        self.report = self.read("importance.json", {"distribution": {}, "top5_share": {}})
 
     def path(self, name):
         return os.path.join(self.out, name)
 
-    def read(self, name):
+    def read(self, name, empty):
         try:
-            return json.load(open(self.path(name))) if os.path.exists(self.path(name)) else \
-                {"methods": {}, "timing_s": {}} if name == "results.json" else {"distribution": {}, "top5_share": {}}
+            return json.load(open(self.path(name))) if os.path.exists(self.path(name)) else empty
         except ValueError as e:
             raise SystemExit(f"{self.path(name)}: unreadable JSON ({e}); delete it to measure again (--reanalyse)")
-
-    def check_settings(self, args):
-        """Refuse to mix two runs in one OUT: run.json must hold these settings, unless --force."""
-        path, mine = self.path("run.json"), settings(args)
-        if os.path.exists(path) and any(f.endswith(".pt") or f in ("results.json", "data") for f in os.listdir(self.out)):
-            diff = [f"{k}={v!r}->{mine[k]!r}" for k, v in recorded(path).items() if k in mine and v != mine[k]]
-            if diff and not args.force:
-                raise SystemExit(f"--out {self.out}: holds a run with other settings ({', '.join(diff[:4])}); "
-                                 "use another --out, or --force to delete it")
-            if diff:  # --force: start over, OUT/data included (it may hold a world built for other settings)
-                shutil.rmtree(self.path("data"), ignore_errors=True)
-                [os.remove(self.path(f)) for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]
-        save_json(path, mine)
 
     def save(self, final=False):
         """results.json and importance.json, each replaced atomically; --reanalyse replaces them once, complete."""
@@ -365,17 +360,15 @@ class RunDir:
     def stage(self, name, fn, model=None, redo=False):
         """The one place finished work is skipped: OUT/<name>.pt exists -> load it (and the weights it holds into
         `model`). Else ck = fn(); its "results" and "report" go to the JSON files, the rest into OUT/<name>.pt."""
-        path = self.path(f"{name}.pt")
-        if os.path.exists(path) and not redo:
-            ck = load_stage(path, model and model.cfg)
+        if os.path.exists(self.path(f"{name}.pt")) and not redo:
+            ck = load_stage(self.path(f"{name}.pt"), model and model.cfg)
             return (model.load_state_dict(ck["model"], strict=False), ck)[1] if model else ck
         t, ck = time.time(), fn()
         for into, new in ((self.results, ck.pop("results", {})), (self.report, ck.pop("report", {}))):
             for k, v in new.items():  # one level deep: train_loss, distribution, ... gather entries
                 into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
         self.results["timing_s"][name] = round(time.time() - t, 1)
-        if self.master:
-            save_checkpoint(path, ck)
+        save_checkpoint(self.path(f"{name}.pt"), ck) if self.master else None
         self.save()
         barrier(self.world)  # the checkpoint is written before any rank reads it
         return ck
@@ -384,10 +377,6 @@ def settings(args):
     """The run's settings: every flag outside the "Run" group (+ the DDP world size). Another value: another run."""
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions}
     return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
-
-def recorded(path):
-    """A run.json's settings; one newer than that run reads as its parser default, which the run ran with."""
-    return {**settings(get_parser().parse_args([])), **json.load(open(path))}
 
 def load_stage(path, cfg=None):
     """A stage checkpoint, refused in one line when it is unreadable or made with another model config."""
@@ -465,17 +454,11 @@ def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
     every method). teacher: distil from it on the same rows typed; replay_frac: that share of each batch is typed QA."""
     make = d.ft_batch if teacher is None else lambda rows: {**d.ft_batch(rows), "typed": d.text_batch(rows)}
     replay = replay_rows(d.rows) if replay_frac else ()
-    cuda, t = tc.device.startswith("cuda"), time.time()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(tc.device)
+    t = time.time()
     losses = train(model, groups, batches_of(data.finetune_rows(d.rows), make, tc, replay, replay_frac), steps,
                    replace(tc, ctc_weight=1.0 if model.cfg.ctc_compress else 0.0), teacher)
-    trainable = lora.count_parameters(model)[0]
-    # fp32 gradients + AdamW's two moments of what trains, and a teacher's weights; on CUDA also the measured peak
-    state = 12 * trainable + (4 * sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0)
-    return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses, "trainable": trainable,
-            "ms_per_step": 1000 * (time.time() - t) / steps, "state_mb": round(state / 2**20, 2),
-            **({"peak_mb": round(torch.cuda.max_memory_allocated(tc.device) / 2**20, 1)} if cuda else {})}
+    return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses,
+            "trainable": lora.count_parameters(model)[0], "ms_per_step": 1000 * (time.time() - t) / steps}
 
 def replay_rows(rows):
     """Typed QA from the LLM's own text data (split pretrain); a real LLM's is not ours: the fine-tuning questions
@@ -559,8 +542,8 @@ def analyse_and_finetune(run, args, new_model, d, tc):
             shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch,
                                                 args.importance_kind, name, tc.batch_size, tc.rank, tc.world)
         [run.report.setdefault(k, {}).update(v) for k, v in rep.items()]
-        cost = {k: ck[k] for k in ("ms_per_step", "trainable", "state_mb", "peak_mb") if k in ck}
-        run.results["methods"][name] = {**m, **shift, **cost, "train_loss": loss_summary(ck["losses"])}
+        run.results["methods"][name] = {**m, **shift, "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
+                                        "train_loss": loss_summary(ck["losses"])}
         print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
         run.save()
     run.save(final=True)
@@ -577,7 +560,7 @@ def read_record(args):
     """--reanalyse: the settings not given on the command line from OUT/run.json, the methods from OUT/ft_*.pt."""
     if not os.path.exists(os.path.join(args.out, "run.json")):
         raise SystemExit(f"--reanalyse: {os.path.join(args.out, 'run.json')} not found; give a run made by train.py")
-    [setattr(args, k, v) for k, v in recorded(os.path.join(args.out, "run.json")).items() if k not in args.given]
+    [setattr(args, k, v) for k, v in json.load(open(os.path.join(args.out, "run.json"))).items() if k not in args.given]
     if "method" not in args.given:
         args.methods = sorted(f[3:-3] for f in os.listdir(args.out) if re.fullmatch(r"ft_\w+\.pt", f))
     if not args.manifest and not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")):
@@ -588,8 +571,8 @@ def check_init_from(args):
     src, fine_tuning = args.init_from, {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}
     if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "importance_original.pt")):
         raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json, importance_original.pt)")
-    theirs, mine = recorded(os.path.join(src, "run.json")), settings(args)
-    diff = [f"{k}={theirs[k]!r}" for k in mine if k not in fine_tuning and theirs.get(k, mine[k]) != mine[k]]
+    theirs, mine = json.load(open(os.path.join(src, "run.json"))), settings(args)
+    diff = [f"{k}={v!r}" for k, v in theirs.items() if k not in fine_tuning and mine.get(k, v) != v]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align/analysis settings differ ({', '.join(diff[:4])})")
     return [json.load(open(os.path.join(src, f))) for f in ("results.json", "importance.json")]
