@@ -1,11 +1,9 @@
 """
 evaluate.py - the paper's measurements: T2T (typed question -> text answer: the text ability kept), S2T (spoken
-question -> text answer), ASR WER, answer perplexity (Table 1); the original LLM's importance analysis and each
-method's importance shift (Fig. 2/3); the printed tables. Functions take a model and rows, and return numbers.
-
-Right = the normalised gold answer appears as a whole word sequence in the normalised answer ("contains", as the
-paper [inferred]) and no other gold answer of the same relation does; exact match (EM) of the answer's first line
-is reported beside it. Normaliser: lower-case, non-alphanumerics to spaces, runs of spaces collapsed.
+question -> text answer), WER, answer perplexity (Table 1); the original LLM's importance analysis and each method's
+importance shift (Fig. 2/3); the printed tables. Functions take a model and rows, and return numbers. Right = the
+normalised gold answer appears in the answer ("contains", as the paper [inferred]) and no other gold answer of the
+same relation does; exact match (EM) of the first line beside it.
 
     python evaluate.py runs/default        # the tables of a finished run (or of --seeds: mean ± sd)
 """
@@ -22,8 +20,7 @@ import importance as imp
 def normalize(text):
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
 
-def edit_distance(ref, hyp):
-    """Levenshtein distance between two word lists (S + D + I of the best alignment)."""
+def edit_distance(ref, hyp):  # Levenshtein distance of two word lists: S + D + I of the best alignment
     d = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, 1):
         prev, d[0] = d[0], i
@@ -31,8 +28,7 @@ def edit_distance(ref, hyp):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
     return d[-1]
 
-def wer(refs, hyps):
-    """Corpus WER: (substitutions + deletions + insertions) / reference words, summed over the corpus."""
+def wer(refs, hyps):  # corpus WER: (substitutions + deletions + insertions) / reference words
     errors = sum(edit_distance(normalize(r).split(), normalize(h).split()) for r, h in zip(refs, hyps))
     return errors / max(1, sum(len(normalize(r).split()) for r in refs))
 
@@ -40,13 +36,11 @@ def contains(gold, pred):
     return f" {normalize(gold)} " in f" {normalize(pred)} "
 
 def right(rows, preds):
-    """Per row: the gold answer is contained in the prediction and no other gold answer of the same relation is
-    (rows without a "relation": of any row), so listing candidates ("red blue green ...") never counts, while a real
-    LLM's sentence may use common words."""
+    """Per row: the gold answer is in the prediction and no other gold answer of its relation (rows without one: of
+    any row) is, so listing candidates ("red blue green ...") never counts, while a sentence may use common words."""
     golds = {}
     for r in rows:
         golds.setdefault(r.get("relation"), set()).add(normalize(r["answer"]))
-
     def ok(gold, pred, rel):
         others = [o for o in golds[rel] if o != normalize(gold) and not contains(o, gold)]
         return contains(gold, pred) and not any(contains(o, pred) for o in others)
@@ -58,7 +52,7 @@ def exact(gold, pred):
 
 @torch.no_grad()
 def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):
-    """make: rows -> batch (data.make_batch with the input modality bound: typed or spoken)."""
+    """Greedy answers; make: rows -> batch (data.make_batch with the input modality bound: typed or spoken)."""
     model.eval()
     return [tok.decode(t) for i in range(0, len(rows), batch_size)
             for t in model.generate(make(rows[i:i + batch_size]), max_new_tokens, tok.eos_id)]
@@ -81,8 +75,7 @@ def perplexity(model, rows, make, batch_size=64):
     return math.exp(min(nll / n, 700))
 
 def evaluate_all(model, rows, tok, make_text, make_speech):
-    """Table 2's numbers: T2T and S2T on the test split, WER on asr_test; the same on val as val_* (settings are
-    chosen on those, never on test)."""
+    """T2T and S2T on test, WER on asr_test; the same on val as val_* (settings are chosen on val, never on test)."""
     out = {}
     for split, pre in (("test", ""), ("val", "val_")):
         qs = [r for r in rows if r["split"] == split]
@@ -95,28 +88,25 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
     return out
 
 def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1, per_row=None):
-    """importance.estimate_importance over calibration rows: "taylor" in batches of batch_size (the mean gradient does
-    not depend on them), the per-sample kinds one row a batch. Under DDP each rank takes every world-th batch and the
-    sums are all-reduced: the same result. per_row (a list; not taylor): each row's importance per layer, in order."""
+    """estimate_importance over rows: "taylor" in batches (the mean gradient does not depend on them), the per-sample
+    kinds one row a batch; under DDP each rank takes every world-th batch, the sums all-reduced. per_row (a list; not
+    taylor): each row's importance per layer is appended, in row order."""
     batch_size = batch_size if kind == "taylor" else 1
     batches = [make(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     mine = [] if per_row is not None else None
     scores = imp.estimate_importance(model, batches[rank::world], kind, all_reduce=world > 1, per_batch=mine)
     if per_row is not None:
-        parts = [mine]
-        if world > 1:
-            parts = [None] * world
-            torch.distributed.all_gather_object(parts, mine)
+        parts = [None] * world if world > 1 else [mine]
+        torch.distributed.all_gather_object(parts, mine) if world > 1 else None
         per_row.extend(parts[i % world][i // world] for i in range(len(rows)))  # rank r took rows r, r + world, ...
     return scores
 
 def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, kind, seed=0, batch_size=32, rank=0,
                      world=1):
-    """The original LLM's textual importance (transcripts typed) and speech importance (audio) on the calibration
-    rows; Table 1 on the test questions, all and those it answers right from that input (where it is wrong it is
-    often confidently wrong, and any perturbation lowers that perplexity); the noise floor: the second calibration
-    set, and (per-sample kinds) 200 random pairs of disjoint sets of both sets' rows. -> the scores of both sets,
-    and the "results" and "report" entries they give""" 
+    """The original LLM's textual (transcripts typed) and speech importance on the calibration rows; Table 1 on the
+    test questions, all and those it answers right (where wrong it is often confidently wrong, and any perturbation
+    lowers that perplexity); the noise floor: the second set, and (per-sample kinds) 200 random pairs of disjoint
+    sets of both sets' rows. -> the two sets' scores, and the "results" and "report" entries they give"""
     res, rep, scores = {}, {"distribution": {}, "top5_share": {}}, {}
     per_row = [] if kind != "taylor" else None  # per-sample kinds: each calibration row's textual importance per layer
     for inp, make in (("text", make_text), ("speech", make_speech)):
@@ -142,15 +132,14 @@ def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, ki
     return {"text": scores["text"], "text2": scores["text2"], "results": res, "report": rep}
 
 def table1_check(model, scores, rows, make, seed=0):
-    """Table 1: answer perplexity after zeroing the top / bottom / random 3% of the weights by `scores`, and each as
-    a multiple of the unmasked baseline."""
+    """Table 1: answer perplexity after zeroing the top / bottom / random 3% of the weights by `scores`, x baseline."""
     t1 = imp.table1(model, scores, lambda: perplexity(model, rows, make), frac=0.03, seed=seed)
     ratios = {f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}
     return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
 
 def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, batch_size=32, rank=0, world=1):
-    """A fine-tuned model's textual importance (of the weights it uses: merge LoRA first) against the original's, on
-    both calibration sets (Fig. 2/3), and ΔW's row/column structure (Fig. 4). -> (metrics, report entries)"""
+    """Fig. 2/3: the textual importance of the weights used (merge LoRA first) against the original's, on both
+    calibration sets; Fig. 4: ΔW's row/column structure. -> (metrics, report entries)"""
     text = importance(model, calib, make_text, kind, batch_size, rank, world)
     m = {"importance_shift": imp.shift_metrics(original["text"], text)}
     m.update(importance_js=m["importance_shift"]["js"], importance_spearman=m["importance_shift"]["spearman"])
@@ -167,65 +156,45 @@ def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, bat
 # -----------------------------------------------------------------------------
 # Reporting: Tables 1 and 2, Fig. 2 as terminal bars (+ a PNG with matplotlib), mean ± sd over seeds
 def report(results, rep, out=None, sd=None):
-    """Print Fig. 2's analogue, Tables 1 and 2 and the trade-off of a results.json dict; figures into `out`."""
+    """Print Fig. 2's analogue, Tables 1 and 2, the trade-off; the figure into `out`."""
     dists = {k: v for k, v in rep["distribution"].items() if k != "original_speech"}
     print("\nLayer-wise textual importance (Fig. 2 analogue):\n" + imp.bar_chart(dists))
     if out and imp.plot_distributions(dists, os.path.join(out, "importance.png")):
         print(f"figure: {os.path.join(out, 'importance.png')}")
-    conc = {k: v["all"]["ratio"] for k, v in rep.get("concentration", {}).items()}
-    if conc:
+    if conc := {k: v["all"]["ratio"] for k, v in rep.get("concentration", {}).items()}:
         print("top-5% entries on the fullest 5% of rows/cols, x an even spread (Fig. 1/4; 1 = no structure): "
               + ", ".join(f"{k} {v:.1f}" for k, v in conc.items()))
     print("\n".join([format_table(results, sd), format_table1(results, sd), format_tradeoff(results, sd)]))
 
 def mean_sd(runs):
-    """Mean and sample sd (n - 1) of every number in a list of results.json dicts (one per seed), nested as they
-    are; a number missing from any run is left out."""
-    def leaves(d, pre=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(leaves(v, f"{pre}{k}."))
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{pre}{k}"] = v
-        return out
-    flat = [leaves(r) for r in runs]
-    mean = {k: sum(f[k] for f in flat) / len(flat) for k in flat[0] if all(k in f for f in flat)}
-    sd = {k: (sum((f[k] - mean[k]) ** 2 for f in flat) / max(1, len(flat) - 1)) ** 0.5 for k in mean}
-    return nest(mean), nest(sd)
-
-def nest(flat):
-    """{"a.b": 1} -> {"a": {"b": 1}}"""
-    out = {}
-    for k, v in flat.items():
-        *path, last = k.split(".")
-        d = out
-        for p in path:
-            d = d.setdefault(p, {})
-        d[last] = v
-    return out
+    """Mean and sample sd (n - 1) of every number in results.json dicts (one per seed); one missing in any: left out."""
+    mean, sd = {}, {}
+    for k, v in runs[0].items():
+        vs = [r.get(k) for r in runs]
+        if all(isinstance(x, dict) for x in vs):
+            mean[k], sd[k] = mean_sd(vs)
+        elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vs):
+            mean[k] = sum(vs) / len(vs)
+            sd[k] = (sum((x - mean[k]) ** 2 for x in vs) / max(1, len(vs) - 1)) ** 0.5
+    return mean, sd
 
 def format_table(results, sd=None):
-    """Table 2's analogue (%, mean ± sd when sd is given): "contains" and EM on the test split, WER, and each method's
-    importance shift beside its noise floor. No fine-tuning = the aligned model with the original LLM."""
+    """Table 2's analogue (%, ± sd when given): T2T / S2T on test, WER, each method's importance shift and noise."""
     sd, noise = sd or {}, results.get("importance_noise_js_mean", results.get("importance_noise_js"))
-    cell = lambda m, s, k: f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if s and k in s else "") if k in m else "-"
+    full = results.get("methods", {}).get("full", {})
     head = ("T2T", "T2T EM", "S2T", "S2T EM", "WER", "dT2T vs full", "dS2T vs full", "importance JS", "JS, 2nd set",
             "x noise", "importance sum")
     lines = [f"{'method':<16}" + "".join(f"{h:>15}" for h in head)]
-    rows = [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft"))]
-    rows += [(n, m, sd.get("methods", {}).get(n)) for n, m in results.get("methods", {}).items()]
-    full = results.get("methods", {}).get("full")
-    for name, m, s in rows:
-        d = [f"{100 * (m[k] - full[k]):+.1f}" if full and name != "full" and k in m else "" for k in ("t2t_acc",
-                                                                                                     "s2t_acc")]
-        js, js2 = m.get("importance_js"), m.get("importance_shift_2", {}).get("js")
-        tot = m.get("importance_shift", {}).get("total_ratio")  # summed textual importance, x the original's
-        extra = [f"{js:.4f}" if js is not None else "", f"{js2:.4f}" if js2 is not None else "",
-                 f"{js / noise:.1f}x" if noise and js is not None else "", f"{tot:.2f}x" if tot is not None else ""]
-        lines.append(f"{name:<16}" + "".join(f"{c:>15}" for c in [cell(m, s, k) for k in ("t2t_acc", "t2t_em",
-                                                                                          "s2t_acc", "s2t_em", "wer")]
-                                             + d + extra))
+    for name, m, s in [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft") or {})] + [
+            (n, m, sd.get("methods", {}).get(n, {})) for n, m in results.get("methods", {}).items()]:
+        js, shift = m.get("importance_js"), m.get("importance_shift", {})
+        cells = [f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if k in s else "") if k in m else "-"
+                 for k in ("t2t_acc", "t2t_em", "s2t_acc", "s2t_em", "wer")]
+        cells += [f"{100 * (m[k] - full[k]):+.1f}" if k in full and name != "full" else "" for k in ("t2t_acc", "s2t_acc")]
+        cells += [f"{js:.4f}" if js is not None else "", f"{m['importance_shift_2']['js']:.4f}" if
+                  "importance_shift_2" in m else "", f"{js / noise:.1f}x" if noise and js is not None else "",
+                  f"{shift['total_ratio']:.2f}x" if "total_ratio" in shift else ""]  # summed importance, x original's
+        lines.append(f"{name:<16}" + "".join(f"{c:>15}" for c in cells))
     if "importance_noise_js" in results:  # the same original model on a second calibration set
         mean = results.get("importance_noise_js_mean")
         lines.append(f"noise floor (original model, another calibration set): importance JS "
@@ -234,8 +203,7 @@ def format_table(results, sd=None):
     return "\n".join(lines)
 
 def format_table1(results, sd=None):
-    """Table 1's analogue: answer perplexity after zeroing the top / bottom / random 3% of the LLM's weights by
-    importance, x the unmasked baseline; all test questions, and those the original answers right from that input."""
+    """Table 1's analogue, x the unmasked baseline: all test questions, and those the original answers right."""
     val, sdv = results.get("importance_validation"), (sd or {}).get("importance_validation", {})
     if not val:
         return ""
@@ -253,7 +221,7 @@ def format_tradeoff(results, sd=None):
     """Text kept (T2T) against spoken QA gained (S2T) per method, by text kept, with what a step cost."""
     sd, base = sd or {}, results.get("no_ft", {})
     lines = [f"{'trade-off':<16}{'T2T (text kept)':>18}{'S2T (spoken QA)':>18}{'dT2T vs no FT':>15}"
-             f"{'dS2T vs no FT':>15}{'ms/step':>9}{'trainable':>12}{'state MB':>10}"]
+             f"{'dS2T vs no FT':>15}{'ms/step':>9}{'trainable':>12}"]
     rows = {"no fine-tuning": (base, sd.get("no_ft", {})),
             **{n: (m, sd.get("methods", {}).get(n, {})) for n, m in results.get("methods", {}).items()}}
     for n, (m, s) in sorted(rows.items(), key=lambda kv: -kv[1][0].get("t2t_acc", 0)):
@@ -261,15 +229,9 @@ def format_tradeoff(results, sd=None):
             pm = lambda k: f"{100 * m[k]:.1f} ± {100 * s.get(k, 0):.1f}"
             d = "".join(f"{100 * (m[k] - base[k]):>+15.1f}" for k in ("t2t_acc", "s2t_acc")) if n in results.get(
                 "methods", {}) and "t2t_acc" in base else ""
-            cost = "".join(f"{m[k]:>{w},.{p}f}" for k, w, p in (("ms_per_step", 9, 0), ("trainable", 12, 0),
-                                                                ("state_mb", 10, 1)) if m.get(k) is not None)
+            cost = "".join(f"{m[k]:>{w},.0f}" for k, w in (("ms_per_step", 9), ("trainable", 12)) if k in m)
             lines.append(f"{n:<16}{pm('t2t_acc'):>18}{pm('s2t_acc'):>18}{d:<30}{cost}")
     return "\n".join(lines)
-
-def unfinished(res):
-    """The stages a results.json lacks: what its run was asked for (planned) and has not measured."""
-    return [s for s in ("pretrain", "no_ft") if s not in res] + \
-        [m for m in res.get("planned", []) if m not in res.get("methods", {})]
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
@@ -279,8 +241,9 @@ if __name__ == "__main__":
         res = json.load(open(path))
     except (OSError, ValueError) as e:
         raise SystemExit(f"{path}: cannot read it ({e}); run python train.py --out {sys.argv[1]} to make or finish it")
-    missing = [(f"seed {s}: " if s else "") + ", ".join(unfinished(r)) for s, r in res.get("seeds", {"": res}).items()
-               if unfinished(r)]
+    lack = lambda r: [s for s in ("pretrain", "no_ft") if s not in r] + [m for m in r.get("planned", []) if m not in
+                                                                        r.get("methods", {})]  # asked for, not measured
+    missing = [(f"seed {s}: " if s else "") + ", ".join(lack(r)) for s, r in res.get("seeds", {"": res}).items() if lack(r)]
     if missing:
         raise SystemExit(f"{sys.argv[1]}: an unfinished run, missing {'; '.join(missing)}; rerun its train.py command")
     mean, sd = (res["mean"], res["sd"]) if "mean" in res else (res, None)
