@@ -1,26 +1,14 @@
 """
-data.py - the embedded default's data: a synthetic world, its tokenizer, its speech, and the audio
-front end (Whisper log-mel). Nothing is downloaded: the world is made up, the tokenizer is trained on
-it, the speech is synthesised here. Real weights and their question set: real.py.
-
-The world makes the paper's question measurable (its T2T / S2T evaluation, on facts the LLM knows):
-  - the LLM learns ALL facts from text (`pretrain` split),
-  - the speech training set asks spoken questions about HALF the entities (`speech_train`; its ASR rows
-    are for `align` only), in phrasings the text never used,
-  - the S2T test asks spoken questions about the OTHER half, whose facts were only ever seen as text,
-    in phrasings never seen in training (`test`); T2T asks the same questions typed; `val` does the same
-    for other entities, and is what settings are chosen on.
-So S2T needs the LLM's text knowledge, and T2T on the same items measures how much of it is left.
+data.py - the embedded default's data: a made-up world, a tokenizer trained on it, speech synthesised here, the
+audio front end (Whisper log-mel), manifests and batches. Real weights and their question set: real.py. The world
+makes the paper's T2T / S2T evaluation measurable: the LLM learns ALL facts from text (`pretrain`); spoken questions
+in training ask about HALF the entities (`speech_train`; its ASR rows serve `align`); `test` asks about the OTHER
+half, whose facts were only ever text, in phrasings never trained on (S2T spoken, T2T typed); `val` likewise, for
+choosing settings. So S2T needs the LLM's text knowledge, and T2T measures how much of it is left.
 
     python data.py build runs/data/world        # world + tokenizer + audio + manifest.jsonl (~20 s)
 """
-import json
-import multiprocessing
-import os
-import random
-import sys
-import tempfile
-import wave
+import json, multiprocessing, os, random, sys, tempfile, wave
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -36,7 +24,6 @@ N_MELS = 80
 
 # -----------------------------------------------------------------------------
 # The synthetic world
-
 ATTRIBUTES = {  # attribute -> its possible values (single words, so the answer is one word)
     "colour": ["red", "blue", "green", "yellow", "black", "white", "pink", "grey"],
     "city": ["rome", "oslo", "lima", "cairo", "delhi", "tokyo", "paris", "berlin"],
@@ -88,8 +75,7 @@ def make_world(n_entities=N_ENTITIES, seed=0):
 def make_splits(world, seed=0):
     """Rows of the manifest (without audio yet). The first half of the entities are 'speech' entities (spoken
     questions in fine-tuning); of the other, text-only half, VAL_FRACTION go to `val`, the rest to `test`.
-    `pretrain_val`: the speech entities asked typed in the test phrasings, where pretraining checks how much the
-    LLM knows (train.py: --pretrain-target) without asking about any val or test entity."""
+    `pretrain_val` (unused by train.py) asks about the speech entities, typed, in the test phrasings."""
     rng = random.Random(seed + 1)
     n_asr_train, n_asr_test, n_copy = ASR_PER_ENTITY * len(world), 2 * len(world), COPY_PER_ENTITY * len(world)
     half = len(world) // 2
@@ -131,14 +117,12 @@ def make_splits(world, seed=0):
     return rows
 
 def finetune_rows(rows):
-    """The speech fine-tuning data: the spoken-QA training rows (the paper fine-tunes on spoken questions);
-    a manifest without any uses all of its speech_train rows. The calibration sets are drawn from these."""
+    """The speech fine-tuning data (and calibration pool): the spoken-QA training rows, else all speech_train."""
     train = [r for r in rows if r["split"] == "speech_train"]
     return [r for r in train if r["task"] == "qa"] or train
 
 # -----------------------------------------------------------------------------
 # Tokenizer: sentencepiece trained on the world, behind a small interface that HF tokenizers share
-
 SPECIALS = ["<user>", "<assistant>", "<speech>"]
 
 class Tokenizer:
@@ -157,8 +141,7 @@ class Tokenizer:
         return self.sp.decode([i for i in ids if i not in (self.eos_id, self.pad_id, self.bos_id)])
 
     def prompt(self, user):
-        """The one prompt format: <s> <user> {typed question | <speech> | instruction + <speech>} <assistant>.
-        The answer that follows is encode(answer) + [eos]."""
+        """<s> <user> {typed question | <speech>} [instruction] <assistant>; then encode(answer) + [eos]."""
         speech = user.split("<speech>")  # the placeholder is spliced in by id, never tokenised as text
         ids = self.encode(speech[0]) if speech[0].strip() else []
         if len(speech) == 2:
@@ -180,7 +163,6 @@ def train_tokenizer(texts, model_prefix, vocab_size=256):
 # -----------------------------------------------------------------------------
 # A deterministic formant synthesiser: letters -> formant targets -> harmonics + noise, with per-utterance
 # speaker variation (pitch, vocal-tract length, rate, noise), so the encoder has to generalise.
-
 VOWELS = {"a": (730, 1090), "e": (530, 1840), "i": (270, 2290), "o": (570, 840), "u": (300, 870), "y": (440, 2000)}
 VOICED = {"b": (200, 900), "d": (250, 1700), "g": (250, 2300), "l": (360, 1300), "m": (250, 1100), "n": (250, 1600),
           "r": (420, 1300), "v": (220, 1400), "z": (250, 1900), "w": (300, 600), "j": (280, 2200)}
@@ -205,8 +187,8 @@ def random_speaker(rng):
                    snr_db=rng.uniform(30, 50), seed=rng.randrange(2**31))
 
 def synthesize(text, spk: Speaker):
-    """text -> float32 waveform at 16 kHz. Vowels/voiced consonants: harmonics of f0 shaped by two formants;
-    fricatives/stops: band-limited noise; spaces: short pauses."""
+    """text -> float32 waveform at 16 kHz: vowels and voiced consonants as harmonics of f0 shaped by two formants,
+    the other consonants as band-limited noise, spaces as pauses."""
     rng = np.random.default_rng(spk.seed)
     seg = int(LETTER_S * SAMPLE_RATE / spk.rate)
     segs = []  # one per letter: (samples, F1, F2, voicing, noise band or None)
@@ -251,16 +233,13 @@ def synthesize(text, spk: Speaker):
     y += rng.standard_normal(len(y)) * 10 ** (-spk.snr_db / 20) * 0.3
     return (0.5 * y / (np.abs(y).max() + 1e-9)).astype(np.float32)
 
-def _save_speech(job):
-    path, speak, args = job
-    save_wav(path, speak(*args))
+def _save_speech(job):  # (path, synthesiser, its arguments)
+    save_wav(job[0], job[1](*job[2]))
 
 def save_speech(jobs, per_worker=512):
-    """Synthesise and save every (path, synthesiser, its arguments) job, on every CPU core when there are many
-    (at least per_worker jobs each). Each utterance is seeded by its own arguments: the same audio on any number
-    of processes (building the default world, 6400 utterances: 37 s on two cores)."""
-    workers = min(os.cpu_count() or 1, len(jobs) // per_worker + 1)
-    if workers == 1:
+    """Synthesise and save every job, on every CPU core when there are per_worker jobs each; each utterance is seeded
+    by its own arguments: the same audio on any number of processes (the default world's 6400: 37 s on 2 cores)."""
+    if (workers := min(os.cpu_count() or 1, len(jobs) // per_worker + 1)) == 1:
         return [_save_speech(j) for j in jobs]
     # forked workers, one torch thread each (as DataLoader's: a forked OpenMP pool is not safe to use)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
@@ -280,10 +259,8 @@ def save_wav(path, wav):
 def load_audio(path):
     """Any WAV (8/16/32-bit PCM, any rate, any channels) -> mono float32 tensor at 16 kHz. FLAC etc. via the
     optional soundfile package. Errors name the file."""
-    if not os.path.exists(path):
-        raise ValueError(f"{path}: audio file not found")
-    if os.path.getsize(path) == 0:
-        raise ValueError(f"{path}: empty audio file (0 bytes)")
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: " + ("empty audio file (0 bytes)" if os.path.exists(path) else "audio file not found"))
     try:
         if path.lower().endswith(".wav"):
             with wave.open(path, "rb") as w:
@@ -299,8 +276,7 @@ def load_audio(path):
             try:
                 import soundfile  # optional: FLAC/OGG
             except ImportError:
-                raise ValueError(f"{path}: reading non-WAV audio needs the optional soundfile package (pip install "
-                                 "soundfile)")
+                raise ValueError(f"{path}: non-WAV audio needs the optional soundfile package (pip install soundfile)")
             x, sr = soundfile.read(path, dtype="float32", always_2d=True)
             x = x.mean(axis=1)
     except (wave.Error, EOFError, RuntimeError) as e:
@@ -313,7 +289,6 @@ def load_audio(path):
     return x
 
 _MEL_FILTERS = {}
-
 def log_mel(wav, n_mels=N_MELS):
     """(samples,) -> (n_mels, samples // 160). Whisper's recipe: |STFT|^2 of a 400-point Hann window, hop 160,
     Slaney mel filters, log10, clamp to max - 8, then (x + 4) / 4."""
@@ -329,7 +304,6 @@ def log_mel(wav, n_mels=N_MELS):
 
 # -----------------------------------------------------------------------------
 # Manifest: one JSON object a line: id, audio, transcript, question, answer, task, split
-
 TASKS = ("qa", "asr", "lm", "copy")
 SPLITS = ("pretrain", "pretrain_val", "speech_train", "val", "test", "asr_test")
 
@@ -366,8 +340,7 @@ def read_manifest(path):
             rows.append(r)
     return rows
 
-def wav_seconds(audio, path, line):
-    """A WAV's duration from its header (nothing decoded)."""
+def wav_seconds(audio, path, line):  # from the header alone
     try:
         with wave.open(audio) as w:
             return w.getnframes() / w.getframerate()
@@ -379,22 +352,18 @@ def check_rows(rows, needed, path, batch_size):
     missing = [s for s in needed if not any(r["split"] == s for r in rows)]
     if missing:
         raise ValueError(f"{path}: no rows with split {', '.join(missing)} (needed: {', '.join(needed)})")
-    for name, split in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train (QA)",
-                                                                                   finetune_rows(rows))):
+    for name, split in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train", finetune_rows(rows))):
         if 0 < len(split) < batch_size:
             raise SystemExit(f"--batch-size {batch_size}: larger than the {name} split ({len(split)} rows in {path})")
 
-def write_jsonl(path, rows):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+def write_jsonl(path, rows):  # atomically, as every file here
+    with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 def make_batch(rows, tok, speech, features=None, encoded=False):
-    """Manifest rows -> the dict SpeechLLM takes. speech=True: questions/utterances are given as audio
-    (the <speech> placeholder, features[id] = mel (n_mels, T), or encoder states (C, T/2) when encoded=True);
-    speech=False: their transcript is typed in its place."""
+    """Rows -> the dict SpeechLLM takes. speech=True: as audio (<speech>, features[id] = mel (n_mels, T), or encoder
+    states (C, T/2) when encoded); speech=False: the transcript typed in its place."""
     prompts, answers, mels, transcripts = [], [], [], []
     for r in rows:
         if r["task"] == "lm":                        # plain text: loss on every token
@@ -404,7 +373,7 @@ def make_batch(rows, tok, speech, features=None, encoded=False):
         else:
             spoken = speech and bool(r.get("audio"))  # a row without audio is typed, also in a speech batch (replay)
             said = "<speech>" if spoken else (r["question"] if r["task"] == "qa" else r["transcript"])
-            said += r.get("instruction", "") if r["task"] == "qa" else ""  # e.g. REAL_INSTRUCTION, typed or spoken
+            said += r.get("instruction", "") if r["task"] == "qa" else ""  # e.g. real.INSTRUCTION, typed or spoken
             prompts.append(tok.prompt((ASR_INSTRUCTION if r["task"] == "asr" else "") + said))
             if spoken:
                 mels.append(features[r["id"]])
@@ -418,13 +387,12 @@ def make_batch(rows, tok, speech, features=None, encoded=False):
         batch["speech_lens"] = lens                  # (B, n_mels or C, T_max), right-padded with zeros
     return batch
 
-def load_features(rows, n_mels=N_MELS):
-    """id -> log-mel (n_mels, T) for every row with audio, computed once and kept in memory."""
+def load_features(rows, n_mels=N_MELS):  # id -> log-mel (n_mels, T) of every row with audio, kept in memory
     return {r["id"]: log_mel(load_audio(r["audio"]), n_mels) for r in rows if r.get("audio")}
 
 def build(data_dir, seed=0, n_entities=N_ENTITIES, rows=None):
-    """World -> tokenizer -> audio -> manifest.jsonl in data_dir; cached: returns at once when it is there. rows: your
-    manifest's: only the tokenizer of its `pretrain` text is made (for the tiny LLM)."""
+    """World -> tokenizer -> audio -> manifest.jsonl in data_dir, cached. rows (your manifest's): only a tokenizer of
+    their `pretrain` text, for the tiny LLM."""
     manifest, tok = os.path.join(data_dir, "manifest.jsonl"), os.path.join(data_dir, "tokenizer")
     if rows is not None and not os.path.exists(tok + ".model"):
         os.makedirs(data_dir, exist_ok=True)
@@ -449,7 +417,6 @@ def build(data_dir, seed=0, n_entities=N_ENTITIES, rows=None):
 
 @dataclass
 class Data:
-    """What the pipeline reads: rows, tokenizer, features, calibration sets, and the batches made from them."""
     rows: list              # manifest rows (read_manifest)
     tok: object             # Tokenizer, or real.HFTokenizer of a real LLM
     features: dict          # id -> log-mel (n_mels, T); after align, `encoded` holds the frozen encoder's outputs
@@ -470,9 +437,8 @@ class Data:
         return make_batch(rows, self.tok, speech=True, features=self.encoded, encoded=True)
 
 def calibration_sets(rows, at_least, frac=1 / 30, seed=0):
-    """Two disjoint calibration sets, samples of the fine-tuning data of frac·N rows, at least `at_least`: the paper
-    takes 1/30 of its training set; 1/30 of ours is 17 rows, whose estimate is mostly noise. The second set measures
-    that noise: the noise floor of every shift."""
+    """Two disjoint calibration sets from the fine-tuning data, frac·N rows as the paper's 1/30 but at least at_least
+    (1/30 of ours is 17 rows, an estimate of mostly noise). The second set measures the noise floor of every shift."""
     pool = finetune_rows(rows)
     n = min(len(pool), max(at_least, round(frac * len(pool))))
     order = random.Random(seed).sample(range(len(pool)), len(pool))
