@@ -317,3 +317,25 @@ def load_checkpoint(path):
     except Exception as e:  # truncated (PytorchStreamReader), not a zip, a pickle that is not plain data, ...
         raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to redo that stage "
                          "(a .partial.pt: to restart it), or --force to start over")
+
+def load_stage(path, cfg=None):
+    """A stage checkpoint, refused in one line when it is unreadable or made with another model config."""
+    ck = load_checkpoint(path)
+    theirs = {**vars(ModelConfig()), **ck.get("config", {})}  # a field newer than the checkpoint: its default
+    if cfg is not None and theirs != vars(cfg):
+        diff = [k for k in theirs if theirs[k] != vars(cfg).get(k)]
+        raise SystemExit(f"{path}: made with a different model config ({', '.join(diff)}); use --force or another --out")
+    return ck
+
+def trainable_state(model):
+    """Only the parameters that train: the rest is in the stage checkpoint the run started from."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+def set_trainable(model, prefixes):
+    for n, p in model.named_parameters():
+        p.requires_grad = n.startswith(tuple(prefixes))
+
+def count(model):  # what is printed before every stage
+    trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad or all_) for all_ in (0, 1))
+    return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M ({100 * trainable / total:.1f}%)"

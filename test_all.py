@@ -403,8 +403,6 @@ def test_train_main_tiny_run(tmp_path, world):
         assert {"t2t_acc", "s2t_acc", "wer", "importance_js", "importance_spearman", "ms_per_step",
                 "trainable"} <= set(res["methods"][m])
     assert res["methods"]["lora"]["trainable"] < res["methods"]["full"]["trainable"]
-    state = {m: res["methods"][m]["state_mb"] for m in res["methods"]}  # grads + AdamW moments (+ a teacher)
-    assert state["lora"] < state["full"] < state["kl"]
     assert "ms/step" in evaluate.format_tradeoff(res)
     assert res["methods"]["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)  # LLM untouched
     assert "delta_w_concentration" not in res["methods"]["frozen"]  # ΔW = 0: no structure to measure

@@ -26,7 +26,8 @@ import data
 import evaluate
 import importance as imp
 import lora
-from model import ModelConfig, SpeechLLM, autocast, load_checkpoint, save_checkpoint
+from model import (ModelConfig, SpeechLLM, autocast, count, load_checkpoint, load_stage, save_checkpoint,
+                   set_trainable, trainable_state)
 
 # -----------------------------------------------------------------------------
 # Flags. The groups after "Run" are the run's settings: OUT/run.json records every one of them.
@@ -280,19 +281,6 @@ def param_groups(model, base_lr, scales=None):
     print(imp.format_lr_table(groups) if scales is not None else "", end="\n" if scales is not None else "")
     return groups
 
-def trainable_state(model):
-    """Only the parameters that train: the rest is in the stage checkpoint the run started from."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names}
-
-def set_trainable(model, prefixes):
-    for n, p in model.named_parameters():
-        p.requires_grad = n.startswith(tuple(prefixes))
-
-def count(model):
-    trainable, total = lora.count_parameters(model)
-    return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M ({100 * trainable / total:.1f}%)"
-
 def setup_method(model, method, scales, lr, lora_lr, lora_r=8, importance=None, seed=0):
     """Freeze / wrap the model for a METHODS row; -> its AdamW param groups. The adaptor always trains, at the
     method's LR. importance: the original LLM's textual importance, which picks what freeze_top freezes."""
@@ -377,15 +365,6 @@ def settings(args):
     """The run's settings: every flag outside the "Run" group (+ the DDP world size). Another value: another run."""
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions}
     return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
-
-def load_stage(path, cfg=None):
-    """A stage checkpoint, refused in one line when it is unreadable or made with another model config."""
-    ck = load_checkpoint(path)
-    theirs = {**vars(ModelConfig()), **ck.get("config", {})}  # a field newer than the checkpoint: its default
-    if cfg is not None and theirs != vars(cfg):
-        diff = [k for k in theirs if theirs[k] != vars(cfg).get(k)]
-        raise SystemExit(f"{path}: made with a different model config ({', '.join(diff)}); use --force or another --out")
-    return ck
 
 def save_json(path, obj):
     with open(path + ".tmp", "w") as f:
