@@ -1,12 +1,8 @@
 """
-train.py - the paper's pipeline, one function per stage, and the one hand-written training loop they share.
-
-  data       a synthetic world, its tokenizer and speech (data.py, cached beside OUT), two calibration sets
-  pretrain   the tiny LLM learns every fact from text                   -> "the original LLM"
-  align      encoder + adaptor learn to feed the frozen LLM (+ CTC)     -> the "no fine-tuning" model
-  analyse    the original LLM's textual and speech importance, Table 1, the noise floor
-  finetune   one run per method (METHODS), all from the align checkpoint: same data, steps, schedule
-  measure    T2T / S2T / WER per method, and how far each moved the textual importance (Fig. 2/3)
+train.py - the paper's pipeline, one function per stage, and the one hand-written training loop they share:
+data (data.py) -> pretrain (the tiny LLM learns every fact from text: "the original LLM") -> align (encoder +
+adaptor feed the frozen LLM: "no fine-tuning") -> analyse (the original's importance, Table 1, the noise floor) ->
+per method (METHODS), from the same aligned model: finetune, then measure (T2T / S2T / WER, the shift, Fig. 2/3).
 
     python train.py --quick                    # every stage, tiny: ~1 min on 2 CPU cores
     python train.py                            # the default comparison (README: Results)
@@ -22,10 +18,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import data
-import evaluate
+import data, evaluate, lora
 import importance as imp
-import lora
 from model import (ModelConfig, SpeechLLM, autocast, count, load_checkpoint, load_stage, save_checkpoint,
                    set_trainable, trainable_state)
 
@@ -46,8 +40,7 @@ def get_parser():
     g.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
     g.add_argument("--reanalyse", action="store_true", help="measure again from the checkpoints (run.json's settings)")
     g.add_argument("--force", action="store_true", help="OUT holds a run with other settings: delete it, start over")
-    g.add_argument("--init-from", default="", help="a run with these settings (but --seed): start from its aligned "
-                   "model and analysis, so fine-tuning seeds share them")
+    g.add_argument("--init-from", default="", help="a run with these settings: its aligned model (fine-tuning seeds)")
     g.add_argument("--log-every", type=int, default=100, help="steps between log lines and resume checkpoints")
     g = p.add_argument_group("Hardware and seed")
     g.add_argument("--seed", type=int, default=0, help="training seed (the synthetic world has its own, 0)")
@@ -55,8 +48,7 @@ def get_parser():
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype of the forward passes; auto: bf16 on CUDA, fp32 on CPU; weights stay fp32")
     g = p.add_argument_group("Data and model")
-    g.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct + Whisper tiny.en, real questions "
-                   "(real.py: its preset, packages, espeak-ng)")
+    g.add_argument("--real", action="store_true", help="SmolLM2-135M + Whisper tiny.en, real questions (real.py)")
     g.add_argument("--n-entities", type=int, default=data.N_ENTITIES, help="entities in the world (half heard)")
     g.add_argument("--n-layers", type=int, default=ModelConfig.n_layers, help="tiny LLM: decoder layers")
     g.add_argument("--d-llm", type=int, default=ModelConfig.d_llm, help="tiny LLM: hidden size")
@@ -78,8 +70,7 @@ def get_parser():
     g.add_argument("--lam", type=float, default=0.4, help="λ of Eq. 3: the most important layer trains at 1-λ")
     g.add_argument("--importance-kind", default="taylor_sample", choices=list(imp.KINDS),
                    help="taylor: the paper's |ḡ·θ|; taylor_sample: mean_i |g_i·θ| (the toy's; README)")
-    g.add_argument("--calib-min", type=int, default=256, help="calibration rows: 1/30 of the fine-tuning data as the "
-                   "paper, but at least this many (default: the two sets are the halves of our 512)")
+    g.add_argument("--calib-min", type=int, default=256, help="calibration rows: 1/30 of the data, at least this")
     return p
 
 def get_args(argv=None):
@@ -94,9 +85,9 @@ def get_args(argv=None):
     for a in p._actions:  # which flags were given (--reanalyse takes the others from run.json)
         a.default = argparse.SUPPRESS
     args.given = set(vars(p.parse_args(argv)))
-    for k, low in (("batch_size", 1), ("grad_accum", 1), ("steps", 1), ("lora_r", 1), ("calib_min", 1),
-                   ("log_every", 1), ("pretrain_steps", 0), ("align_steps", 0), ("compress_steps", 0)):
-        if getattr(args, k) < low:
+    for k in ("batch_size", "grad_accum", "steps", "lora_r", "calib_min", "log_every", "pretrain_steps", "align_steps",
+              "compress_steps"):
+        if getattr(args, k) < (low := int(k not in ("pretrain_steps", "align_steps", "compress_steps"))):
             p.error(f"--{k.replace('_', '-')}: must be >= {low}, got {getattr(args, k)}")
     if not (args.lr > 0 and args.lora_lr > 0 and 0 <= args.lam <= 1):
         p.error(f"--lr, --lora-lr: must be > 0; --lam: in [0, 1]; got {args.lr}, {args.lora_lr}, {args.lam}")
@@ -163,8 +154,6 @@ class TrainConfig:
     out: str = ""              # where the resume checkpoint is written ("" = nowhere)
     batch_size: int = 32       # rows per micro-batch and process
     grad_accum: int = 1        # micro-batches per optimizer step
-    warmup: float = 0.05       # warmup steps, as a fraction of the stage's
-    clip: float = 1.0          # gradient-norm clipping
     ctc_weight: float = 0.0    # weight of the auxiliary CTC loss (model.py: ctc_loss)
     ctc_only: bool = False     # the CTC loss alone, the LLM not run (align's first phase with CTC compression)
     kl_temp: float = 1.0       # distillation temperature, when train() is given a teacher
@@ -194,9 +183,8 @@ def batch_rows(rows, batch_size, step, seed):
     return out
 
 def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
-    """step -> this rank's micro-batches of that step. A step's global batch is batch_size x grad_accum x world
-    rows; rank r takes micro-batch rows (m·world + r)·B ... for m = 0 .. grad_accum-1. replay_frac: that share of
-    each micro-batch comes from replay_rows instead (typed text QA: text replay)."""
+    """step -> this rank's micro-batches: a step is batch_size x grad_accum x world rows, rank r takes micro-batches
+    m·world + r; replay_frac of each comes from replay_rows (text replay)."""
     B, A, W = cfg.batch_size, cfg.grad_accum, cfg.world
     k = round(replay_frac * B) if replay_rows else 0  # replayed rows per micro-batch
 
@@ -208,9 +196,8 @@ def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
     return batches
 
 def train(model, param_groups, batches, steps, cfg, teacher=None):
-    """One training loop for every stage. param_groups: AdamW groups, each with its own `initial_lr`;
-    batches(step) -> this rank's micro-batches. teacher: a frozen model; each micro-batch then holds the same rows
-    typed (batch["typed"]) and the loss is KL to the teacher's answer distribution on them. -> every step's loss"""
+    """One loop for every stage: AdamW groups with their own `initial_lr`, batches(step) -> micro-batches. teacher:
+    the loss is KL to its answer distribution on the same rows typed (batch["typed"]). -> every step's loss"""
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), fused=True)  # fused: one kernel for every param
     params = [p for g in param_groups for p in g["params"]]
     A, W, cuda = cfg.grad_accum, cfg.world, cfg.device.startswith("cuda")
@@ -228,7 +215,7 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
         print(f"{cfg.name}: resumed at step {start}")
     elif cfg.out and os.path.exists(partial):
         print(f"{cfg.name}: starting over; {partial} holds an interrupted run of it (--resume continues it exactly)")
-    warmup = max(1, int(cfg.warmup * steps))
+    warmup = max(1, int(0.05 * steps))  # 5% of the stage's steps
     model.train()
     t0 = time.time()
     for step in (bar := tqdm(range(start, steps), desc=cfg.name, leave=False, disable=None if cfg.rank == 0 else True)):
@@ -258,7 +245,7 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
         if not torch.isfinite(total):  # all ranks see the same reduced loss, so all stop together
             raise SystemExit(f"{cfg.name}: loss is {total.item()} at step {step}; stopped (last good checkpoint kept)")
         scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -282,8 +269,7 @@ def param_groups(model, base_lr, scales=None):
     return groups
 
 def setup_method(model, method, scales, lr, lora_lr, lora_r=8, importance=None, seed=0):
-    """Freeze / wrap the model for a METHODS row; -> its AdamW param groups. The adaptor always trains, at the
-    method's LR. importance: the original LLM's textual importance, which picks what freeze_top freezes."""
+    """Freeze / wrap the model for a METHODS row (the adaptor always trains); -> its AdamW param groups."""
     if method.lora:
         r = method.r or lora_r
         lora.inject_lora(model.llm, lora.TARGETS, r, 2.0 * r)  # alpha = 2r, as the paper
@@ -346,8 +332,8 @@ class RunDir:
             save_json(self.path("importance.json"), self.report)
 
     def stage(self, name, fn, model=None, redo=False):
-        """The one place finished work is skipped: OUT/<name>.pt exists -> load it (and the weights it holds into
-        `model`). Else ck = fn(); its "results" and "report" go to the JSON files, the rest into OUT/<name>.pt."""
+        """Finished work is skipped here alone: OUT/<name>.pt is loaded (into `model`), or ck = fn() saved there, its
+        "results" and "report" into the JSON files."""
         if os.path.exists(self.path(f"{name}.pt")) and not redo:
             ck = load_stage(self.path(f"{name}.pt"), model and model.cfg)
             return (model.load_state_dict(ck["model"], strict=False), ck)[1] if model else ck
@@ -379,8 +365,7 @@ def loss_summary(losses):
 # -----------------------------------------------------------------------------
 # The stages: values in, a checkpoint dict out (its "results" go to results.json)
 def load_data(args, master, world, rows=None):
-    """The manifest (built, or yours: rows), the tokenizer, every utterance's log-mel, the calibration sets.
-    A real LLM or encoder: real.load_data (its tokenizer, its mel bins; --real builds its question set)."""
+    """The manifest (built, or yours: rows), tokenizer, log-mels, calibration sets; real weights: real.load_data."""
     if args.llm or args.encoder:
         import real
         rows, tok, n_mels = real.load_data(args, master, rows)
@@ -409,10 +394,9 @@ def pretrain(model, d, tc, steps, lr=3e-3):
             "results": {"pretrain": {**acc, "steps": len(losses)}, "train_loss": {"pretrain": loss_summary(losses)}}}
 
 def align(model, d, tc, steps, compressed, lr=3e-3):
-    """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC; ours), in two phases. Phase 1
-    (OUT/align_raw.pt) on the raw 10 Hz frames: the LLM will read only softmax(x E^T) E once compression is on, so
-    only the CTC head has to learn: CTC alone, the LLM not run. Phase 2 (compressed, a third of the LR) with CTC
-    compression on -> OUT/align.pt. The last phase run is the "no fine-tuning" model."""
+    """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC: ours). Phase 1 (align_raw.pt):
+    raw 10 Hz frames; with compression coming the LLM will read only softmax(x E^T) E, so CTC alone, the LLM not run.
+    Phase 2 (align.pt; compressed, a third of the LR): compression on. The last one is the "no fine-tuning" model."""
     set_trainable(model, ["adaptor."] + ([] if model.cfg.encoder else ["encoder."]))  # a real Whisper stays frozen
     print(f"align: {count(model)}")
     rows, make, compress = d.split("speech_train"), d.speech_batch, model.cfg.ctc_compress
@@ -429,8 +413,7 @@ def align(model, d, tc, steps, compressed, lr=3e-3):
     return {"config": vars(model.cfg), "model": trainable_state(model), "results": res}
 
 def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
-    """Stage 4, one method, from the align checkpoint (with CTC compression on, its CTC loss stays on, the same for
-    every method). teacher: distil from it on the same rows typed; replay_frac: that share of each batch is typed QA."""
+    """Stage 4, one method, from the align checkpoint (compression's CTC loss stays on, for every method)."""
     make = d.ft_batch if teacher is None else lambda rows: {**d.ft_batch(rows), "typed": d.text_batch(rows)}
     replay = replay_rows(d.rows) if replay_frac else ()
     t = time.time()
@@ -440,15 +423,13 @@ def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
             "trainable": lora.count_parameters(model)[0], "ms_per_step": 1000 * (time.time() - t) / steps}
 
 def replay_rows(rows):
-    """Typed QA from the LLM's own text data (split pretrain); a real LLM's is not ours: the fine-tuning questions
-    typed (the same facts, as text; a row without audio is typed) stand in."""
+    """Typed QA of the LLM's own text data; a real LLM's is not ours: the fine-tuning questions, typed, stand in."""
     return [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"] or \
         [{**r, "audio": None} for r in data.finetune_rows(rows)]
 
 # -----------------------------------------------------------------------------
 # main: the pipeline, one call per stage
 def run_pipeline(args):
-    """data -> pretrain -> align -> analyse the original LLM -> per method: finetune + measure -> report."""
     rank, world = setup_ddp(args)
     read_record(args) if args.reanalyse else None
     rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
@@ -557,8 +538,7 @@ def check_init_from(args):
     return [json.load(open(os.path.join(src, f))) for f in ("results.json", "importance.json")]
 
 def init_from(run, args, src):
-    """Copy RUN's pretrain and align checkpoints and its analysis of the original LLM, with the numbers they gave:
-    the fine-tuning seeds of one aligned model pay for those once."""
+    """Copy RUN's pretrain, align and analysis checkpoints, with their numbers: seeds of one aligned model share them."""
     res, rep = src
     run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss")
                         or k.startswith("importance_")}, init_from=args.init_from)
@@ -570,8 +550,8 @@ def init_from(run, args, src):
     barrier(run.world)
 
 def setup_ddp(args):
-    """nanoGPT-style: under `torchrun --nproc_per_node N` every process joins one group (NCCL on GPUs, gloo on CPU)
-    and runs the same program on its shard of each batch; rank 0 alone writes files and prints. -> (rank, world)"""
+    """nanoGPT-style: under torchrun every process joins one group (NCCL, or gloo on CPU) and runs the same program on
+    its shard of each batch; rank 0 alone writes files and prints."""
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # world: a setting
     if args.world > 1 and not dist.is_initialized():
         if args.device.startswith("cuda"):
@@ -582,20 +562,17 @@ def setup_ddp(args):
     torch.manual_seed(args.seed)
     return rank, args.world
 
-def barrier(world):
-    """Wait until rank 0 has written what the other ranks read next (a no-op in a single process)."""
+def barrier(world):  # wait until rank 0 has written what the other ranks read next
     dist.barrier() if world > 1 else None
 
 def run_seeds(args):
-    """--seeds 0,1,2: the pipeline once per seed in OUT/seed<N> (--init-from RUN: from RUN/seed<N>, or else RUN),
-    then the mean and sd of every number (results.json) and of the layer distributions (importance.json)."""
+    """--seeds 0,1,2: the pipeline per seed in OUT/seed<N> (from --init-from RUN/seed<N>, or RUN), then mean ± sd."""
     per_seed, reports = {}, []
     for s in args.seed_list:
         print(f"\n=== seed {s} ===")
-        init = args.init_from and os.path.join(args.init_from, f"seed{s}")
-        out = os.path.join(args.out, f"seed{s}")
-        per_seed[str(s)] = run_pipeline(argparse.Namespace(**{**vars(args), "seed": s, "out": out, "init_from": init if
-                                                              init and os.path.isdir(init) else args.init_from}))
+        init, out = args.init_from and os.path.join(args.init_from, f"seed{s}"), os.path.join(args.out, f"seed{s}")
+        init = init if init and os.path.isdir(init) else args.init_from
+        per_seed[str(s)] = run_pipeline(argparse.Namespace(**{**vars(args), "seed": s, "out": out, "init_from": init}))
         reports.append(json.load(open(os.path.join(out, "importance.json")))["distribution"])
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
     dists = {k: [sum(r[k][i] for r in reports) / len(reports) for i in range(len(v))] for k, v in reports[0].items()
