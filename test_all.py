@@ -680,6 +680,19 @@ def test_autocast_trains_close_to_fp32(tmp_path, world, dtype):
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())
 
 
+def test_table1_sees_the_zeroed_weights_under_half_precision_autocast(world):
+    """Table 1 zeroes weights in place between forward passes inside one autocast block: a cached bf16 copy of the
+    weights would hide that (on an H200 every ratio came out exactly 1.000x)."""
+    from model import autocast
+    rows, tok, feats, _ = world
+    model, qs = tiny_model(tok), [r for r in rows if r["split"] == "test"][:8]
+    make = lambda rs: data.make_batch(rs, tok, speech=False)
+    scores = estimate_importance(model, [make(qs)])
+    with autocast("cpu", "bf16"):
+        t1 = evaluate.table1_check(model, scores, qs, make)
+    assert t1["top_ratio"] != 1.0 and t1["random_ratio"] != 1.0
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_bf16_default_follows_cpu_fp32(tmp_path, world):
     """On a GPU, --device cuda trains with bf16 autocast by default (--dtype auto), close to the CPU's fp32."""
@@ -1317,6 +1330,16 @@ def docstring_snippet(module):
             break
         block.append(l[4:])
     return "\n".join(block).strip()
+
+
+def test_readme_file_table_matches_the_files():
+    """The README's file table states each file's size in lines: it must be the file's."""
+    import re
+    here = os.path.dirname(os.path.abspath(__file__))
+    table = dict(re.findall(r"^\| \[(\w+\.py)\]\(\w+\.py\) \| (\d+) \|", open(os.path.join(here, "README.md")).read(), re.M))
+    assert set(table) >= {"model.py", "train.py", "importance.py", "lora.py", "evaluate.py", "data.py", "real.py"}
+    for f, n in table.items():
+        assert int(n) == sum(1 for _ in open(os.path.join(here, f))), f
 
 
 @pytest.mark.parametrize("name", ["importance", "lora"])

@@ -56,7 +56,7 @@ def get_parser():
     g.add_argument("--data-dir", default="", help="where data is built and cached (default: beside OUT, shared)")
     g.add_argument("--llm", default="", help="a pretrained causal LM (local dir or .gguf): no pretraining")
     g.add_argument("--encoder", default="", help="a pretrained Whisper (transformers or CTranslate2 dir), frozen")
-    g = p.add_argument_group("Optimization (AdamW, 5%% warmup, cosine decay to 10%%, clip 1)")
+    g = p.add_argument_group("Optimization (AdamW, 5% warmup, cosine decay to 10%, clip 1)")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch and process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--pretrain-steps", type=int, default=1000, help="text LM steps of the tiny LLM (LR 3e-3)")
