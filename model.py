@@ -6,10 +6,8 @@ speech in, text out), as the paper describes its model.
   prompt "<s><user> <speech><assistant>" : the <speech> token is replaced by those 10 Hz embeddings,
   the LLM reads the sequence and is trained with cross-entropy on the answer tokens (+ EOS) only.
 
-Text input ("T2T") uses the same prompt with the typed question in place of <speech>.
-The default is tiny and trained here from scratch (no downloads): a 2-layer Whisper-architecture
-encoder and an 8-layer Llama. `ModelConfig.llm` / `.encoder` point to real weights instead
-(the encoder: a transformers Whisper, or a CTranslate2 / faster-whisper directory, read by real.py).
+Text input ("T2T") types the question in place of <speech>. The default is tiny and trained here (a 2-layer
+Whisper-architecture encoder, an 8-layer Llama); `ModelConfig.llm` / `.encoder` point to real weights instead.
 
     python -c "import model; print(model.SpeechLLM(model.ModelConfig()))"
 """

@@ -9,16 +9,7 @@ never imports this file: train.py does, lazily, for --real, --llm or --encoder.
     python real.py build runs/data/real        # only the spoken question set
     python real.py librispeech DIR > m.jsonl   # a LibriSpeech tree as ASR manifest rows
 """
-import importlib.util
-import json
-import os
-import random
-import re
-import shutil
-import struct
-import subprocess
-import sys
-import tempfile
+import importlib.util, json, os, random, re, shutil, struct, subprocess, sys, tempfile
 
 import numpy as np
 import torch
@@ -224,19 +215,6 @@ def load_ct2_whisper(path):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not missing and not unexpected, f"{path}: missing {missing}, unexpected {unexpected}"
     return model
-
-@torch.no_grad()
-def whisper_greedy(whisper, mel, prompt, eot, max_new_tokens=64):
-    """Greedy transcription with a whole Whisper (a check that a loaded checkpoint hears): mel (n_mels, 3000), i.e.
-    30 s padded as Whisper is trained; prompt e.g. [<|startoftranscript|>, <|notimestamps|>] -> new token ids."""
-    enc = whisper.model.encoder(mel[None]).last_hidden_state      # (1, 1500, d)
-    ids = list(prompt)
-    for _ in range(max_new_tokens):                             # no KV cache: a teaching check, ~1 s for tiny
-        nxt = int(whisper(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-        if nxt == eot:
-            break
-        ids.append(nxt)
-    return ids[len(prompt):]
 
 # -----------------------------------------------------------------------------
 # Real knowledge: short general-knowledge questions in the spirit of the paper's Llama Questions / Web Questions,

