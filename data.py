@@ -8,7 +8,7 @@ choosing settings. So S2T needs the LLM's text knowledge, and T2T measures how m
 
     python data.py build runs/data/world        # world + tokenizer + audio + manifest.jsonl (~20 s)
 """
-import json, multiprocessing, os, random, sys, tempfile, wave
+import importlib, importlib.util, json, multiprocessing, os, random, sys, tempfile, wave
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -131,8 +131,7 @@ class Tokenizer:
         import sentencepiece as spm
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
-        self.speech_id = self.sp.piece_to_id("<speech>")
-        self.vocab_size = self.sp.get_piece_size()
+        self.speech_id, self.vocab_size = self.sp.piece_to_id("<speech>"), self.sp.get_piece_size()
 
     def encode(self, text):
         return self.sp.encode(text)
@@ -330,27 +329,29 @@ def read_manifest(path):
                 raise ValueError(f"{path}:{i}: split {r.get('split')!r} is not one of {SPLITS}")
             if not str(r.get("answer", "")).strip():
                 raise ValueError(f"{path}:{i}: empty answer")
-            if r.get("audio") and not os.path.isabs(r["audio"]):
+            if r.get("audio"):  # relative to the manifest
                 r["audio"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["audio"])
             if r.get("audio") and not os.path.isfile(r["audio"]):
                 raise ValueError(f"{path}:{i}: audio file {r['audio']} not found")
-            if r.get("audio", "").lower().endswith(".wav") and wav_seconds(r["audio"], path, i) > MAX_SECONDS:
-                raise ValueError(f"{path}:{i}: {r['audio']} lasts {wav_seconds(r['audio'], path, i):.1f} s, longer "
-                                 f"than the encoder's {MAX_SECONDS} s window; split or crop it")
+            if r.get("audio") and (sec := seconds(r["audio"], path, i)) > MAX_SECONDS:
+                raise ValueError(f"{path}:{i}: {r['audio']} lasts {sec:.1f} s, longer than the encoder's {MAX_SECONDS} s "
+                                 "window; split or crop it")
             rows.append(r)
     return rows
 
-def wav_seconds(audio, path, line):  # from the header alone
+def seconds(audio, path, line):
+    """An utterance's length from its header alone (non-WAV: with the optional soundfile, else not checked here)."""
+    if not audio.lower().endswith(".wav"):
+        return importlib.import_module("soundfile").info(audio).duration if importlib.util.find_spec("soundfile") else 0
     try:
         with wave.open(audio) as w:
             return w.getnframes() / w.getframerate()
-    except (wave.Error, EOFError, OSError) as e:
+    except (wave.Error, EOFError) as e:
         raise ValueError(f"{path}:{line}: {audio}: unreadable WAV ({e or 'truncated file'})")
 
 def check_rows(rows, needed, path, batch_size):
     """Every split the run needs has rows, and one batch fits in each split it trains on: one line if not."""
-    missing = [s for s in needed if not any(r["split"] == s for r in rows)]
-    if missing:
+    if missing := [s for s in needed if not any(r["split"] == s for r in rows)]:
         raise ValueError(f"{path}: no rows with split {', '.join(missing)} (needed: {', '.join(needed)})")
     for name, split in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train", finetune_rows(rows))):
         if 0 < len(split) < batch_size:
@@ -445,6 +446,4 @@ def calibration_sets(rows, at_least, frac=1 / 30, seed=0):
     return [pool[i] for i in order[:n]], [pool[i] for i in order[n:2 * n]]
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "build":
-        raise SystemExit("usage: python data.py build DATA_DIR")
-    print(build(sys.argv[2]))
+    print(build(sys.argv[2]) if len(sys.argv) == 3 and sys.argv[1] == "build" else "usage: python data.py build DIR")

@@ -56,15 +56,15 @@ def check_args(p, args):
         if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "model.bin")):
             raise SystemExit(f"{flag} {path}: no config.json in this directory (a save_pretrained folder expected)")
 
-def load_data(args, master, rows=None):
+def load_data(args, master, world, rows=None):
     """The pipeline's data for a real LLM / encoder: --real's question set (built once), your manifest (rows) or the
     toy world; the LLM's own tokenizer and chat template; the encoder's mel bins. -> (rows, tokenizer, n_mels)"""
     manifest = os.path.join(args.data_dir, "manifest.jsonl")
     if master and args.real:
         build(args.data_dir)
-    elif master and rows is None:
-        data.build(args.data_dir, n_entities=args.n_entities)
-    if args.world > 1:
+    elif master and (rows is None or not args.llm):  # the toy world; or your text's tokenizer for the tiny LLM
+        data.build(args.data_dir, n_entities=args.n_entities, rows=rows)
+    if world > 1:
         torch.distributed.barrier()
     rows = rows or data.read_manifest(manifest)
     tok = HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model"))

@@ -266,6 +266,8 @@ def test_bad_audio_and_manifest_errors(tmp_path):
     m.write_text(json.dumps(good) + "\n{not json\n")
     with pytest.raises(ValueError, match=r"m.jsonl:2: malformed"):
         data.read_manifest(str(m))
+    m.write_text(json.dumps({**good, "audio": None}) + "\n")  # no audio: a typed row
+    assert data.read_manifest(str(m))[0]["audio"] is None
     m.write_text(json.dumps({**good, "transcript": " "}) + "\n")
     with pytest.raises(ValueError, match=r"m.jsonl:1: empty transcript"):
         data.read_manifest(str(m))
@@ -463,9 +465,13 @@ def test_train_main_tiny_run(tmp_path, world):
     assert p.returncode == 0 and "ft_kl.pt: unreadable checkpoint" in p.stdout and "kl keeps its previous results" in p.stdout
     assert json.load(open(os.path.join(out, "results.json")))["methods"]["kl"] == redone["kl"]
     # a plain rerun does not trust a truncated checkpoint either: it names the file and the fix
-    with pytest.raises(SystemExit, match=r"ft_kl.pt: truncated or missing; delete it to fine-tune kl again"):
+    with pytest.raises(SystemExit, match=r"ft_kl.pt: truncated; delete it to fine-tune kl again"):
         train.main(argv)
     open(ft, "wb").write(good)
+    os.remove(os.path.join(out, "ft_frozen.pt"))  # deleted, as that error says: fine-tuned again, the rest kept
+    again = train.main(argv)
+    assert os.path.exists(os.path.join(out, "ft_frozen.pt")) and again["methods"]["frozen"]["t2t_acc"] == \
+        res["methods"]["frozen"]["t2t_acc"] and set(again["methods"]) == set(res["methods"])
     align = os.path.join(out, "align.pt")
     good = open(align, "rb").read()
     open(align, "wb").write(good[:1000])
@@ -490,6 +496,8 @@ def test_train_main_tiny_run(tmp_path, world):
     rep = json.load(open(os.path.join(ab, "importance.json")))
     assert {"original_text", "original_speech", "lora"} == set(rep["distribution"]) and "table1_text" in rep
     assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another seed and LR
+    train.main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1", "--lora-lr", "0.01", "--method", "lora"])
+    assert "lora" in json.load(open(os.path.join(ab, "importance.json")))["distribution"]  # a rerun keeps it
     with pytest.raises(SystemExit, match="pretrain_steps=40"):  # checkpoints of another pretraining: refused
         train.main(argv[2:] + ["--out", str(tmp_path / "bad"), "--init-from", out, "--pretrain-steps", "50"])
     assert not os.path.exists(tmp_path / "bad")  # ... before anything was written
@@ -714,6 +722,13 @@ def test_out_dir_holding_another_run_is_refused(tmp_path):
     opened("--lr", "0.1", "--force")
     assert not os.path.exists(os.path.join(out, "pretrain.pt")) and not os.path.exists(os.path.join(out, "data"))
     opened("--lr", "0.1", "--method", "full")  # same run, fewer methods
+    rj = json.load(open(os.path.join(out, "run.json")))  # a setting an earlier train.py had as a flag, now fixed
+    json.dump({**rj, "weight_decay": 0.1}, open(os.path.join(out, "run.json"), "w"))
+    open(os.path.join(out, "pretrain.pt"), "w").close()
+    with pytest.raises(SystemExit, match=r"other settings \(weight_decay=0.1->0.0\)"):
+        opened("--lr", "0.1")
+    json.dump({**rj, "weight_decay": 0.0, "calib_frac": 1 / 30}, open(os.path.join(out, "run.json"), "w"))
+    opened("--lr", "0.1")  # ... at the value it is now fixed to: the same run
 
 
 def test_checkpoint_from_another_model_config_is_refused(tmp_path):

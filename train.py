@@ -4,15 +4,19 @@ data (data.py) -> pretrain (the tiny LLM learns every fact from text: "the origi
 adaptor feed the frozen LLM: "no fine-tuning") -> analyse (the original's importance, Table 1, the noise floor) ->
 per method (METHODS), from the same aligned model: finetune, then measure (T2T / S2T / WER, the shift, Fig. 2/3).
 
-    python train.py --quick                    # every stage, tiny: ~1 min on 2 CPU cores
+    python train.py --quick                    # every stage, tiny: ~30 s on 2 CPU cores
     python train.py                            # the default comparison (README: Results)
     python train.py --real                     # SmolLM2-135M + Whisper tiny.en (real.py; README: Real weights)
     torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
 """
-import argparse, copy, fcntl, json, math, os, random, re, shutil, sys, time, zipfile
+import argparse, copy, json, math, os, random, re, shutil, sys, time, zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
+try:
+    import fcntl  # the run directory's lock (POSIX; Windows runs without it)
+except ImportError:
+    fcntl = None
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -26,6 +30,11 @@ from model import (ModelConfig, SpeechLLM, autocast, count, load_checkpoint, loa
 # -----------------------------------------------------------------------------
 # Flags. The groups after "Run" are the run's settings: OUT/run.json records every one of them.
 
+# Settings earlier versions had as flags, now fixed: an OUT/run.json that recorded another value is another run
+FIXED = dict(warmup=0.05, clip=1.0, weight_decay=0.0, pretrain_lr=3e-3, align_lr=3e-3, align_ctc=1.0, ft_ctc=1.0,
+             tts="formant", data_seed=0, calib_frac=1 / 30, calib_draw=0, lora_alpha=None, lora_dropout=0.0,
+             lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", kl_temp=1.0, replay_frac=0.25,
+             freeze_frac=0.03, pretrain_target=0.0, pretrain_cooldown=0, pretrain_extend=0, grad_checkpointing=False)
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 
@@ -297,10 +306,11 @@ class RunDir:
             except OSError as e:
                 raise SystemExit(f"--out {self.out}: cannot create it ({e.strerror})")
             try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else None
                 self.lock.truncate(0), self.lock.write(str(os.getpid())), self.lock.flush()
                 mine, made = settings(args), [f for f in os.listdir(self.out) if f.endswith(".pt") or f == "data"]
-                diff = [f"{k}={v!r}->{mine[k]!r}" for k, v in self.read("run.json", {}).items() if mine.get(k, v) != v]
+                diff = [f"{k}={v!r}->{mine.get(k, FIXED.get(k))!r}" for k, v in read_json(self.path("run.json"), {})
+                        .items() if mine.get(k, FIXED.get(k, v)) != v]  # a setting now fixed: its value then
                 if made and diff and not args.force:  # one OUT, one run
                     raise SystemExit(f"--out {self.out}: holds a run with other settings ({', '.join(diff[:4])}); "
                                      "use another --out, or --force to delete it")
@@ -308,22 +318,17 @@ class RunDir:
                     shutil.rmtree(self.path("data"), ignore_errors=True)
                     [os.remove(self.path(f)) for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]
                 save_json(self.path("run.json"), mine)
+                read_json(self.path("results.json"), {}), read_json(self.path("importance.json"), {})  # readable?
             except BaseException as e:
                 holder, _ = open(self.path(".lock")).read(), self.lock.close()
                 raise SystemExit(f"--out {self.out}: another train.py (pid {holder}) is writing to it; wait for it "
                                  "to end, or use another --out") if isinstance(e, BlockingIOError) else e
         barrier(world)
-        self.results = self.read("results.json", {"methods": {}, "timing_s": {}})
-        self.report = self.read("importance.json", {"distribution": {}, "top5_share": {}})
+        self.results = read_json(self.path("results.json"), {"methods": {}, "timing_s": {}})
+        self.report = read_json(self.path("importance.json"), {"distribution": {}, "top5_share": {}})
 
     def path(self, name):
         return os.path.join(self.out, name)
-
-    def read(self, name, empty):
-        try:
-            return json.load(open(self.path(name))) if os.path.exists(self.path(name)) else empty
-        except ValueError as e:
-            raise SystemExit(f"{self.path(name)}: unreadable JSON ({e}); delete it to measure again (--reanalyse)")
 
     def save(self, final=False):
         """results.json and importance.json, each replaced atomically; --reanalyse replaces them once, complete."""
@@ -352,6 +357,13 @@ def settings(args):
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions}
     return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
 
+def read_json(path, empty=None):
+    """A JSON file (or `empty` if there is none); an unreadable one is named in one line."""
+    try:
+        return json.load(open(path)) if empty is None or os.path.exists(path) else empty
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: unreadable ({e}); restore it, or --force to start the run over")
+
 def save_json(path, obj):
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
@@ -368,7 +380,7 @@ def load_data(args, master, world, rows=None):
     """The manifest (built, or yours: rows), tokenizer, log-mels, calibration sets; real weights: real.load_data."""
     if args.llm or args.encoder:
         import real
-        rows, tok, n_mels = real.load_data(args, master, rows)
+        rows, tok, n_mels = real.load_data(args, master, world, rows)
     else:
         if master:
             data.build(args.data_dir, n_entities=args.n_entities, rows=rows)  # the world, or your text's tokenizer
@@ -441,7 +453,7 @@ def run_pipeline(args):
         t = time.time()
         d, n_mels = load_data(args, rank == 0, world, rows)
         run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
-        run.results["planned"] = sorted(set(run.results.get("planned", [])) | set(args.methods))  # evaluate.py checks
+        run.results["planned"] = sorted(set(run.results["methods"]) | set(args.methods))  # evaluate.py checks it
         print(f"data: {len(d.rows)} rows, {len(d.features)} utterances, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
         tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, log_every=args.log_every,
                          seed=args.seed, device=args.device, dtype=args.dtype, resume=args.resume, rank=rank, world=world)
@@ -470,8 +482,10 @@ def analyse_and_finetune(run, args, new_model, d, tc):
     """Stage 3, the original LLM's analysis; then per method: stage 4 (fine-tune) and 5 (measure)."""
     model, done = new_model(), dict(run.results["methods"])
     for m in [] if args.reanalyse else set(done) & set(args.methods):  # their results stand on their checkpoints
-        if not zipfile.is_zipfile(run.path(f"ft_{m}.pt")):  # torch.save writes a zip: a truncated one is not
-            raise SystemExit(f"{run.path(f'ft_{m}.pt')}: truncated or missing; delete it to fine-tune {m} again")
+        if not os.path.exists(run.path(f"ft_{m}.pt")):
+            del done[m]  # deleted: fine-tuned again
+        elif not zipfile.is_zipfile(run.path(f"ft_{m}.pt")):  # torch.save writes a zip: a truncated one is not
+            raise SystemExit(f"{run.path(f'ft_{m}.pt')}: truncated; delete it to fine-tune {m} again")
     if d.encoded is None:  # the encoder is frozen from here on: its outputs once (align computed them already)
         later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
         d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later},
@@ -520,7 +534,7 @@ def read_record(args):
     """--reanalyse: the settings not given on the command line from OUT/run.json, the methods from OUT/ft_*.pt."""
     if not os.path.exists(os.path.join(args.out, "run.json")):
         raise SystemExit(f"--reanalyse: {os.path.join(args.out, 'run.json')} not found; give a run made by train.py")
-    [setattr(args, k, v) for k, v in json.load(open(os.path.join(args.out, "run.json"))).items() if k not in args.given]
+    [setattr(args, k, v) for k, v in read_json(os.path.join(args.out, "run.json")).items() if k not in args.given]
     if "method" not in args.given:
         args.methods = sorted(f[3:-3] for f in os.listdir(args.out) if re.fullmatch(r"ft_\w+\.pt", f))
     if not args.manifest and not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")):
@@ -529,21 +543,24 @@ def read_record(args):
 def check_init_from(args):
     """--init-from RUN: a finished run with these settings, but for fine-tuning's own. -> its results, its report"""
     src, fine_tuning = args.init_from, {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}
-    if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "results.json", "importance_original.pt")):
-        raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, results.json, importance_original.pt)")
-    theirs, mine = json.load(open(os.path.join(src, "run.json"))), settings(args)
+    need = ("run.json", "results.json", "importance.json", "importance_original.pt")
+    if not all(os.path.exists(os.path.join(src, f)) for f in need):
+        raise SystemExit(f"--init-from {src}: not a finished run (needs {', '.join(need)})")
+    theirs, mine = read_json(os.path.join(src, "run.json")), settings(args)
     diff = [f"{k}={v!r}" for k, v in theirs.items() if k not in fine_tuning and mine.get(k, v) != v]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align/analysis settings differ ({', '.join(diff[:4])})")
-    return [json.load(open(os.path.join(src, f))) for f in ("results.json", "importance.json")]
+    return [read_json(os.path.join(src, f)) for f in ("results.json", "importance.json")]
 
 def init_from(run, args, src):
     """Copy RUN's pretrain, align and analysis checkpoints, with their numbers: seeds of one aligned model share them."""
-    res, rep = src
-    run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss")
-                        or k.startswith("importance_")}, init_from=args.init_from)
-    run.report.update({k: {n: x for n, x in v.items() if n.startswith("original_")} if k in ("distribution",
-                       "top5_share", "concentration") else v for k, v in rep.items()})
+    (res, rep), run.results["init_from"] = src, args.init_from
+    if os.path.exists(run.path("importance_original.pt")):
+        return  # copied by an earlier start of this run
+    run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss") or k.startswith("imp")})
+    for k, v in rep.items():  # the original LLM's entries; a method's are its own
+        run.report[k] = {**run.report.get(k, {}), **{n: x for n, x in v.items() if n.startswith("original_")}} if k in \
+            ("distribution", "top5_share", "concentration") else v
     for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt"):
         if run.master and os.path.exists(os.path.join(args.init_from, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(args.init_from, f), run.path(f))
