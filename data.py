@@ -259,7 +259,7 @@ def load_audio(path):
     """Any WAV (8/16/32-bit PCM, any rate, any channels) -> mono float32 tensor at 16 kHz. FLAC etc. via the
     optional soundfile package. Errors name the file."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
-        raise ValueError(f"{path}: " + ("empty audio file (0 bytes)" if os.path.exists(path) else "audio file not found"))
+        raise ValueError(f"{path}: " + ("empty audio file (0 bytes)" if os.path.exists(path) else "audio not found"))
     try:
         if path.lower().endswith(".wav"):
             with wave.open(path, "rb") as w:
@@ -293,7 +293,7 @@ def log_mel(wav, n_mels=N_MELS):
     Slaney mel filters, log10, clamp to max - 8, then (x + 4) / 4."""
     if n_mels not in _MEL_FILTERS:
         _MEL_FILTERS[n_mels] = torchaudio.functional.melscale_fbanks(
-            N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # (201, n_mels)
+            N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # (201, M)
     stft = torch.stft(wav, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
     power = stft[..., :-1].abs() ** 2                               # (201, frames); drop the last frame as Whisper does
     mel = _MEL_FILTERS[n_mels].T @ power                            # (n_mels, frames)
@@ -334,8 +334,8 @@ def read_manifest(path):
             if r.get("audio") and not os.path.isfile(r["audio"]):
                 raise ValueError(f"{path}:{i}: audio file {r['audio']} not found")
             if r.get("audio") and (sec := seconds(r["audio"], path, i)) > MAX_SECONDS:
-                raise ValueError(f"{path}:{i}: {r['audio']} lasts {sec:.1f} s, longer than the encoder's {MAX_SECONDS} s "
-                                 "window; split or crop it")
+                raise ValueError(f"{path}:{i}: {r['audio']} lasts {sec:.1f} s, longer than the encoder's "
+                                 f"{MAX_SECONDS} s window; split or crop it")
             rows.append(r)
     return rows
 
@@ -353,7 +353,8 @@ def check_rows(rows, needed, path, batch_size):
     """Every split the run needs has rows, and one batch fits in each split it trains on: one line if not."""
     if missing := [s for s in needed if not any(r["split"] == s for r in rows)]:
         raise ValueError(f"{path}: no rows with split {', '.join(missing)} (needed: {', '.join(needed)})")
-    for name, split in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train", finetune_rows(rows))):
+    for name, split in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train",
+                                                                                   finetune_rows(rows))):
         if 0 < len(split) < batch_size:
             raise SystemExit(f"--batch-size {batch_size}: larger than the {name} split ({len(split)} rows in {path})")
 

@@ -185,12 +185,12 @@ def format_table(results, sd=None):
     head = ("T2T", "T2T EM", "S2T", "S2T EM", "WER", "dT2T vs full", "dS2T vs full", "importance JS", "JS, 2nd set",
             "x noise", "importance sum")
     lines = [f"{'method':<16}" + "".join(f"{h:>15}" for h in head)]
+    cells_k = ("t2t_acc", "t2t_em", "s2t_acc", "s2t_em", "wer")
     for name, m, s in [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft") or {})] + [
             (n, m, sd.get("methods", {}).get(n, {})) for n, m in results.get("methods", {}).items()]:
         js, shift = m.get("importance_js"), m.get("importance_shift", {})
-        cells = [f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if k in s else "") if k in m else "-"
-                 for k in ("t2t_acc", "t2t_em", "s2t_acc", "s2t_em", "wer")]
-        cells += [f"{100 * (m[k] - full[k]):+.1f}" if k in full and name != "full" else "" for k in ("t2t_acc", "s2t_acc")]
+        cells = [f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if k in s else "") if k in m else "-" for k in cells_k]
+        cells += [f"{100 * (m[k] - full[k]):+.1f}" if m is not full and k in full else "" for k in cells_k[::2][:2]]
         cells += [f"{js:.4f}" if js is not None else "", f"{m['importance_shift_2']['js']:.4f}" if
                   "importance_shift_2" in m else "", f"{js / noise:.1f}x" if noise and js is not None else "",
                   f"{shift['total_ratio']:.2f}x" if "total_ratio" in shift else ""]  # summed importance, x original's
@@ -243,7 +243,7 @@ if __name__ == "__main__":
         raise SystemExit(f"{path}: cannot read it ({e}); run python train.py --out {sys.argv[1]} to make or finish it")
     lack = lambda r: [s for s in ("pretrain", "no_ft") if s not in r] + [m for m in r.get("planned", []) if m not in
                                                                         r.get("methods", {})]  # asked for, not measured
-    missing = [(f"seed {s}: " if s else "") + ", ".join(lack(r)) for s, r in res.get("seeds", {"": res}).items() if lack(r)]
+    missing = [f"seed {s}: " * bool(s) + ", ".join(lack(r)) for s, r in res.get("seeds", {"": res}).items() if lack(r)]
     if missing:
         raise SystemExit(f"{sys.argv[1]}: an unfinished run, missing {'; '.join(missing)}; rerun its train.py command")
     mean, sd = (res["mean"], res["sd"]) if "mean" in res else (res, None)

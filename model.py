@@ -302,8 +302,7 @@ def autocast(device, dtype):
                           cache_enabled=False)
 
 def save_checkpoint(path, ckpt):
-    """One dict (config, weights, optimizer, step, ...), written atomically: temp file + rename, so a crash
-    mid-write never leaves a half-written checkpoint where a good one was."""
+    """One dict (config, weights, ...), written atomically: a crash never leaves half a checkpoint."""
     tmp = path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
@@ -322,7 +321,7 @@ def load_stage(path, cfg=None):
     theirs = {**vars(ModelConfig()), **ck.get("config", {})}  # a field newer than the checkpoint: its default
     if cfg is not None and theirs != vars(cfg):
         diff = [k for k in theirs if theirs[k] != vars(cfg).get(k)]
-        raise SystemExit(f"{path}: made with a different model config ({', '.join(diff)}); use --force or another --out")
+        raise SystemExit(f"{path}: made with another model config ({', '.join(diff)}); use --force or another --out")
     return ck
 
 def trainable_state(model):

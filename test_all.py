@@ -736,7 +736,7 @@ def test_checkpoint_from_another_model_config_is_refused(tmp_path):
     path = str(tmp_path / "align.pt")
     save_checkpoint(path, {"config": vars(TINY), "model": {}})
     other = ModelConfig(**{**vars(TINY), "n_layers": 3})
-    with pytest.raises(SystemExit, match=r"align.pt: made with a different model config \(n_layers\)"):
+    with pytest.raises(SystemExit, match=r"align.pt: made with another model config \(n_layers\)"):
         train.load_stage(path, other)
     assert train.load_stage(path, TINY)["model"] == {}
 

@@ -10,13 +10,10 @@ per method (METHODS), from the same aligned model: finetune, then measure (T2T /
     torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
 """
 import argparse, copy, json, math, os, random, re, shutil, sys, time, zipfile
+fcntl = __import__("fcntl") if os.name == "posix" else None  # the run directory's lock (Windows runs without)
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
-try:
-    import fcntl  # the run directory's lock (POSIX; Windows runs without it)
-except ImportError:
-    fcntl = None
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -32,9 +29,9 @@ from model import (ModelConfig, SpeechLLM, autocast, count, load_checkpoint, loa
 
 # Settings earlier versions had as flags, now fixed: an OUT/run.json that recorded another value is another run
 FIXED = dict(warmup=0.05, clip=1.0, weight_decay=0.0, pretrain_lr=3e-3, align_lr=3e-3, align_ctc=1.0, ft_ctc=1.0,
-             tts="formant", data_seed=0, calib_frac=1 / 30, calib_draw=0, lora_alpha=None, lora_dropout=0.0,
-             lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", kl_temp=1.0, replay_frac=0.25,
-             freeze_frac=0.03, pretrain_target=0.0, pretrain_cooldown=0, pretrain_extend=0, grad_checkpointing=False)
+             tts="formant", data_seed=0, calib_frac=1 / 30, calib_draw=0, lora_alpha=None, lora_dropout=0.0, kl_temp=1.0,
+             replay_frac=0.25, freeze_frac=0.03, pretrain_target=0.0, pretrain_cooldown=0, pretrain_extend=0,
+             grad_checkpointing=False, lora_targets=",".join(lora.TARGETS))
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 
@@ -192,8 +189,7 @@ def batch_rows(rows, batch_size, step, seed):
     return out
 
 def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
-    """step -> this rank's micro-batches: a step is batch_size x grad_accum x world rows, rank r takes micro-batches
-    m·world + r; replay_frac of each comes from replay_rows (text replay)."""
+    """step -> this rank's micro-batches m·world + rank of the step; replay_frac of each from replay_rows."""
     B, A, W = cfg.batch_size, cfg.grad_accum, cfg.world
     k = round(replay_frac * B) if replay_rows else 0  # replayed rows per micro-batch
 
@@ -337,8 +333,7 @@ class RunDir:
             save_json(self.path("importance.json"), self.report)
 
     def stage(self, name, fn, model=None, redo=False):
-        """Finished work is skipped here alone: OUT/<name>.pt is loaded (into `model`), or ck = fn() saved there, its
-        "results" and "report" into the JSON files."""
+        """Finished work is skipped here alone: OUT/<name>.pt loaded (into `model`), or ck = fn() saved there."""
         if os.path.exists(self.path(f"{name}.pt")) and not redo:
             ck = load_stage(self.path(f"{name}.pt"), model and model.cfg)
             return (model.load_state_dict(ck["model"], strict=False), ck)[1] if model else ck
@@ -352,13 +347,11 @@ class RunDir:
         barrier(self.world)  # the checkpoint is written before any rank reads it
         return ck
 
-def settings(args):
-    """The run's settings: every flag outside the "Run" group (+ the DDP world size). Another value: another run."""
+def settings(args):  # every flag outside the "Run" group, and the DDP world size: another value, another run
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions}
     return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
 
-def read_json(path, empty=None):
-    """A JSON file (or `empty` if there is none); an unreadable one is named in one line."""
+def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
     try:
         return json.load(open(path)) if empty is None or os.path.exists(path) else empty
     except (OSError, ValueError) as e:
@@ -369,8 +362,7 @@ def save_json(path, obj):
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)  # never a half-written file
 
-def loss_summary(losses):
-    """Mean training loss over the first and the last 10% of a stage's steps."""
+def loss_summary(losses):  # mean training loss over the first and the last 10% of a stage's steps
     n = max(1, len(losses) // 10)
     return {"first": sum(losses[:n]) / n, "last": sum(losses[-n:]) / n} if losses else {}
 
@@ -454,9 +446,9 @@ def run_pipeline(args):
         d, n_mels = load_data(args, rank == 0, world, rows)
         run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
         run.results["planned"] = sorted(set(run.results["methods"]) | set(args.methods))  # evaluate.py checks it
-        print(f"data: {len(d.rows)} rows, {len(d.features)} utterances, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
-        tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, log_every=args.log_every,
-                         seed=args.seed, device=args.device, dtype=args.dtype, resume=args.resume, rank=rank, world=world)
+        print(f"data: {len(d.rows)} rows, {len(d.features)} spoken, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
+        tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, rank=rank, world=world,
+                         **{k: getattr(args, k) for k in ("log_every", "seed", "device", "dtype", "resume")})
         compress = args.compress_steps > 0  # CTC compression (ours): ~1 vector a token
         cfg = ModelConfig(vocab_size=d.tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
                           encoder=args.encoder, n_mels=n_mels, ctc_compress=compress)
@@ -522,8 +514,7 @@ def analyse_and_finetune(run, args, new_model, d, tc):
         run.save()
     run.save(final=True)
 
-def build_model(cfg, run, args):
-    """Initial (or pretrained) weights, then what the finished stages trained: their checkpoints hold only that."""
+def build_model(cfg, run, args):  # initial (or pretrained) weights, then what the finished stages trained
     torch.manual_seed(args.seed)
     model = SpeechLLM(cfg).to(args.device)
     for stage in [s for s in ("pretrain", "align_raw", "align") if os.path.exists(run.path(f"{s}.pt"))]:
@@ -553,11 +544,11 @@ def check_init_from(args):
     return [read_json(os.path.join(src, f)) for f in ("results.json", "importance.json")]
 
 def init_from(run, args, src):
-    """Copy RUN's pretrain, align and analysis checkpoints, with their numbers: seeds of one aligned model share them."""
+    """Copy RUN's pretrain, align and analysis checkpoints and numbers: seeds of one aligned model share them."""
     (res, rep), run.results["init_from"] = src, args.init_from
     if os.path.exists(run.path("importance_original.pt")):
         return  # copied by an earlier start of this run
-    run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss") or k.startswith("imp")})
+    run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss") or "importance" in k})
     for k, v in rep.items():  # the original LLM's entries; a method's are its own
         run.report[k] = {**run.report.get(k, {}), **{n: x for n, x in v.items() if n.startswith("original_")}} if k in \
             ("distribution", "top5_share", "concentration") else v
@@ -594,7 +585,7 @@ def run_seeds(args):
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
     dists = {k: [sum(r[k][i] for r in reports) / len(reports) for i in range(len(v))] for k, v in reports[0].items()
              if k != "original_speech"}
-    save_json(os.path.join(args.out, "results.json"), {"seeds": per_seed, "mean": mean, "sd": sd, "n_seeds": len(per_seed)})
+    save_json(os.path.join(args.out, "results.json"), dict(seeds=per_seed, mean=mean, sd=sd, n_seeds=len(per_seed)))
     save_json(os.path.join(args.out, "importance.json"), {"distribution_mean": dists})
     print(f"\nmean over seeds {args.seeds}:")
     evaluate.report(mean, {"distribution": dists}, args.out, sd)
