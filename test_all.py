@@ -1648,6 +1648,35 @@ def test_build_real_tiny(tmp_path, monkeypatch):
     assert real.build(str(tmp_path / "real")) == path and os.path.getmtime(path) == mtime  # cached
 
 
+def test_self_targets_are_the_original_llms_own_cached_deterministic_and_keep_the_splits(world, tmp_path, monkeypatch):
+    """--targets self: each spoken-QA training row's target is the original LLM's greedy answer to the typed question
+    (T2T's prompt); generated once and cached; the same for the same model; splits and gold answers untouched."""
+    import copy
+    rows, tok, feats, _ = world
+    def fresh():
+        rs = copy.deepcopy(rows)
+        return data.Data(rs, tok, feats, *data.calibration_sets(rs, 8))
+    args, path = types.SimpleNamespace(llm="", out=str(tmp_path)), str(tmp_path / "self_targets.json")
+    d = fresh()
+    real.self_targets(d, tiny_model(tok), path, args, max_new_tokens=4)
+    ft = data.finetune_rows(d.rows)
+    expect = evaluate.generate(tiny_model(tok), ft, d.text_batch, tok, max_new_tokens=4)
+    assert [r["target"] for r in ft] == [a.strip() for a in expect]  # the typed question's greedy answer
+    assert all("target" in r for r in d.calib + d.calib2)            # calibration rows: a sample, same targets
+    assert [(r["id"], r["split"], r["answer"]) for r in d.rows] == [(r["id"], r["split"], r["answer"]) for r in rows]
+    assert not any("target" in r for r in d.rows if r not in ft)
+    batch = d.text_batch(ft[:1])
+    assert batch["answers"][0] == tok.encode(ft[0]["target"]) + [tok.eos_id]  # trained on, and scored on "answer"
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("generated again instead of read back"))
+    d2 = fresh()
+    real.self_targets(d2, tiny_model(tok, seed=1), path, args, max_new_tokens=4)  # cached: read back, not generated
+    assert [r["target"] for r in data.finetune_rows(d2.rows)] == [r["target"] for r in ft]
+    monkeypatch.undo()
+    d3 = fresh()
+    real.self_targets(d3, tiny_model(tok), str(tmp_path / "again.json"), args, max_new_tokens=4)
+    assert [r["target"] for r in data.finetune_rows(d3.rows)] == [r["target"] for r in ft]  # deterministic
+
+
 # ----------------------------------------------------------------------------- the field's other mitigations
 
 def test_kl_is_zero_against_itself_and_positive_against_another_model(world):
