@@ -20,14 +20,7 @@ bench.py - speed and memory of what the arXiv 2509.23755 code leans on, each bes
     python bench.py --real          # ~5 min: adds real_* to bench.json; --device cuda: adds cuda1b_* (~1 min, H200)
     OMP_NUM_THREADS=1 python bench.py   # on a CPU shared with another job (2 jobs x 2 threads on 2 cores: ~150x slower)
 """
-import argparse
-import copy
-import json
-import os
-import statistics
-import subprocess
-import sys
-import time
+import argparse, copy, json, os, statistics, subprocess, sys, time
 from contextlib import nullcontext
 
 import torch

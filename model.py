@@ -123,11 +123,9 @@ class SpeechLLM(nn.Module):
         return self.adaptor(h.transpose(1, 2)), lens // self.cfg.k   # (B, T/2, C) -> (B, T/2//k, d_llm)
 
     def compress(self, speech, lens, blank_id):
-        """CTC compression (Gaido et al. 2021; ours, on when cfg.ctc_compress). Scored against the LLM's embedding
-        table E (the CTC head of ctc_loss), each 10 Hz frame x becomes its soft token embedding softmax(x E^T) E;
-        frames whose nearest token argmax(x E^T) is the blank are dropped, and each run of frames with the same
-        nearest token is averaged into one embedding. A frozen LLM then reads ~1 vector per token at consecutive
-        positions, as it reads text, instead of ~3 frames per token. (B, S, d) -> (B, S', d), S' = runs kept."""
+        """CTC compression (Gaido et al. 2021; ours): each 10 Hz frame x becomes softmax(x E^T) E against the LLM's
+        embeddings E; frames nearest the blank are dropped, runs of one nearest token averaged, so the LLM reads ~1
+        vector per token, as it reads text, not ~3 frames. (B, S, d) -> (B, S', d), S' = runs kept."""
         if not self.cfg.ctc_compress:
             return speech, lens
         # E detached: the speech path never trains the LLM's embedding table, which LoRA and a frozen LLM could
@@ -155,10 +153,8 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def precompute_encoder(self, features, batch_size=64, by_length=False):
-        """{id: mel (n_mels, T)} -> {id: encoder states (C, T/2)}: the encoder is frozen during fine-tuning,
-        so its outputs never change and need computing only once (identical to running it every step).
-        by_length: batch utterances of similar length (--real's 3-8 s utterances: padding costs 1% of the compute
-        instead of 39%); the toy keeps manifest order, in which its published numbers were made."""
+        """{id: mel (n_mels, T)} -> {id: encoder states (C, T/2)}, once: the encoder is frozen from align on.
+        by_length: batch by length (--real: 1% padding, not 39%); the toy keeps manifest order (its numbers')."""
         self.encoder.eval()
         out, ids = {}, sorted(features, key=lambda j: features[j].shape[-1]) if by_length else list(features)
         for i in range(0, len(ids), batch_size):
@@ -201,13 +197,9 @@ class SpeechLLM(nn.Module):
 
     def loss(self, batch, reduction="mean", ctc_weight=0.0, n_tokens=None, teacher_logits=None, kl_temp=1.0,
              ctc_only=False):
-        """Next-token cross-entropy on the answer tokens + EOS (labels are -100 elsewhere); with ctc_weight > 0,
-        plus the auxiliary CTC alignment loss (align, and fine-tuning while CTC compression is on). n_tokens:
-        divide the summed cross-entropy by this count instead of this batch's own (train.py passes the whole
-        step's, so that gradient accumulation and DDP give exactly the gradient of one big batch of
-        variable-length answers). teacher_logits (N, V), the answer positions' logits of a teacher (answer_logits):
-        the loss is then distillation, T²·KL(teacher_T || student_T) per answer token, instead of cross-entropy.
-        ctc_only: ctc_weight x the CTC loss alone, without running the LLM (half the cost of an align step)."""
+        """Cross-entropy on the answer tokens + EOS (+ ctc_weight x the CTC loss). n_tokens: divide the sum by the
+        whole step's count (so accumulation and DDP give one big batch's gradient). teacher_logits (N, V): instead
+        T²·KL(teacher_T || student_T) per answer token. ctc_only: the CTC loss alone, the LLM not run."""
         speech = self.encode_speech(batch) if batch.get("speech") is not None else None
         if ctc_only:  # align's first phase: only the CTC head is trained; the LLM is not run at all
             return ctc_weight * self.ctc_loss(speech, batch)
@@ -236,9 +228,8 @@ class SpeechLLM(nn.Module):
     forward = loss  # so that a DistributedDataParallel wrapper, which syncs gradients through forward(), can call it
 
     def ctc_vocab(self):
-        """The CTC head's rows: (None, E), the LLM's whole input-embedding table, or (ids, E[ids]) for the
-        cfg.ctc_tokens sub-vocabulary (blank first). E is detached: CTC and compression move the speech side only.
-        A real LLM's 49k-token table made each CTC step ~40x dearer than the ~1.3k tokens its transcripts use."""
+        """The CTC head's rows: (None, E), the LLM's input embeddings, or (ids, E[ids]) for cfg.ctc_tokens (blank
+        first; a real LLM's 49k rows cost ~40x its transcripts' ~1.3k). Detached: they move the speech side only."""
         E = self.llm.get_input_embeddings().weight.detach()
         if not self.cfg.ctc_tokens:
             return None, E
@@ -254,10 +245,8 @@ class SpeechLLM(nn.Module):
         return logits
 
     def ctc_loss(self, speech, batch):
-        """Auxiliary alignment loss (our addition for the from-scratch encoder; see README): CTC between the
-        speech embeddings and the transcript's tokens, each frame scored against the LLM's own input-embedding
-        table (x @ E^T), with a learned blank (ctc_logits). It pulls each spoken word towards an
-        embedding the frozen LLM can read; the answer loss alone learns this far more slowly."""
+        """Auxiliary alignment loss (ours): CTC between the speech embeddings, scored against the LLM's input
+        embeddings (ctc_logits), and the transcript: each spoken word pulled towards an embedding the LLM reads."""
         speech, lens = speech                                                      # (B, S, d), (B,)
         targets, blank = batch["transcripts"], batch["blank_id"]
         if self.cfg.ctc_tokens:  # token ids -> their index in the sub-vocabulary (the blank is index 0)

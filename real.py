@@ -48,10 +48,9 @@ def check_args(p, args):
         if not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")) and shutil.which("espeak-ng") is None:
             raise SystemExit(f"--real: espeak-ng is not installed ({INSTALL})")
     for flag, path in (("--llm", args.llm), ("--encoder", args.encoder)):
-        if path.endswith(".gguf") and not os.path.isfile(path):
-            raise SystemExit(f"{flag} {path}: no such .gguf file")
-        if path.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
-            raise SystemExit(f"{flag} {path}: reading .gguf needs the gguf package (pip install gguf accelerate)")
+        if path.endswith(".gguf") and (not os.path.isfile(path) or importlib.util.find_spec("gguf") is None):
+            raise SystemExit(f"{flag} {path}: " + ("reading .gguf needs the gguf package (pip install gguf accelerate)"
+                                                   if os.path.isfile(path) else "no such .gguf file"))
         if path and not path.endswith(".gguf") and not os.path.isdir(path):
             raise SystemExit(f"{flag} {path}: no such directory (download the model and pass its directory)")
         if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "model.bin")):
@@ -59,23 +58,20 @@ def check_args(p, args):
 
 def load_data(args, master, world, rows=None):
     """--real's question set (built once), your rows or the toy world; the LLM's tokenizer; the encoder's mel bins."""
-    manifest = os.path.join(args.data_dir, "manifest.jsonl")
     if master and args.real:
         build(args.data_dir)
     elif master and (rows is None or not args.llm):  # the toy world; or your text's tokenizer for the tiny LLM
         data.build(args.data_dir, n_entities=args.n_entities, rows=rows)
     if world > 1:
         torch.distributed.barrier()
-    rows = rows or data.read_manifest(manifest)
+    rows = rows or data.read_manifest(os.path.join(args.data_dir, "manifest.jsonl"))
     tok = HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model"))
     return rows, tok, encoder_n_mels(args.encoder) if args.encoder else data.N_MELS
 
 def self_targets(d, model, path, args, max_new_tokens=48):
-    """--targets self: every spoken-QA training row's target (align, fine-tuning, calibration) becomes the original
-    LLM's own greedy answer to the typed question, with T2T's prompt (the chat template); scoring keeps the gold
-    answer. Generated once, cached at `path` per LLM (and per pretraining for the tiny one)."""
-    rows, key = data.finetune_rows(d.rows), {"llm": args.llm or os.path.join(args.out, "pretrain.pt"),
-                                             "max_new_tokens": max_new_tokens}
+    """--targets self: each spoken-QA training row's target (align, fine-tuning, calibration) becomes the original
+    LLM's own greedy answer to the typed question, T2T's prompt; scoring keeps the gold one. Cached at `path`."""
+    rows, key = data.finetune_rows(d.rows), {"llm": args.llm or "pretrain.pt", "max_new_tokens": max_new_tokens}
     cache = json.load(open(path)) if os.path.exists(path) else {}
     if cache.get("key") != key or any(r["id"] not in cache["targets"] for r in rows):
         print(f"self targets: the original LLM answers {len(rows)} typed questions (cached in {path})")

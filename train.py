@@ -62,8 +62,7 @@ def get_parser():
     g.add_argument("--data-dir", default="", help="where data is built and cached (default: beside OUT, shared)")
     g.add_argument("--llm", default="", help="a pretrained causal LM (local dir or .gguf): no pretraining")
     g.add_argument("--encoder", default="", help="a pretrained Whisper (transformers or CTranslate2 dir), frozen")
-    g.add_argument("--targets", default="gold", choices=["gold", "self"], help="training answers: the gold ones, or "
-                   "the original LLM's own to the typed question (real.self_targets)")
+    g.add_argument("--targets", default="gold", choices=["gold", "self"], help="train on gold answers or the LLM's own")
     g = p.add_argument_group("Optimization (AdamW, 5% warmup, cosine decay to 10%, clip 1)")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch and process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -464,8 +463,7 @@ def run_pipeline(args):
             run.stage("pretrain", lambda: pretrain(new_model(), d, tc, args.pretrain_steps))
         print(f"pretrained LLM: T2T {run.results['pretrain']['t2t_acc']:.3f}")
         if args.targets == "self":  # behaviour alignment (BLSP, DiVA): answers in the LLM's own words, from here on
-            __import__("real").self_targets(d, new_model(), os.path.join(args.data_dir if args.llm else args.out,
-                                                                          "self_targets.json"), args)
+            __import__("real").self_targets(d, new_model(), run.path("self_targets.json"), args)
         run.stage("align_raw", lambda: align(new_model(), d, tc, args.align_steps, False))
         run.stage("align", lambda: align(new_model(), d, tc, args.compress_steps, True)) if compress else None
         print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
