@@ -256,8 +256,7 @@ def save_wav(path, wav):
     os.replace(tmp, path)
 
 def load_audio(path):
-    """Any WAV (8/16/32-bit PCM, any rate, any channels) -> mono float32 tensor at 16 kHz. FLAC etc. via the
-    optional soundfile package. Errors name the file."""
+    """Any WAV (8/16/32-bit PCM, any rate and channels; others with soundfile) -> mono float32 at 16 kHz."""
     if not os.path.exists(path) or os.path.getsize(path) == 0:
         raise ValueError(f"{path}: " + ("empty audio file (0 bytes)" if os.path.exists(path) else "audio not found"))
     try:
@@ -393,8 +392,7 @@ def load_features(rows, n_mels=N_MELS):  # id -> log-mel (n_mels, T) of every ro
     return {r["id"]: log_mel(load_audio(r["audio"]), n_mels) for r in rows if r.get("audio")}
 
 def build(data_dir, seed=0, n_entities=N_ENTITIES, rows=None):
-    """World -> tokenizer -> audio -> manifest.jsonl in data_dir, cached. rows (your manifest's): only a tokenizer of
-    their `pretrain` text, for the tiny LLM."""
+    """World -> tokenizer -> audio -> manifest.jsonl in data_dir, cached; rows (yours): only their text's tokenizer."""
     manifest, tok = os.path.join(data_dir, "manifest.jsonl"), os.path.join(data_dir, "tokenizer")
     if rows is not None and not os.path.exists(tok + ".model"):
         os.makedirs(data_dir, exist_ok=True)

@@ -114,8 +114,7 @@ class SpeechLLM(nn.Module):
         return enc.layer_norm(x).transpose(1, 2), lens2  # (B, C, T/2), channels first like the mel input
 
     def encode_speech(self, batch):
-        """-> speech embeddings (B, S, d_llm) at 10 Hz and their lengths S_i. The batch holds mel features, or
-        (batch["encoded"]) encoder states precomputed once while the encoder is frozen (see precompute_encoder)."""
+        """-> speech embeddings (B, S, d_llm) at 10 Hz, lengths S_i; from mels, or batch["encoded"] encoder states."""
         dev = self.adaptor.fc1.weight.device
         h, lens = batch["speech"].to(dev), batch["speech_lens"].to(dev)
         if not batch.get("encoded"):
@@ -167,8 +166,7 @@ class SpeechLLM(nn.Module):
         return out
 
     def embed(self, batch, with_answer, left_pad, speech=None):
-        """Token ids -> embeddings, with each sample's <speech> token replaced by its speech embeddings.
-        Returns inputs_embeds (B, L, d), attention_mask (B, L), labels (B, L): -100 but on answer + EOS."""
+        """-> inputs_embeds (B, L, d), <speech> replaced by the speech; mask (B, L); labels (B, L): answer + EOS."""
         emb = self.llm.get_input_embeddings()
         speech_id = batch["speech_id"]
         if speech is None and batch.get("speech") is not None:
@@ -219,8 +217,7 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def answer_logits(self, batch):
-        """The logits that predict each answer token + EOS, (N, V) in row-major order: a distillation teacher's
-        targets. The same rows typed or spoken have the same answers, so the N positions line up."""
+        """The logits predicting each answer token + EOS, (N, V): a teacher's targets (typed or spoken, N lines up)."""
         x, mask, labels = self.embed(batch, with_answer=True, left_pad=False)
         logits = self.llm(inputs_embeds=x, attention_mask=mask).logits           # (B, L, vocab)
         return logits[:, :-1][labels[:, 1:] != -100]
@@ -237,8 +234,7 @@ class SpeechLLM(nn.Module):
         return ids, E[ids]
 
     def ctc_logits(self, speech, blank_id):
-        """The CTC head: each speech embedding scored against the rows of ctc_vocab, (B, S, d) -> (B, S, V); the
-        blank's column (the pad token's; 0 in a sub-vocabulary) is scored against the adaptor's learned blank."""
+        """The CTC head, (B, S, d) -> (B, S, V) against ctc_vocab's rows; the blank's column against a learned one."""
         E = self.ctc_vocab()[1]
         logits = speech @ E.T.to(speech.dtype)
         logits[..., blank_id] = speech @ self.adaptor.blank.to(speech.dtype)
@@ -259,8 +255,7 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens=16, eos_id=None):
-        """Batched greedy decoding with a KV cache, starting from inputs_embeds (left padding, so every
-        sequence's next token sits in the last column). Returns a list of token-id lists, EOS excluded."""
+        """Batched greedy decoding with a KV cache from left-padded inputs_embeds -> token-id lists, EOS excluded."""
         x, mask, _ = self.embed(batch, with_answer=False, left_pad=True)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)       # positions count real tokens only
         out = self.llm(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True,

@@ -85,9 +85,8 @@ def self_targets(d, model, path, args, max_new_tokens=48):
         r["target"] = cache["targets"][r["id"]]
 
 def ctc_vocabulary(d):
-    """A pretrained LLM's CTC head scores only the tokens of the training transcripts, the blank first (model.py:
-    ctc_vocab): 49k rows made each CTC step ~40x dearer than the ~1.3k its transcripts use. Our real set speaks every
-    word of the set in training (its ASR word strings), so test words are there too."""
+    """A real LLM's CTC head scores the training transcripts' tokens alone, blank first (model.py: ctc_vocab); our
+    real set speaks every word of the set in training (its ASR word strings), so test words are there too."""
     used = {t for r in d.split("speech_train") for t in d.tok.encode(r["transcript"])} - {d.tok.pad_id}
     return [d.tok.pad_id] + sorted(used)
 
@@ -271,9 +270,8 @@ def entity_splits(facts, seed=0):
     return where
 
 def make_rows(seed=0, facts=None):
-    """Manifest rows (audio not yet synthesised): spoken QA (task "qa") about every fact, in the training phrasings
-    for speech_train entities and the held-out ones for val/test, plus ASR rows (task "asr", speech_train only):
-    statements of the training facts and random word strings, spoken to align the adaptor."""
+    """Rows (audio not yet synthesised): spoken QA about every fact, in the training phrasings for speech_train
+    entities, the held-out ones for val/test; ASR rows (speech_train): training facts stated, random word strings."""
     facts = facts or read_facts()
     where = entity_splits(facts, seed)
     slug = lambda s: re.sub(r"[^a-z0-9]+", "_", s.lower()).strip("_")
@@ -345,12 +343,10 @@ def librispeech_rows(root, split="speech_train"):
     return rows
 
 if __name__ == "__main__":
+    cmd, args = (sys.argv[1:2] or [""])[0], sys.argv[2:]
+    if cmd not in ("build", "librispeech") or not 1 <= len(args) <= 1 + (cmd == "librispeech"):
+        raise SystemExit("usage: python real.py build DATA_DIR | python real.py librispeech DIR [SPLIT] > m.jsonl")
     try:
-        if len(sys.argv) == 3 and sys.argv[1] == "build":
-            print(build(sys.argv[2]))
-        elif len(sys.argv) in (3, 4) and sys.argv[1] == "librispeech":  # [split]: default speech_train
-            print("\n".join(json.dumps(r) for r in librispeech_rows(*sys.argv[2:])))
-        else:
-            raise SystemExit("usage: python real.py build DATA_DIR | python real.py librispeech DIR [SPLIT] > m.jsonl")
+        print(build(*args) if cmd == "build" else "\n".join(json.dumps(r) for r in librispeech_rows(*args)))
     except ValueError as e:
         raise SystemExit(f"error: {e}")

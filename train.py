@@ -29,9 +29,9 @@ from model import (ModelConfig, SpeechLLM, autocast, count, load_checkpoint, loa
 
 # Settings earlier versions had as flags, now fixed: an OUT/run.json that recorded another value is another run
 FIXED = dict(warmup=0.05, clip=1.0, weight_decay=0.0, pretrain_lr=3e-3, align_lr=3e-3, align_ctc=1.0, ft_ctc=1.0,
-             tts="formant", data_seed=0, calib_frac=1 / 30, calib_draw=0, lora_alpha=None, lora_dropout=0.0, kl_temp=1.0,
-             replay_frac=0.25, freeze_frac=0.03, pretrain_target=0.0, pretrain_cooldown=0, pretrain_extend=0,
-             grad_checkpointing=False, lora_targets=",".join(lora.TARGETS))
+             tts="formant", data_seed=0, calib_frac=1 / 30, calib_draw=0, lora_alpha=None, lora_dropout=0.0,
+             kl_temp=1.0, replay_frac=0.25, freeze_frac=0.03, pretrain_target=0.0, pretrain_cooldown=0,
+             pretrain_extend=0, grad_checkpointing=False, lora_targets=",".join(lora.TARGETS))
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 
@@ -303,7 +303,8 @@ class RunDir:
             except OSError as e:
                 raise SystemExit(f"--out {self.out}: cannot create it ({e.strerror})")
             try:
-                fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else None
+                if fcntl:
+                    fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.lock.truncate(0), self.lock.write(str(os.getpid())), self.lock.flush()
                 mine, made = settings(args), [f for f in os.listdir(self.out) if f.endswith(".pt") or f == "data"]
                 diff = [f"{k}={v!r}->{mine.get(k, FIXED.get(k))!r}" for k, v in read_json(self.path("run.json"), {})
@@ -313,7 +314,8 @@ class RunDir:
                                      "use another --out, or --force to delete it")
                 if made and diff:  # --force: start over, OUT/data included (it may hold a world for other settings)
                     shutil.rmtree(self.path("data"), ignore_errors=True)
-                    [os.remove(self.path(f)) for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]
+                    for f in [f for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]:
+                        os.remove(self.path(f))
                 save_json(self.path("run.json"), mine)
                 read_json(self.path("results.json"), {}), read_json(self.path("importance.json"), {})  # readable?
             except BaseException as e:
@@ -343,7 +345,8 @@ class RunDir:
             for k, v in new.items():  # one level deep: train_loss, distribution, ... gather entries
                 into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
         self.results["timing_s"][name] = round(time.time() - t, 1)
-        save_checkpoint(self.path(f"{name}.pt"), ck) if self.master else None
+        if self.master:
+            save_checkpoint(self.path(f"{name}.pt"), ck)
         self.save()
         barrier(self.world)  # the checkpoint is written before any rank reads it
         return ck
@@ -436,13 +439,16 @@ def replay_rows(rows):
 # main: the pipeline, one call per stage
 def run_pipeline(args):
     rank, world = setup_ddp(args)
-    read_record(args) if args.reanalyse else None
+    if args.reanalyse:
+        read_record(args)
     rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
-    data.check_rows(rows, needed_splits(args), args.manifest, args.batch_size) if rows else None
+    if rows:
+        data.check_rows(rows, needed_splits(args), args.manifest, args.batch_size)
     src = check_init_from(args) if args.init_from else None
     run = RunDir(args, rank == 0, world)
     try:
-        init_from(run, args, src) if src else None
+        if src:
+            init_from(run, args, src)
         t = time.time()
         d, n_mels = load_data(args, rank == 0, world, rows)
         run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
@@ -465,13 +471,15 @@ def run_pipeline(args):
         if args.targets == "self":  # behaviour alignment (BLSP, DiVA): answers in the LLM's own words, from here on
             __import__("real").self_targets(d, new_model(), run.path("self_targets.json"), args)
         run.stage("align_raw", lambda: align(new_model(), d, tc, args.align_steps, False))
-        run.stage("align", lambda: align(new_model(), d, tc, args.compress_steps, True)) if compress else None
+        if compress:
+            run.stage("align", lambda: align(new_model(), d, tc, args.compress_steps, True))
         print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
         analyse_and_finetune(run, args, new_model, d, tc)
         evaluate.report(run.results, run.report, run.out if run.master else None)
         return run.results
     finally:
-        run.lock.close() if run.master else None  # the lock is released
+        if run.master:
+            run.lock.close()  # the lock is released
 
 def analyse_and_finetune(run, args, new_model, d, tc):
     """Stage 3, the original LLM's analysis; then per method: stage 4 (fine-tune) and 5 (measure)."""
@@ -510,7 +518,8 @@ def analyse_and_finetune(run, args, new_model, d, tc):
         with autocast(tc.device, tc.dtype):
             shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch,
                                                 args.importance_kind, name, tc.batch_size, tc.rank, tc.world)
-        [run.report.setdefault(k, {}).update(v) for k, v in rep.items()]
+        for k, v in rep.items():
+            run.report.setdefault(k, {}).update(v)
         run.results["methods"][name] = {**m, **shift, "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
                                         "train_loss": loss_summary(ck["losses"])}
         print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
@@ -528,7 +537,8 @@ def read_record(args):
     """--reanalyse: the settings not given on the command line from OUT/run.json, the methods from OUT/ft_*.pt."""
     if not os.path.exists(os.path.join(args.out, "run.json")):
         raise SystemExit(f"--reanalyse: {os.path.join(args.out, 'run.json')} not found; give a run made by train.py")
-    [setattr(args, k, v) for k, v in read_json(os.path.join(args.out, "run.json")).items() if k not in args.given]
+    for k in (rec := read_json(os.path.join(args.out, "run.json"))).keys() - args.given:
+        setattr(args, k, rec[k])
     if "method" not in args.given:
         args.methods = sorted(f[3:-3] for f in os.listdir(args.out) if re.fullmatch(r"ft_\w+\.pt", f))
     if not args.manifest and not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")):
@@ -561,8 +571,7 @@ def init_from(run, args, src):
     barrier(run.world)
 
 def setup_ddp(args):
-    """nanoGPT-style: under torchrun every process joins one group (NCCL, or gloo on CPU) and runs the same program on
-    its shard of each batch; rank 0 alone writes files and prints."""
+    """nanoGPT-style: under torchrun each process joins one group (NCCL; gloo on CPU); rank 0 alone writes, prints."""
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # world: a setting
     if args.world > 1 and not dist.is_initialized():
         if args.device.startswith("cuda"):
@@ -574,7 +583,8 @@ def setup_ddp(args):
     return rank, args.world
 
 def barrier(world):  # wait until rank 0 has written what the other ranks read next
-    dist.barrier() if world > 1 else None
+    if world > 1:
+        dist.barrier()
 
 def run_seeds(args):
     """--seeds 0,1,2: the pipeline per seed in OUT/seed<N> (from --init-from RUN/seed<N>, or RUN), then mean ± sd."""
