@@ -833,6 +833,19 @@ def test_real_model_paths_train_every_method_and_reload(tmp_path, world, arch):
     assert train.main(argv)["methods"] == res["methods"]  # cached: reloaded, not retrained
 
 
+def test_own_manifest_with_a_real_encoder_and_the_tiny_llm(tmp_path, world):
+    """--encoder DIR --manifest m.jsonl without --llm: the tiny LLM pretrains on the manifest's text, with a tokenizer
+    made from it, and the frozen Whisper's 128 mel bins feed the adaptor."""
+    rows, *_ = world
+    m = tmp_path / "m.jsonl"
+    data.write_jsonl(str(m), [r for r in rows if r["split"] in ("pretrain", "speech_train", "test")])
+    res = train.main(["--out", str(tmp_path / "run"), "--manifest", str(m), "--encoder", save_tiny_whisper(tmp_path),
+                      "--n-layers", "2", "--d-llm", "32", "--batch-size", "4", "--pretrain-steps", "2", "--align-steps",
+                      "1", "--compress-steps", "1", "--steps", "1", "--log-every", "1000", "--method", "full",
+                      "--calib-min", "2"])
+    assert os.path.exists(tmp_path / "run" / "data" / "tokenizer.model") and "full" in res["methods"]
+
+
 def test_librispeech_converter(tmp_path):
     chapter = tmp_path / "train-clean-100" / "19" / "198"
     chapter.mkdir(parents=True)
