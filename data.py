@@ -379,7 +379,7 @@ def make_batch(rows, tok, speech, features=None, encoded=False):
             if spoken:
                 mels.append(features[r["id"]])
                 transcripts.append(tok.encode(r["transcript"]))
-        answers.append(tok.encode(r.get("target", r["answer"])) + [tok.eos_id])  # target: real.self_targets
+        answers.append(tok.encode(r.get("target", r["answer"])) + [tok.eos_id])  # target: self_targets, own_answers
     batch = dict(prompts=prompts, answers=answers, speech_id=tok.speech_id, speech=None, encoded=encoded,
                  transcripts=transcripts, blank_id=tok.pad_id)
     if mels:

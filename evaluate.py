@@ -1,35 +1,23 @@
 """
 evaluate.py - the paper's measurements: T2T (typed question -> text answer: the text ability kept), S2T (spoken
 question -> text answer), WER, answer perplexity (Table 1); the original LLM's importance analysis and each method's
-importance shift (Fig. 2/3); the printed tables. Functions take a model and rows, and return numbers. Right = the
-normalised gold answer appears in the answer ("contains", as the paper [inferred]) and no other gold answer of the
-same relation does; exact match (EM) of the first line beside it.
+importance shift (Fig. 2/3) and its style control; the printed tables. Functions take a model and rows, and return
+numbers. Right: the gold answer is "contained" (as the paper [inferred]; `right`), and exact match (EM) beside it.
 
     python evaluate.py runs/default        # the tables of a finished run (or of --seeds: mean ± sd)
 """
-import json
-import math
-import os
-import re
-import sys
+import json, math, os, re, sys
 
 import torch
+from torchaudio.functional import edit_distance  # Levenshtein distance of two word lists
 
 import importance as imp
 
 def normalize(text):
     return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
 
-def edit_distance(ref, hyp):  # Levenshtein distance of two word lists: S + D + I of the best alignment
-    d = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, d[0] = d[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r != h))
-    return d[-1]
-
 def wer(refs, hyps):  # corpus WER: (substitutions + deletions + insertions) / reference words
-    errors = sum(edit_distance(normalize(r).split(), normalize(h).split()) for r, h in zip(refs, hyps))
+    errors = sum(edit_distance(normalize(r).split(), normalize(h).split()) for r, h in zip(refs, hyps))  # S + D + I
     return errors / max(1, sum(len(normalize(r).split()) for r in refs))
 
 def contains(gold, pred):
@@ -104,9 +92,9 @@ def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1,
 def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, kind, seed=0, batch_size=32, rank=0,
                      world=1):
     """The original LLM's textual (transcripts typed) and speech importance on the calibration rows; Table 1 on the
-    test questions, all and those it answers right (where wrong it is often confidently wrong, and any perturbation
-    lowers that perplexity); the noise floor: the second set, and (per-sample kinds) 200 random pairs of disjoint
-    sets of both sets' rows. -> the two sets' scores, and the "results" and "report" entries they give"""
+    test questions, all and those it answers right (where wrong, any perturbation lowers a confidently wrong answer's
+    perplexity); the noise floor: the second set, (per-sample kinds) 200 random pairs of disjoint sets of both sets'
+    rows; the style control. -> the scores, and the "results" and "report" entries they give"""
     res, rep, scores = {}, {"distribution": {}, "top5_share": {}}, {}
     per_row = [] if kind != "taylor" else None  # per-sample kinds: each calibration row's textual importance per layer
     for inp, make in (("text", make_text), ("speech", make_speech)):
@@ -129,7 +117,13 @@ def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, ki
             rep["noise_floor_resampled"] = nf = imp.noise_floor(per_row, len(calib), seed=seed)
             res.update(importance_noise_js_mean=nf["mean"], importance_noise_js_p90=nf["p90"])
     rep["concentration"] = {"original_text": imp.concentration(scores["text"])}  # Fig. 1: rows / columns
-    return {"text": scores["text"], "text2": scores["text2"], "results": res, "report": rep}
+    scores["own"] = importance(model, own_answers(model, calib, make_text, tok), make_text, kind, batch_size, rank,
+                               world)
+    rep["distribution_own"] = {"original": imp.layer_distribution(scores["own"])}  # the style control, and its noise:
+    if scores["text2"] is not None:
+        own2 = importance(model, own_answers(model, calib2, make_text, tok), make_text, kind, batch_size, rank, world)
+        res["importance_noise_js_own"] = imp.shift_metrics(scores["own"], own2)["js"]
+    return {"text": scores["text"], "text2": scores["text2"], "own": scores["own"], "results": res, "report": rep}
 
 def table1_check(model, scores, rows, make, seed=0):
     """Table 1: answer perplexity after zeroing the top / bottom / random 3% of the weights by `scores`, x baseline."""
@@ -137,9 +131,14 @@ def table1_check(model, scores, rows, make, seed=0):
     ratios = {f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}
     return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
 
-def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, batch_size=32, rank=0, world=1):
+def own_answers(model, rows, make, tok):
+    """The style control [ours]: rows whose target is the model's own greedy answer. On them two models are compared
+    each in its own style at a low loss, not an original far from one-word targets with a model that learnt them."""
+    return [{**r, "target": a.strip()} for r, a in zip(rows, generate(model, rows, make, tok, max_new_tokens=48))]
+
+def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, batch_size=32, rank=0, world=1, tok=None):
     """Fig. 2/3: the textual importance of the weights used (merge LoRA first) against the original's, on both
-    calibration sets; Fig. 4: ΔW's row/column structure. -> (metrics, report entries)"""
+    calibration sets, and with each model's own answers as targets; Fig. 4: ΔW's rows/columns. -> (metrics, report)"""
     text = importance(model, calib, make_text, kind, batch_size, rank, world)
     m = {"importance_shift": imp.shift_metrics(original["text"], text)}
     m.update(importance_js=m["importance_shift"]["js"], importance_spearman=m["importance_shift"]["spearman"])
@@ -151,6 +150,10 @@ def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, bat
     if any(x.any() for x in dw.values()):  # Fig. 4: does ΔW gather on a few rows/columns too?
         rep["concentration"] = {f"{name}_delta_w": imp.concentration(dw)}
         m["delta_w_concentration"] = rep["concentration"][f"{name}_delta_w"]["all"]["ratio"]
+    if original.get("own") is not None:  # style held fixed: both models scored on their own answers
+        own = importance(model, own_answers(model, calib, make_text, tok), make_text, kind, batch_size, rank, world)
+        m["importance_shift_own"] = imp.shift_metrics(original["own"], own)
+        rep["distribution_own"] = {name: imp.layer_distribution(own)}
     return m, rep
 
 # -----------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def format_table(results, sd=None):
     sd, noise = sd or {}, results.get("importance_noise_js_mean", results.get("importance_noise_js"))
     full = results.get("methods", {}).get("full", {})
     head = ("T2T", "T2T EM", "S2T", "S2T EM", "WER", "dT2T vs full", "dS2T vs full", "importance JS", "JS, 2nd set",
-            "x noise", "importance sum")
+            "x noise", "importance sum", "JS own answers")
     lines = [f"{'method':<16}" + "".join(f"{h:>15}" for h in head)]
     cells_k = ("t2t_acc", "t2t_em", "s2t_acc", "s2t_em", "wer")
     for name, m, s in [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft") or {})] + [
@@ -194,6 +197,8 @@ def format_table(results, sd=None):
         cells += [f"{js:.4f}" if js is not None else "", f"{m['importance_shift_2']['js']:.4f}" if
                   "importance_shift_2" in m else "", f"{js / noise:.1f}x" if noise and js is not None else "",
                   f"{shift['total_ratio']:.2f}x" if "total_ratio" in shift else ""]  # summed importance, x original's
+        own, no = m.get("importance_shift_own", {}).get("js"), results.get("importance_noise_js_own")
+        cells.append(f"{own:.4f} {own / no:.0f}x" if own is not None and no else "")  # style held fixed, x its noise
         lines.append(f"{name:<16}" + "".join(f"{c:>15}" for c in cells))
     if "importance_noise_js" in results:  # the same original model on a second calibration set
         mean = results.get("importance_noise_js_mean")

@@ -40,6 +40,7 @@ from model import ModelConfig, SpeechLLM
 
 TINY = ModelConfig(vocab_size=256, d_llm=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                    d_enc=32, enc_layers=1, enc_heads=2, d_adaptor=64)
+TINY_RUN = dict(n_entities=8, n_layers=2, d_llm=32, log_every=1000)  # train.main's sizes for tiny runs
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +322,7 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
              (["--method", ""], "--method: give at least one method"), (["--method", ","], "--method: give at least"),
              (["--steps", "-1"], "--steps: must be >= 1"), (["--batch-size", "0"], "--batch-size"),
              (["--lr", "0"], "--lr, --lora-lr: must be > 0"), (["--lam", "2"], "--lam: in [0, 1]"),
-             (["--seeds", "a"], "--seeds"), (["--compress-steps", "-1"], "--compress-steps: must be >= 0"),
+             (["--seeds", "a"], "--seeds"), (["--align-steps", "-1"], "--align-steps: must be >= 0"),
              (["--out", str(tmp_path / "afile")], "is a file")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU"))
@@ -361,7 +362,7 @@ def test_bad_model_paths_and_manifests_stop_before_any_work(tmp_path, world):
     train.RunDir(train.get_args(["--out", out, "--lr", "0.2"])).lock.close()
     assert json.load(open(os.path.join(out, "run.json")))["lr"] == 0.2
     with pytest.raises(SystemExit, match="the run's data .* is gone"):  # re-analysis needs the run's own data
-        train.main(["--out", out, "--reanalyse", "--data-dir", str(tmp_path / "gone")])
+        train.main(["--out", out, "--reanalyse"], data_dir=str(tmp_path / "gone"))
 
 
 def test_every_method_gets_one_param_group_per_layer_with_eq3(world):
@@ -395,10 +396,10 @@ def test_train_main_tiny_run(tmp_path, world):
     """The real entry point on tiny flags: every stage runs, the pretraining loss falls, results.json has
     the contract keys, and a rerun skips finished stages."""
     out = str(tmp_path / "run")
-    argv = ["--out", out, "--data-dir", world[3], "--n-entities", "8", "--n-layers", "2", "--d-llm", "32", "--batch-size", "8",
-            "--pretrain-steps", "40", "--align-steps", "4", "--compress-steps", "2", "--steps", "3",
-            "--log-every", "1000", "--method", "frozen,full,lora,kl,replay,freeze_top", "--calib-min", "8"]
-    res = train.main(argv)
+    argv = ["--out", out, "--batch-size", "8", "--pretrain-steps", "40", "--align-steps", "4", "--steps", "3",
+            "--method", "frozen,full,lora,kl,replay,freeze_top"]
+    main = lambda argv: train.main(argv, **TINY_RUN, data_dir=world[3], compress_steps=2, calib_min=8)
+    res = main(argv)
     assert res["train_loss"]["pretrain"]["last"] < 0.8 * res["train_loss"]["pretrain"]["first"]
     assert 0 <= res["no_ft"]["t2t_acc"] <= 1
     for m in ("frozen", "full", "lora", "kl", "replay", "freeze_top"):
@@ -427,9 +428,12 @@ def test_train_main_tiny_run(tmp_path, world):
     assert res["methods"]["frozen"]["importance_shift_2"]["js"] == pytest.approx(0, abs=1e-9)
     assert res["methods"]["full"]["importance_shift_2"]["js"] > 0
     assert "JS, 2nd set" in evaluate.format_table(res).splitlines()[0]
+    # the style control: each model's importance on its own greedy answers; an untouched LLM has not moved
+    assert res["methods"]["frozen"]["importance_shift_own"]["js"] == pytest.approx(0, abs=1e-9)
+    assert res["importance_noise_js_own"] > 0 and res["methods"]["full"]["importance_shift_own"]["js"] > 0
     ck = torch.load(os.path.join(out, "ft_lora.pt"), weights_only=True)["model"]
     assert ck and all(".lora_" in k or k.startswith("adaptor.") for k in ck)
-    again = train.main(argv)  # cached: nothing retrained, same numbers
+    again = main(argv)  # cached: nothing retrained, same numbers
     assert again["methods"] == json.load(open(os.path.join(out, "results.json")))["methods"]
     import subprocess, sys  # `python train.py --out RUN --reanalyse`: the analysis again, from the checkpoints
     reanalyse = lambda *extra: subprocess.run([sys.executable, "train.py", "--out", out, "--reanalyse", *extra],
@@ -466,17 +470,17 @@ def test_train_main_tiny_run(tmp_path, world):
     assert json.load(open(os.path.join(out, "results.json")))["methods"]["kl"] == redone["kl"]
     # a plain rerun does not trust a truncated checkpoint either: it names the file and the fix
     with pytest.raises(SystemExit, match=r"ft_kl.pt: truncated; delete it to fine-tune kl again"):
-        train.main(argv)
+        main(argv)
     open(ft, "wb").write(good)
     os.remove(os.path.join(out, "ft_frozen.pt"))  # deleted, as that error says: fine-tuned again, the rest kept
-    again = train.main(argv)
+    again = main(argv)
     assert os.path.exists(os.path.join(out, "ft_frozen.pt")) and again["methods"]["frozen"]["t2t_acc"] == \
         res["methods"]["frozen"]["t2t_acc"] and set(again["methods"]) == set(res["methods"])
     align = os.path.join(out, "align.pt")
     good = open(align, "rb").read()
     open(align, "wb").write(good[:1000])
     with pytest.raises(SystemExit, match=r"align.pt: unreadable checkpoint \(\w+\); delete it to redo that stage"):
-        train.main(argv)
+        main(argv)
     open(align, "wb").write(good)
     # evaluate.py on an unfinished run says what is missing and exits non-zero; a finished one prints its tables
     ev = lambda d: subprocess.run([sys.executable, "evaluate.py", d], capture_output=True, text=True,
@@ -490,20 +494,20 @@ def test_train_main_tiny_run(tmp_path, world):
     # --init-from: a fine-tuning seed of this run's aligned model; nothing before fine-tuning is redone, and the
     # original LLM's analysis is copied, not redone
     ab = str(tmp_path / "ablation")
-    abl = train.main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1", "--lora-lr", "0.01", "--method", "lora"])
+    abl = main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1", "--lora-lr", "0.01", "--method", "lora"])
     assert abl["no_ft"] == res["no_ft"] and not {"pretrain", "align", "importance_original"} & set(abl["timing_s"])
     assert abl["importance_noise_js"] == res["importance_noise_js"] and abl["importance_validation"] == res["importance_validation"]
     rep = json.load(open(os.path.join(ab, "importance.json")))
     assert {"original_text", "original_speech", "lora"} == set(rep["distribution"]) and "table1_text" in rep
     assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another seed and LR
-    train.main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1", "--lora-lr", "0.01", "--method", "lora"])
+    main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1", "--lora-lr", "0.01", "--method", "lora"])
     assert "lora" in json.load(open(os.path.join(ab, "importance.json")))["distribution"]  # a rerun keeps it
     with pytest.raises(SystemExit, match="pretrain_steps=40"):  # checkpoints of another pretraining: refused
-        train.main(argv[2:] + ["--out", str(tmp_path / "bad"), "--init-from", out, "--pretrain-steps", "50"])
+        main(argv[2:] + ["--out", str(tmp_path / "bad"), "--init-from", out, "--pretrain-steps", "50"])
     assert not os.path.exists(tmp_path / "bad")  # ... before anything was written
     rj = os.path.join(out, "run.json")  # a run made before a setting existed ran with that setting's default
     json.dump({k: v for k, v in json.load(open(rj)).items() if k != "real"}, open(rj, "w"))
-    old = train.main(argv[2:] + ["--out", str(tmp_path / "old"), "--init-from", out, "--method", "lora", "--seed", "1"])
+    old = main(argv[2:] + ["--out", str(tmp_path / "old"), "--init-from", out, "--method", "lora", "--seed", "1"])
     assert old["no_ft"] == res["no_ft"]
 
 
@@ -630,7 +634,7 @@ def _ddp_case(d, out, argv):
     rows = [r for r in data.read_manifest(os.path.join(d, "manifest.jsonl")) if r["split"] == "speech_train"][:64]
     tok = data.Tokenizer(os.path.join(d, "tokenizer.model"))
     feats = data.load_features(rows)
-    args = train.get_args(["--out", out, "--log-every", "1000"] + argv)
+    args = train.get_args(["--out", out] + argv, log_every=1000)
     rank, world = train.setup_ddp(args)
     os.makedirs(out, exist_ok=True)
     model = tiny_model(tok).to(args.device).train()
@@ -654,9 +658,8 @@ sys.path.insert(0, {here!r})
 import test_all, train
 losses, state = test_all._ddp_case({d!r}, {str(tmp_path / "ddp")!r}, ["--batch-size", "2", "--grad-accum", "2"])
 torch.save({{"losses": losses, "state": state}}, {str(tmp_path)!r} + f"/rank{{os.environ['RANK']}}.pt")
-train.main(["--out", {run!r}, "--data-dir", {d!r}, "--n-entities", "8", "--n-layers", "2", "--d-llm", "32",
-            "--batch-size", "4", "--pretrain-steps", "6", "--align-steps", "2", "--compress-steps", "2",
-            "--steps", "2", "--log-every", "1000", "--method", "full,lora", "--calib-min", "9"])
+train.main(["--out", {run!r}, "--batch-size", "4", "--pretrain-steps", "6", "--align-steps", "2", "--steps", "2",
+            "--method", "full,lora"], **test_all.TINY_RUN, data_dir={d!r}, compress_steps=2, calib_min=9)
 """)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(tmp_path / "ddp.py")], capture_output=True, text=True, cwd=here,
@@ -821,16 +824,17 @@ def test_real_model_paths_train_every_method_and_reload(tmp_path, world, arch):
     rows, tok, feats, d = world
     llm, enc = save_tiny_hf(tmp_path, rows, arch), save_tiny_whisper(tmp_path)
     out = str(tmp_path / "run")
-    argv = ["--out", out, "--data-dir", d, "--llm", llm, "--encoder", enc, "--batch-size", "4", "--align-steps", "2",
-            "--compress-steps", "2", "--steps", "2", "--log-every", "1000", "--method", ",".join(train.METHODS),
-            "--calib-min", "2"]
-    res = train.main(argv)
-    assert set(res["methods"]) == set(train.METHODS) and not os.path.exists(os.path.join(out, "pretrain.pt"))
+    argv = ["--out", out, "--llm", llm, "--encoder", enc, "--batch-size", "4", "--align-steps", "2", "--steps", "2",
+            "--method", ",".join(train.METHODS)]
+    main = lambda argv: train.main(argv, log_every=1000, data_dir=d, compress_steps=2, calib_min=2)
+    res = main(argv)
+    assert set(res["methods"]) == set(train.METHODS)  # pretraining: none, only the original's T2T
+    assert torch.load(os.path.join(out, "pretrain.pt"), weights_only=True)["model"] == {}
     align = torch.load(os.path.join(out, "align.pt"), weights_only=True)
     assert align["config"]["n_mels"] == 128 and all(k.startswith("adaptor.") for k in align["model"])
     if arch == "llama":  # a pretrained LLM's CTC head scores the transcripts' tokens. (transformers 5 reads the
         assert 1 < len(align["config"]["ctc_tokens"]) < 100  # qwen2 dir with its own BPE class: no word is a token)
-    assert train.main(argv)["methods"] == res["methods"]  # cached: reloaded, not retrained
+    assert main(argv)["methods"] == res["methods"]  # cached: reloaded, not retrained
 
 
 def test_own_manifest_with_a_real_encoder_and_the_tiny_llm(tmp_path, world):
@@ -840,9 +844,8 @@ def test_own_manifest_with_a_real_encoder_and_the_tiny_llm(tmp_path, world):
     m = tmp_path / "m.jsonl"
     data.write_jsonl(str(m), [r for r in rows if r["split"] in ("pretrain", "speech_train", "test")])
     res = train.main(["--out", str(tmp_path / "run"), "--manifest", str(m), "--encoder", save_tiny_whisper(tmp_path),
-                      "--n-layers", "2", "--d-llm", "32", "--batch-size", "4", "--pretrain-steps", "2", "--align-steps",
-                      "1", "--compress-steps", "1", "--steps", "1", "--log-every", "1000", "--method", "full",
-                      "--calib-min", "2"])
+                      "--batch-size", "4", "--pretrain-steps", "2", "--align-steps", "1", "--steps", "1", "--method",
+                      "full"], **TINY_RUN, compress_steps=1, calib_min=2)
     assert os.path.exists(tmp_path / "run" / "data" / "tokenizer.model") and "full" in res["methods"]
 
 
@@ -1691,6 +1694,16 @@ def test_self_targets_are_the_original_llms_own_cached_deterministic_and_keep_th
 
 
 # ----------------------------------------------------------------------------- the field's other mitigations
+
+def test_own_answers_are_the_models_greedy_answers_and_keep_the_gold(world):
+    rows, tok, *_ = world
+    model, qs = tiny_model(tok), [r for r in rows if r["split"] == "test"][:6]
+    make = lambda rs: data.make_batch(rs, tok, False)
+    own = evaluate.own_answers(model, qs, make, tok)
+    assert [r["target"] for r in own] == [a.strip() for a in evaluate.generate(model, qs, make, tok, max_new_tokens=48)]
+    assert [r["answer"] for r in own] == [r["answer"] for r in qs] and "target" not in qs[0]  # rows not changed
+    assert make(own)["answers"] == [tok.encode(r["target"]) + [tok.eos_id] for r in own]  # the loss is on them
+
 
 def test_kl_is_zero_against_itself_and_positive_against_another_model(world):
     rows, tok, feats, _ = world

@@ -25,15 +25,16 @@ from model import (ModelConfig, SpeechLLM, autocast, count, load_checkpoint, loa
                    set_trainable, trainable_state)
 
 # -----------------------------------------------------------------------------
-# Flags. The groups after "Run" are the run's settings: OUT/run.json records every one of them.
-
+# Settings. Sizes that are not flags: --quick and --real set their own, and Python callers main(argv, **sizes).
+SIZES = dict(n_entities=data.N_ENTITIES, n_layers=ModelConfig.n_layers, d_llm=ModelConfig.d_llm, compress_steps=150,
+             calib_min=256, data_dir="", log_every=100)  # compress: more align steps, CTC compression on (ours)
+QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
+             align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 # Settings earlier versions had as flags, now fixed: an OUT/run.json that recorded another value is another run
 FIXED = dict(warmup=0.05, clip=1.0, weight_decay=0.0, pretrain_lr=3e-3, align_lr=3e-3, align_ctc=1.0, ft_ctc=1.0,
              tts="formant", data_seed=0, calib_frac=1 / 30, calib_draw=0, lora_alpha=None, lora_dropout=0.0,
              kl_temp=1.0, replay_frac=0.25, freeze_frac=0.03, pretrain_target=0.0, pretrain_cooldown=0,
              pretrain_extend=0, grad_checkpointing=False, lora_targets=",".join(lora.TARGETS))
-QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
-             align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=type(
@@ -47,19 +48,14 @@ def get_parser():
     g.add_argument("--reanalyse", action="store_true", help="measure again from the checkpoints (run.json's settings)")
     g.add_argument("--force", action="store_true", help="OUT holds a run with other settings: delete it, start over")
     g.add_argument("--init-from", default="", help="a run with these settings: its aligned model (fine-tuning seeds)")
-    g.add_argument("--log-every", type=int, default=100, help="steps between log lines and resume checkpoints")
     g = p.add_argument_group("Hardware and seed")
     g.add_argument("--seed", type=int, default=0, help="training seed (the synthetic world has its own, 0)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (under torchrun: each rank its own GPU)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype of the forward passes; auto: bf16 on CUDA, fp32 on CPU; weights stay fp32")
-    g = p.add_argument_group("Data and model")
+    g = p.add_argument_group(f"Data and model (sizes, not flags: {SIZES})")
     g.add_argument("--real", action="store_true", help="SmolLM2-135M + Whisper tiny.en, real questions (real.py)")
-    g.add_argument("--n-entities", type=int, default=data.N_ENTITIES, help="entities in the world (half heard)")
-    g.add_argument("--n-layers", type=int, default=ModelConfig.n_layers, help="tiny LLM: decoder layers")
-    g.add_argument("--d-llm", type=int, default=ModelConfig.d_llm, help="tiny LLM: hidden size")
     g.add_argument("--manifest", default="", help="your own JSONL manifest instead of the world (README)")
-    g.add_argument("--data-dir", default="", help="where data is built and cached (default: beside OUT, shared)")
     g.add_argument("--llm", default="", help="a pretrained causal LM (local dir or .gguf): no pretraining")
     g.add_argument("--encoder", default="", help="a pretrained Whisper (transformers or CTranslate2 dir), frozen")
     g.add_argument("--targets", default="gold", choices=["gold", "self"], help="train on gold answers or the LLM's own")
@@ -68,7 +64,6 @@ def get_parser():
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--pretrain-steps", type=int, default=1000, help="text LM steps of the tiny LLM (LR 3e-3)")
     g.add_argument("--align-steps", type=int, default=1000, help="align: encoder + adaptor, LLM frozen (LR 3e-3)")
-    g.add_argument("--compress-steps", type=int, default=150, help="more align, CTC compression on (ours; 0: off)")
     g = p.add_argument_group("Fine-tuning and importance (the paper's settings)")
     g.add_argument("--steps", type=int, default=100, help="speech fine-tuning steps, the same for every method")
     g.add_argument("--lr", type=float, default=3e-4, help="peak LR of the methods that train the LLM's weights")
@@ -77,24 +72,19 @@ def get_parser():
     g.add_argument("--lam", type=float, default=0.4, help="λ of Eq. 3: the most important layer trains at 1-λ")
     g.add_argument("--importance-kind", default="taylor_sample", choices=list(imp.KINDS),
                    help="taylor: the paper's |ḡ·θ|; taylor_sample: mean_i |g_i·θ| (the toy's; README)")
-    g.add_argument("--calib-min", type=int, default=256, help="calibration rows: 1/30 of the data, at least this")
     return p
 
-def get_args(argv=None):
+def get_args(argv=None, **sizes):
     p, argv = get_parser(), list(sys.argv[1:] if argv is None else argv)
-    if "--quick" in argv:
-        p.set_defaults(**QUICK)
-    if "--real" in argv:  # lazily: the toy path never imports real.py
-        import real
-        p.set_defaults(**real.PRESET)
+    real = "--real" in argv and __import__("real")  # lazily: the toy path never imports real.py
+    p.set_defaults(**{**SIZES, **(QUICK if "--quick" in argv else {}), **(real.PRESET if real else {}), **sizes})
     args = p.parse_args(argv)
     p._defaults.clear()
     for a in p._actions:  # which flags were given (--reanalyse takes the others from run.json)
         a.default = argparse.SUPPRESS
-    args.given = set(vars(p.parse_args(argv)))
-    for k in ("batch_size", "grad_accum", "steps", "lora_r", "calib_min", "log_every", "pretrain_steps", "align_steps",
-              "compress_steps"):
-        if getattr(args, k) < (low := int(k not in ("pretrain_steps", "align_steps", "compress_steps"))):
+    args.given = set(vars(p.parse_args(argv))) | set(sizes)
+    for k in ("batch_size", "grad_accum", "steps", "lora_r", "pretrain_steps", "align_steps"):
+        if getattr(args, k) < (low := int(k not in ("pretrain_steps", "align_steps"))):
             p.error(f"--{k.replace('_', '-')}: must be >= {low}, got {getattr(args, k)}")
     if not (args.lr > 0 and args.lora_lr > 0 and 0 <= args.lam <= 1):
         p.error(f"--lr, --lora-lr: must be > 0; --lam: in [0, 1]; got {args.lr}, {args.lora_lr}, {args.lam}")
@@ -111,8 +101,7 @@ def get_args(argv=None):
         p.error(f"--out {args.out}: is a file; give a directory")
     args.dtype = {"auto": "bf16" if args.device.startswith("cuda") else "fp32"}.get(args.dtype, args.dtype)
     if args.real or args.llm or args.encoder:
-        import real
-        real.check_args(p, args)  # model paths, packages, espeak-ng, its data dir: before any work
+        __import__("real").check_args(p, args)  # model paths, packages, espeak-ng, its data dir: before any work
     world = f"formant-e{args.n_entities}-s0-v{data.WORLD_VERSION}"  # one cache beside OUT for every run
     args.data_dir = args.data_dir or (os.path.join(args.out, "data") if args.manifest else
                                       os.path.join(os.path.dirname(os.path.abspath(args.out)), "data", world))
@@ -291,101 +280,11 @@ def setup_method(model, method, scales, lr, lora_lr, lora_r=8, importance=None, 
     return param_groups(model, lora_lr if method.lora else lr, scales if method.layer_lr else None)
 
 # -----------------------------------------------------------------------------
-# The run directory OUT: run.json (the settings), results.json, importance.json, a checkpoint per finished stage
-class RunDir:
-    def __init__(self, args, master=True, world=1):
-        """Lock OUT (one writer; the OS drops the lock when the process ends, however), check its settings."""
-        self.out, self.master, self.world, self.defer = args.out, master, world, args.reanalyse
-        if master:
-            try:
-                os.makedirs(self.out, exist_ok=True)
-                self.lock = open(self.path(".lock"), "a+")
-            except OSError as e:
-                raise SystemExit(f"--out {self.out}: cannot create it ({e.strerror})")
-            try:
-                if fcntl:
-                    fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self.lock.truncate(0), self.lock.write(str(os.getpid())), self.lock.flush()
-                mine, made = settings(args), [f for f in os.listdir(self.out) if f.endswith(".pt") or f == "data"]
-                diff = [f"{k}={v!r}->{mine.get(k, FIXED.get(k))!r}" for k, v in read_json(self.path("run.json"), {})
-                        .items() if mine.get(k, FIXED.get(k, v)) != v]  # a setting now fixed: its value then
-                if made and diff and not args.force:  # one OUT, one run
-                    raise SystemExit(f"--out {self.out}: holds a run with other settings ({', '.join(diff[:4])}); "
-                                     "use another --out, or --force to delete it")
-                if made and diff:  # --force: start over, OUT/data included (it may hold a world for other settings)
-                    shutil.rmtree(self.path("data"), ignore_errors=True)
-                    for f in [f for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]:
-                        os.remove(self.path(f))
-                save_json(self.path("run.json"), mine)
-                self.load()  # inside the guard: an unreadable file releases the lock
-            except BaseException as e:
-                holder, _ = open(self.path(".lock")).read(), self.lock.close()
-                raise SystemExit(f"--out {self.out}: another train.py (pid {holder}) is writing to it; wait for it "
-                                 "to end, or use another --out") if isinstance(e, BlockingIOError) else e
-        barrier(world)
-        if not master:
-            self.load()
-
-    def load(self):
-        self.results = read_json(self.path("results.json"), {"methods": {}, "timing_s": {}})
-        self.report = read_json(self.path("importance.json"), {"distribution": {}, "top5_share": {}})
-
-    def path(self, name):
-        return os.path.join(self.out, name)
-
-    def save(self, final=False):
-        """results.json and importance.json, each replaced atomically; --reanalyse replaces them once, complete."""
-        if self.master and (final or not self.defer):
-            save_json(self.path("results.json"), self.results)
-            save_json(self.path("importance.json"), self.report)
-
-    def stage(self, name, fn, model=None, redo=False):
-        """Finished work is skipped here alone: OUT/<name>.pt loaded (into `model`), or ck = fn() saved there."""
-        if os.path.exists(self.path(f"{name}.pt")) and not redo:
-            ck = load_stage(self.path(f"{name}.pt"), model and model.cfg)
-            if model:
-                model.load_state_dict(ck["model"], strict=False)
-            return ck
-        t, ck = time.time(), fn()
-        merge(self.results, ck.pop("results", {}))
-        merge(self.report, ck.pop("report", {}))
-        self.results["timing_s"][name] = round(time.time() - t, 1)
-        if self.master:
-            save_checkpoint(self.path(f"{name}.pt"), ck)
-        self.save()
-        barrier(self.world)  # the checkpoint is written before any rank reads it
-        return ck
-
-def merge(into, new):  # one level deep: train_loss, distribution, ... gather the entries of every stage and method
-    for k, v in new.items():
-        into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
-
-def settings(args):  # every flag outside the "Run" group, and the DDP world size: another value, another run
-    run = {a.dest for a in get_parser()._action_groups[2]._group_actions}
-    return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
-
-def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
-    try:
-        return json.load(open(path)) if empty is None or os.path.exists(path) else empty
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{path}: unreadable ({e}); restore it, or --force to start the run over")
-
-def save_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)  # never a half-written file
-
-def loss_summary(losses):  # mean training loss over the first and the last 10% of a stage's steps
-    n = max(1, len(losses) // 10)
-    return {"first": sum(losses[:n]) / n, "last": sum(losses[-n:]) / n} if losses else {}
-
-# -----------------------------------------------------------------------------
-# The stages: values in, a checkpoint dict out (its "results" go to results.json)
+# The stages: values in, a checkpoint dict out (its "results" and "report" go to results.json and importance.json)
 def load_data(args, master, world, rows=None):
     """The manifest (built, or yours: rows), tokenizer, log-mels, calibration sets; real weights: real.load_data."""
     if args.llm or args.encoder:
-        import real
-        rows, tok, n_mels = real.load_data(args, master, world, rows)
+        rows, tok, n_mels = __import__("real").load_data(args, master, world, rows)
     else:
         if master:
             data.build(args.data_dir, n_entities=args.n_entities, rows=rows)  # the world, or your text's tokenizer
@@ -399,16 +298,16 @@ def needed_splits(args):
     return ("speech_train", "test") + (() if args.llm else ("pretrain",))
 
 def pretrain(model, d, tc, steps, lr=3e-3):
-    """Stage 1: the tiny LLM learns the whole world from text. -> OUT/pretrain.pt, "the original LLM"."""
-    set_trainable(model, ["llm."])
+    """Stage 1: the tiny LLM learns the whole world from text -> "the original LLM" (a pretrained --llm: 0 steps)."""
+    set_trainable(model, ["llm."] if steps else [])
     print(f"pretrain: {count(model)}")
-    losses = train(model, param_groups(model, lr), batches_of(d.split("pretrain"), d.text_batch, tc), steps,
-                   replace(tc, name="pretrain"))
+    losses = steps and train(model, param_groups(model, lr), batches_of(d.split("pretrain"), d.text_batch, tc), steps,
+                             replace(tc, name="pretrain"))
     with autocast(tc.device, tc.dtype):  # T2T of the original LLM, on test and (for choosing settings) val
         acc = {k: evaluate.accuracy(model, d.split(s), d.text_batch, d.tok)[0]
                for k, s in (("t2t_acc", "test"), ("val_t2t_acc", "val")) if d.split(s)}
     return {"config": vars(model.cfg), "model": trainable_state(model),
-            "results": {"pretrain": {**acc, "steps": len(losses)}, "train_loss": {"pretrain": loss_summary(losses)}}}
+            "results": {"pretrain": {**acc, "steps": steps}, "train_loss": {"pretrain": loss_summary(losses or [])}}}
 
 def align(model, d, tc, steps, compressed, lr=3e-3):
     """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC: ours). Phase 1 (align_raw.pt):
@@ -443,52 +342,6 @@ def replay_rows(rows):
     """Typed QA of the LLM's own text data; a real LLM's is not ours: the fine-tuning questions, typed, stand in."""
     return [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"] or \
         [{**r, "audio": None} for r in data.finetune_rows(rows)]
-
-# -----------------------------------------------------------------------------
-# main: the pipeline, one call per stage
-def run_pipeline(args):
-    rank, world = setup_ddp(args)
-    if args.reanalyse:
-        read_record(args)
-    rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
-    if rows:
-        data.check_rows(rows, needed_splits(args), args.manifest, args.batch_size)
-    src = check_init_from(args) if args.init_from else None
-    run = RunDir(args, rank == 0, world)
-    try:
-        if src:
-            init_from(run, args, src)
-        t = time.time()
-        d, n_mels = load_data(args, rank == 0, world, rows)
-        run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
-        run.results["planned"] = sorted(set(run.results["methods"]) | set(args.methods))  # evaluate.py checks it
-        print(f"data: {len(d.rows)} rows, {len(d.features)} spoken, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
-        tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, rank=rank, world=world,
-                         **{k: getattr(args, k) for k in ("log_every", "seed", "device", "dtype", "resume")})
-        compress = args.compress_steps > 0  # CTC compression (ours): ~1 vector a token
-        cfg = ModelConfig(vocab_size=d.tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
-                          encoder=args.encoder, n_mels=n_mels, ctc_compress=compress)
-        new_model = lambda: build_model(cfg, run, args)
-        if args.llm:  # a pretrained LLM: nothing to pretrain; its CTC head scores only the transcripts' tokens
-            import real
-            cfg.ctc_tokens = real.ctc_vocabulary(d) if compress else None
-            run.results["pretrain"] = run.results.get("pretrain") or {"t2t_acc": evaluate.accuracy(
-                new_model(), d.split("test"), d.text_batch, d.tok)[0]}
-        else:
-            run.stage("pretrain", lambda: pretrain(new_model(), d, tc, args.pretrain_steps))
-        print(f"pretrained LLM: T2T {run.results['pretrain']['t2t_acc']:.3f}")
-        if args.targets == "self":  # behaviour alignment (BLSP, DiVA): answers in the LLM's own words, from here on
-            __import__("real").self_targets(d, new_model(), run.path("self_targets.json"), args)
-        run.stage("align_raw", lambda: align(new_model(), d, tc, args.align_steps, False))
-        if compress:
-            run.stage("align", lambda: align(new_model(), d, tc, args.compress_steps, True))
-        print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
-        analyse_and_finetune(run, args, new_model, d, tc)
-        evaluate.report(run.results, run.report, run.out if run.master else None)
-        return run.results
-    finally:
-        if run.master:
-            run.lock.close()  # the lock is released
 
 def analyse_and_finetune(run, args, new_model, d, tc):
     """Stage 3, the original LLM's analysis; then per method: stage 4 (fine-tune) and 5 (measure)."""
@@ -526,7 +379,7 @@ def analyse_and_finetune(run, args, new_model, d, tc):
         lora.merge_lora(model)  # the weights the model uses, W + BA; in fp32, outside autocast
         with autocast(tc.device, tc.dtype):
             shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch,
-                                                args.importance_kind, name, tc.batch_size, tc.rank, tc.world)
+                                                args.importance_kind, name, tc.batch_size, tc.rank, tc.world, d.tok)
         merge(run.report, rep)
         run.results["methods"][name] = {**m, **shift, "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
                                         "train_loss": loss_summary(ck["losses"])}
@@ -534,12 +387,109 @@ def analyse_and_finetune(run, args, new_model, d, tc):
         run.save()
     run.save(final=True)
 
-def build_model(cfg, run, args):  # initial (or pretrained) weights, then what the finished stages trained
-    torch.manual_seed(args.seed)
-    model = SpeechLLM(cfg).to(args.device)
-    for stage in [s for s in ("pretrain", "align_raw", "align") if os.path.exists(run.path(f"{s}.pt"))]:
-        model.load_state_dict(load_stage(run.path(f"{stage}.pt"), cfg)["model"], strict=False)
-    return model
+# -----------------------------------------------------------------------------
+# The run directory OUT: run.json (the settings), results.json, importance.json, a checkpoint per finished stage
+class RunDir:
+    def __init__(self, args, master=True, world=1):
+        """One writer (a lock the OS drops when the process ends, however); OUT holds one run: its settings."""
+        self.out, self.src, self.master, self.world, self.defer = args.out, args.init_from, master, world, args.reanalyse
+        self.lock = lock(args.out) if master else None
+        try:
+            if master:
+                self.check(settings(args), args.force)
+            barrier(world)
+            self.results = read_json(self.path("results.json"), {"methods": {}, "timing_s": {}})
+            self.report = read_json(self.path("importance.json"), {"distribution": {}, "top5_share": {}})
+        except BaseException:
+            self.close()  # an unreadable file releases the lock too
+            raise
+
+    def check(self, mine, force):  # another run's settings (of a setting now FIXED: its value then): refused
+        made = [f for f in os.listdir(self.out) if f.endswith(".pt") or f == "data"]
+        diff = [f"{k}={v!r}->{mine.get(k, FIXED.get(k))!r}" for k, v in read_json(self.path("run.json"), {}).items()
+                if mine.get(k, FIXED.get(k, v)) != v]
+        if made and diff and not force:
+            raise SystemExit(f"--out {self.out}: holds a run with other settings ({', '.join(diff[:4])}); "
+                             "use another --out, or --force to delete it")
+        if made and diff:  # --force: start over, OUT/data included (it may hold a world for other settings)
+            shutil.rmtree(self.path("data"), ignore_errors=True)
+            for f in [f for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]:
+                os.remove(self.path(f))
+        save_json(self.path("run.json"), mine)
+
+    def path(self, name):
+        return os.path.join(self.out, name)
+
+    def find(self, name):  # a finished stage's checkpoint: in OUT, or (not a method's) in the --init-from run
+        for path in (self.path(f"{name}.pt"), self.src and not name.startswith("ft_") and f"{self.src}/{name}.pt"):
+            if path and os.path.exists(path):
+                return path
+
+    def stage(self, name, fn, model=None, redo=False):
+        """Finished work is skipped here alone: a checkpoint found is loaded (into `model`), or ck = fn() saved."""
+        if (path := self.find(name)) and not redo:
+            ck = load_stage(path, model and model.cfg)
+            if model:
+                model.load_state_dict(ck["model"], strict=False)
+        else:
+            t, ck = time.time(), fn()
+            self.results["timing_s"][name] = round(time.time() - t, 1)
+            if self.master:  # with its results: a run started --init-from this one gets them too
+                save_checkpoint(self.path(f"{name}.pt"), ck)
+        merge(self.results, ck.get("results", {}))
+        merge(self.report, ck.get("report", {}))
+        self.save()
+        barrier(self.world)  # the checkpoint is written before any rank reads it
+        return ck
+
+    def save(self, final=False):
+        """results.json and importance.json, each replaced atomically; --reanalyse replaces them once, complete."""
+        if self.master and (final or not self.defer):
+            save_json(self.path("results.json"), self.results)
+            save_json(self.path("importance.json"), self.report)
+
+    def close(self):
+        if self.lock:
+            self.lock.close()  # the lock is released
+
+def lock(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create it ({e.strerror})")
+    try:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise SystemExit(f"--out {out}: another train.py (pid {f.read()}) is writing to it; wait for it to end, "
+                         "or use another --out")
+    f.truncate(0), f.write(str(os.getpid())), f.flush()
+    return f
+
+def merge(into, new):  # one level deep: train_loss, distribution, ... gather the entries of every stage and method
+    for k, v in new.items():
+        into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
+
+def settings(args):  # every flag outside the "Run" group, the sizes, the DDP world size: another value, another run
+    run = {a.dest for a in get_parser()._action_groups[2]._group_actions}
+    return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list", "log_every"}}
+
+def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
+    try:
+        return json.load(open(path)) if empty is None or os.path.exists(path) else empty
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: unreadable ({e}); restore it, or --force to start the run over")
+
+def save_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)  # never a half-written file
+
+def loss_summary(losses):  # mean training loss over the first and the last 10% of a stage's steps
+    n = max(1, len(losses) // 10)
+    return {"first": sum(losses[:n]) / n, "last": sum(losses[-n:]) / n} if losses else {}
 
 def read_record(args):
     """--reanalyse: the settings not given on the command line from OUT/run.json, the methods from OUT/ft_*.pt."""
@@ -552,31 +502,64 @@ def read_record(args):
     if not args.manifest and not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")):
         raise SystemExit(f"--reanalyse: the run's data ({args.data_dir}) is gone; re-analysis needs exactly its data")
 
-def check_init_from(args):
-    """--init-from RUN: a finished run with these settings, but for fine-tuning's own. -> its results, its report"""
-    src, fine_tuning = args.init_from, {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}
-    need = ("run.json", "results.json", "importance.json", "importance_original.pt")
-    if not all(os.path.exists(os.path.join(src, f)) for f in need):
-        raise SystemExit(f"--init-from {src}: not a finished run (needs {', '.join(need)})")
-    theirs, mine = read_json(os.path.join(src, "run.json")), settings(args)
-    diff = [f"{k}={v!r}" for k, v in theirs.items() if k not in fine_tuning and mine.get(k, v) != v]
+def check_init_from(src, args):
+    """--init-from RUN: a finished run with these settings but for fine-tuning's; its stages are this run's too."""
+    if not os.path.exists(os.path.join(src, "importance_original.pt")):
+        raise SystemExit(f"--init-from {src}: not a finished run (no importance_original.pt)")
+    fine_tuning = {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}
+    diff = [f"{k}={v!r}" for k, v in read_json(os.path.join(src, "run.json")).items()
+            if k not in fine_tuning and settings(args).get(k, v) != v]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align/analysis settings differ ({', '.join(diff[:4])})")
-    return [read_json(os.path.join(src, f)) for f in ("results.json", "importance.json")]
 
-def init_from(run, args, src):
-    """Copy RUN's pretrain, align and analysis checkpoints and numbers: seeds of one aligned model share them."""
-    (res, rep), run.results["init_from"] = src, args.init_from
-    if os.path.exists(run.path("importance_original.pt")):
-        return  # copied by an earlier start of this run
-    run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss") or "importance" in k})
-    for k, v in rep.items():  # the original LLM's entries; a method's are its own
-        run.report[k] = {**run.report.get(k, {}), **{n: x for n, x in v.items() if n.startswith("original_")}} if k in \
-            ("distribution", "top5_share", "concentration") else v
-    for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt"):
-        if run.master and os.path.exists(os.path.join(args.init_from, f)) and not os.path.exists(run.path(f)):
-            shutil.copyfile(os.path.join(args.init_from, f), run.path(f))
-    barrier(run.world)
+# -----------------------------------------------------------------------------
+# main: the pipeline, one call per stage
+def run_pipeline(args):
+    rank, world = setup_ddp(args)
+    if args.reanalyse:
+        read_record(args)
+    rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
+    if rows:
+        data.check_rows(rows, needed_splits(args), args.manifest, args.batch_size)
+    if args.init_from:
+        check_init_from(args.init_from, args)
+    run = RunDir(args, rank == 0, world)
+    try:
+        t = time.time()
+        d, n_mels = load_data(args, rank == 0, world, rows)
+        run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
+        run.results["planned"] = sorted(set(run.results["methods"]) | set(args.methods))  # evaluate.py checks it
+        if args.init_from:
+            run.results["init_from"] = args.init_from
+        print(f"data: {len(d.rows)} rows, {len(d.features)} spoken, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
+        tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, rank=rank, world=world,
+                         **{k: getattr(args, k) for k in ("log_every", "seed", "device", "dtype", "resume")})
+        compress = args.compress_steps > 0  # CTC compression (ours): ~1 vector a token
+        cfg = ModelConfig(vocab_size=d.tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
+                          encoder=args.encoder, n_mels=n_mels, ctc_compress=compress)
+        if args.llm and compress:  # a pretrained LLM's CTC head scores only the transcripts' tokens
+            cfg.ctc_tokens = __import__("real").ctc_vocabulary(d)
+        new_model = lambda: build_model(cfg, run, args)
+        run.stage("pretrain", lambda: pretrain(new_model(), d, tc, 0 if args.llm else args.pretrain_steps))
+        print(f"pretrained LLM: T2T {run.results['pretrain']['t2t_acc']:.3f}")
+        if args.targets == "self":  # behaviour alignment (BLSP, DiVA): answers in the LLM's own words, from here on
+            __import__("real").self_targets(d, new_model(), run.path("self_targets.json"), args)
+        run.stage("align_raw", lambda: align(new_model(), d, tc, args.align_steps, False))
+        if compress:
+            run.stage("align", lambda: align(new_model(), d, tc, args.compress_steps, True))
+        print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
+        analyse_and_finetune(run, args, new_model, d, tc)
+        evaluate.report(run.results, run.report, run.out if run.master else None)
+        return run.results
+    finally:
+        run.close()
+
+def build_model(cfg, run, args):  # initial (or pretrained) weights, then what the finished stages trained
+    torch.manual_seed(args.seed)
+    model = SpeechLLM(cfg).to(args.device)
+    for path in filter(None, map(run.find, ("pretrain", "align_raw", "align"))):
+        model.load_state_dict(load_stage(path, cfg)["model"], strict=False)
+    return model
 
 def setup_ddp(args):
     """nanoGPT-style: under torchrun each process joins one group (NCCL; gloo on CPU); rank 0 alone writes, prints."""
@@ -612,8 +595,8 @@ def run_seeds(args):
     evaluate.report(mean, {"distribution": dists}, args.out, sd)
     return mean
 
-def main(argv=None):
-    args = get_args(argv)
+def main(argv=None, **sizes):
+    args = get_args(argv, **sizes)
     return run_seeds(args) if args.seed_list else run_pipeline(args)
 
 if __name__ == "__main__":
