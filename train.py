@@ -465,7 +465,9 @@ def lock(out):
         f.seek(0)
         raise SystemExit(f"--out {out}: another train.py (pid {f.read()}) is writing to it; wait for it to end, "
                          "or use another --out")
-    f.truncate(0), f.write(str(os.getpid())), f.flush()
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
     return f
 
 def merge(into, new):  # one level deep: train_loss, distribution, ... gather the entries of every stage and method
@@ -504,8 +506,8 @@ def read_record(args):
 
 def check_init_from(src, args):
     """--init-from RUN: a finished run with these settings but for fine-tuning's; its stages are this run's too."""
-    if not os.path.exists(os.path.join(src, "importance_original.pt")):
-        raise SystemExit(f"--init-from {src}: not a finished run (no importance_original.pt)")
+    if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "importance_original.pt")):
+        raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, importance_original.pt)")
     fine_tuning = {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}
     diff = [f"{k}={v!r}" for k, v in read_json(os.path.join(src, "run.json")).items()
             if k not in fine_tuning and settings(args).get(k, v) != v]
