@@ -34,26 +34,22 @@ def right(rows, preds):
         return contains(gold, pred) and not any(contains(o, pred) for o in others)
     return [ok(r["answer"], p, r.get("relation")) for r, p in zip(rows, preds)]
 
-def exact(gold, pred):
-    """Normalised exact match of the prediction's first line (an instruct LLM may add a sentence below)."""
+def exact(gold, pred):  # normalised exact match of the first line (an instruct LLM may add a sentence below)
     return normalize(gold) == normalize(pred.strip().split("\n")[0])
 
 @torch.no_grad()
-def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):
-    """Greedy answers; make: rows -> batch (data.make_batch with the input modality bound: typed or spoken)."""
+def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):  # greedy; make: rows -> a typed/spoken batch
     model.eval()
     return [tok.decode(t) for i in range(0, len(rows), batch_size)
             for t in model.generate(make(rows[i:i + batch_size]), max_new_tokens, tok.eos_id)]
 
-def accuracy(model, rows, make, tok):
-    """-> (contains-accuracy, exact-match accuracy, predictions)."""
+def accuracy(model, rows, make, tok):  # -> (contains-accuracy, exact-match accuracy, predictions)
     preds = generate(model, rows, make, tok)
     em = sum(exact(r["answer"], p) for r, p in zip(rows, preds)) / len(rows)
     return sum(right(rows, preds)) / len(rows), em, preds
 
 @torch.no_grad()
-def perplexity(model, rows, make, batch_size=64):
-    """exp(mean cross-entropy of the answer tokens + EOS), over all tokens of all rows."""
+def perplexity(model, rows, make, batch_size=64):  # exp(mean cross-entropy of the answer tokens + EOS), all rows
     model.eval()
     nll, n = 0.0, 0
     for i in range(0, len(rows), batch_size):
@@ -117,9 +113,9 @@ def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, ki
             rep["noise_floor_resampled"] = nf = imp.noise_floor(per_row, len(calib), seed=seed)
             res.update(importance_noise_js_mean=nf["mean"], importance_noise_js_p90=nf["p90"])
     rep["concentration"] = {"original_text": imp.concentration(scores["text"])}  # Fig. 1: rows / columns
-    scores["own"] = importance(model, own_answers(model, calib, make_text, tok), make_text, kind, batch_size, rank,
-                               world)
-    rep["distribution_own"] = {"original": imp.layer_distribution(scores["own"])}  # the style control, and its noise:
+    own = own_answers(model, calib, make_text, tok)  # the style control, and its noise on the second set:
+    scores["own"] = importance(model, own, make_text, kind, batch_size, rank, world)
+    rep["distribution_own"] = {"original": imp.layer_distribution(scores["own"])}
     if scores["text2"] is not None:
         own2 = importance(model, own_answers(model, calib2, make_text, tok), make_text, kind, batch_size, rank, world)
         res["importance_noise_js_own"] = imp.shift_metrics(scores["own"], own2)["js"]
@@ -132,8 +128,7 @@ def table1_check(model, scores, rows, make, seed=0):
     return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
 
 def own_answers(model, rows, make, tok):
-    """The style control [ours]: rows whose target is the model's own greedy answer. On them two models are compared
-    each in its own style at a low loss, not an original far from one-word targets with a model that learnt them."""
+    """The style control [ours]: rows whose target is the model's own greedy answer (each model in its own style)."""
     return [{**r, "target": a.strip()} for r, a in zip(rows, generate(model, rows, make, tok, max_new_tokens=48))]
 
 def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, batch_size=32, rank=0, world=1, tok=None):

@@ -292,7 +292,7 @@ def make_rows(seed=0, facts=None):
                                  split="speech_train"))
     rng = random.Random(seed + 1)
     words = sorted({w for r in rows for w in re.findall(r"[\w']+", r["transcript"])})  # what questions say
-    draws = rng.sample(words, len(words)) + [rng.choice(words) for _ in range(6 * WORD_STRINGS)]  # each one at least once
+    draws = rng.sample(words, len(words)) + [rng.choice(words) for _ in range(6 * WORD_STRINGS)]  # every word once
     for i in range(WORD_STRINGS):
         n = rng.randint(2, 6)
         s, draws = " ".join(draws[:n]), draws[n:]

@@ -392,7 +392,8 @@ def analyse_and_finetune(run, args, new_model, d, tc):
 class RunDir:
     def __init__(self, args, master=True, world=1):
         """One writer (a lock the OS drops when the process ends, however); OUT holds one run: its settings."""
-        self.out, self.src, self.master, self.world, self.defer = args.out, args.init_from, master, world, args.reanalyse
+        self.out, self.src, self.master, self.world = args.out, args.init_from, master, world
+        self.defer = args.reanalyse  # --reanalyse: results files replaced once, complete
         self.lock = lock(args.out) if master else None
         try:
             if master:
@@ -475,8 +476,8 @@ def merge(into, new):  # one level deep: train_loss, distribution, ... gather th
         into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
 
 def settings(args):  # every flag outside the "Run" group, the sizes, the DDP world size: another value, another run
-    run = {a.dest for a in get_parser()._action_groups[2]._group_actions}
-    return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list", "log_every"}}
+    run = {a.dest for a in get_parser()._action_groups[2]._group_actions} | {"log_every"}
+    return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
 
 def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
     try:
