@@ -58,7 +58,7 @@ def get_parser():
     g.add_argument("--manifest", default="", help="your own JSONL manifest instead of the world (README)")
     g.add_argument("--llm", default="", help="a pretrained causal LM (local dir or .gguf): no pretraining")
     g.add_argument("--encoder", default="", help="a pretrained Whisper (transformers or CTranslate2 dir), frozen")
-    g.add_argument("--targets", default="gold", choices=["gold", "self"], help="train on gold answers or the LLM's own")
+    g.add_argument("--targets", default="gold", choices=["gold", "self"], help="gold answers or the LLM's own (--real)")
     g = p.add_argument_group("Optimization (AdamW, 5% warmup, cosine decay to 10%, clip 1)")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch and process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
