@@ -502,6 +502,8 @@ def test_train_main_tiny_run(tmp_path, world):
     assert abl["methods"]["lora"]["train_loss"] != res["methods"]["lora"]["train_loss"]  # another seed and LR
     main(argv[2:] + ["--out", ab, "--init-from", out, "--seed", "1", "--lora-lr", "0.01", "--method", "lora"])
     assert "lora" in json.load(open(os.path.join(ab, "importance.json")))["distribution"]  # a rerun keeps it
+    again = main(argv[2:] + ["--out", ab, "--seed", "1", "--lora-lr", "0.01", "--method", "lora"])  # flag not repeated
+    assert again["methods"]["lora"] == abl["methods"]["lora"] and again["no_ft"] == res["no_ft"]
     with pytest.raises(SystemExit, match="pretrain_steps=40"):  # checkpoints of another pretraining: refused
         main(argv[2:] + ["--out", str(tmp_path / "bad"), "--init-from", out, "--pretrain-steps", "50"])
     assert not os.path.exists(tmp_path / "bad")  # ... before anything was written

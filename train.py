@@ -299,7 +299,7 @@ def needed_splits(args):
 
 def pretrain(model, d, tc, steps, lr=3e-3):
     """Stage 1: the tiny LLM learns the whole world from text -> "the original LLM" (a pretrained --llm: 0 steps)."""
-    set_trainable(model, ["llm."] if steps else [])
+    set_trainable(model, [] if model.cfg.llm else ["llm."])  # a pretrained LLM's weights are not ours to save
     print(f"pretrain: {count(model)}")
     losses = steps and train(model, param_groups(model, lr), batches_of(d.split("pretrain"), d.text_batch, tc), steps,
                              replace(tc, name="pretrain"))
@@ -392,7 +392,7 @@ def analyse_and_finetune(run, args, new_model, d, tc):
 class RunDir:
     def __init__(self, args, master=True, world=1):
         """One writer (a lock the OS drops when the process ends, however); OUT holds one run: its settings."""
-        self.out, self.src, self.master, self.world = args.out, args.init_from, master, world
+        self.out, self.master, self.world = args.out, master, world
         self.defer = args.reanalyse  # --reanalyse: results files replaced once, complete
         self.lock = lock(args.out) if master else None
         try:
@@ -421,24 +421,19 @@ class RunDir:
     def path(self, name):
         return os.path.join(self.out, name)
 
-    def find(self, name):  # a finished stage's checkpoint: in OUT, or (not a method's) in the --init-from run
-        for path in (self.path(f"{name}.pt"), self.src and not name.startswith("ft_") and f"{self.src}/{name}.pt"):
-            if path and os.path.exists(path):
-                return path
-
     def stage(self, name, fn, model=None, redo=False):
-        """Finished work is skipped here alone: a checkpoint found is loaded (into `model`), or ck = fn() saved."""
-        if (path := self.find(name)) and not redo:
-            ck = load_stage(path, model and model.cfg)
+        """Finished work is skipped here alone: OUT/<name>.pt loaded (into `model`), or ck = fn() saved there."""
+        if os.path.exists(self.path(f"{name}.pt")) and not redo:
+            ck = load_stage(self.path(f"{name}.pt"), model and model.cfg)
             if model:
                 model.load_state_dict(ck["model"], strict=False)
-        else:
-            t, ck = time.time(), fn()
-            self.results["timing_s"][name] = round(time.time() - t, 1)
-            if self.master:  # with its results: a run started --init-from this one gets them too
-                save_checkpoint(self.path(f"{name}.pt"), ck)
-        merge(self.results, ck.get("results", {}))
-        merge(self.report, ck.get("report", {}))
+            return ck
+        t, ck = time.time(), fn()
+        merge(self.results, ck.pop("results", {}))
+        merge(self.report, ck.pop("report", {}))
+        self.results["timing_s"][name] = round(time.time() - t, 1)
+        if self.master:
+            save_checkpoint(self.path(f"{name}.pt"), ck)
         self.save()
         barrier(self.world)  # the checkpoint is written before any rank reads it
         return ck
@@ -464,7 +459,9 @@ def lock(out):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        raise SystemExit(f"--out {out}: another train.py (pid {f.read()}) is writing to it; wait for it to end, "
+        holder = f.read()
+        f.close()
+        raise SystemExit(f"--out {out}: another train.py (pid {holder}) is writing to it; wait for it to end, "
                          "or use another --out")
     f.truncate(0)
     f.write(str(os.getpid()))
@@ -505,15 +502,31 @@ def read_record(args):
     if not args.manifest and not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")):
         raise SystemExit(f"--reanalyse: the run's data ({args.data_dir}) is gone; re-analysis needs exactly its data")
 
-def check_init_from(src, args):
-    """--init-from RUN: a finished run with these settings but for fine-tuning's; its stages are this run's too."""
-    if not all(os.path.exists(os.path.join(src, f)) for f in ("run.json", "importance_original.pt")):
-        raise SystemExit(f"--init-from {src}: not a finished run (needs run.json, importance_original.pt)")
-    fine_tuning = {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}
-    diff = [f"{k}={v!r}" for k, v in read_json(os.path.join(src, "run.json")).items()
-            if k not in fine_tuning and settings(args).get(k, v) != v]
+def check_init_from(args):
+    """--init-from RUN: a finished run with these settings, but for fine-tuning's own. -> its results, its report"""
+    src, fine_tuning = args.init_from, {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}
+    need = ("run.json", "results.json", "importance.json", "importance_original.pt")
+    if not all(os.path.exists(os.path.join(src, f)) for f in need):
+        raise SystemExit(f"--init-from {src}: not a finished run (needs {', '.join(need)})")
+    theirs, mine = read_json(os.path.join(src, "run.json")), settings(args)
+    diff = [f"{k}={v!r}" for k, v in theirs.items() if k not in fine_tuning and mine.get(k, v) != v]
     if diff:
         raise SystemExit(f"--init-from {src}: its pretrain/align/analysis settings differ ({', '.join(diff[:4])})")
+    return [read_json(os.path.join(src, f)) for f in ("results.json", "importance.json")]
+
+def init_from(run, args, src):
+    """Copy RUN's pretrain, align and analysis checkpoints and numbers: seeds of one aligned model share them."""
+    (res, rep), run.results["init_from"] = src, args.init_from
+    if os.path.exists(run.path("importance_original.pt")):
+        return  # copied by an earlier start of this run
+    run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss") or "importance" in k})
+    for k, v in rep.items():  # the original LLM's entries; a method's are its own
+        run.report[k] = {**run.report.get(k, {}), **{n: x for n, x in v.items() if n.startswith("original")}} if k in \
+            ("distribution", "top5_share", "concentration", "distribution_own") else v
+    for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt"):
+        if run.master and os.path.exists(os.path.join(args.init_from, f)) and not os.path.exists(run.path(f)):
+            shutil.copyfile(os.path.join(args.init_from, f), run.path(f))
+    barrier(run.world)
 
 # -----------------------------------------------------------------------------
 # main: the pipeline, one call per stage
@@ -524,16 +537,15 @@ def run_pipeline(args):
     rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
     if rows:
         data.check_rows(rows, needed_splits(args), args.manifest, args.batch_size)
-    if args.init_from:
-        check_init_from(args.init_from, args)
+    src = check_init_from(args) if args.init_from else None
     run = RunDir(args, rank == 0, world)
     try:
+        if src:
+            init_from(run, args, src)
         t = time.time()
         d, n_mels = load_data(args, rank == 0, world, rows)
         run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
         run.results["planned"] = sorted(set(run.results["methods"]) | set(args.methods))  # evaluate.py checks it
-        if args.init_from:
-            run.results["init_from"] = args.init_from
         print(f"data: {len(d.rows)} rows, {len(d.features)} spoken, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
         tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, rank=rank, world=world,
                          **{k: getattr(args, k) for k in ("log_every", "seed", "device", "dtype", "resume")})
@@ -560,8 +572,8 @@ def run_pipeline(args):
 def build_model(cfg, run, args):  # initial (or pretrained) weights, then what the finished stages trained
     torch.manual_seed(args.seed)
     model = SpeechLLM(cfg).to(args.device)
-    for path in filter(None, map(run.find, ("pretrain", "align_raw", "align"))):
-        model.load_state_dict(load_stage(path, cfg)["model"], strict=False)
+    for stage in [s for s in ("pretrain", "align_raw", "align") if os.path.exists(run.path(f"{s}.pt"))]:
+        model.load_state_dict(load_stage(run.path(f"{stage}.pt"), cfg)["model"], strict=False)
     return model
 
 def setup_ddp(args):
