@@ -127,9 +127,9 @@ def table1_check(model, scores, rows, make, seed=0):
     ratios = {f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}
     return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
 
-def own_answers(model, rows, make, tok):
-    """The style control [ours]: rows whose target is the model's own greedy answer (each model in its own style)."""
-    return [{**r, "target": a.strip()} for r, a in zip(rows, generate(model, rows, make, tok, max_new_tokens=48))]
+def own_answers(model, rows, make, tok, max_new_tokens=48):  # the style control [ours]: targets = its greedy answers
+    answers = generate(model, rows, make, tok, max_new_tokens=max_new_tokens)  # each model in its own style
+    return [{**r, "target": a.strip()} for r, a in zip(rows, answers)]
 
 def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, batch_size=32, rank=0, world=1, tok=None):
     """Fig. 2/3: the textual importance of the weights used (merge LoRA first) against the original's, on both

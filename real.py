@@ -75,8 +75,8 @@ def self_targets(d, model, path, args, max_new_tokens=48):
     cache = json.load(open(path)) if os.path.exists(path) else {}
     if cache.get("key") != key or any(r["id"] not in cache["targets"] for r in rows):
         print(f"self targets: the original LLM answers {len(rows)} typed questions (cached in {path})")
-        answers = evaluate.generate(model, rows, d.text_batch, d.tok, max_new_tokens=max_new_tokens)  # no_grad
-        cache = {"key": key, "targets": {r["id"]: a.strip() for r, a in zip(rows, answers)}}
+        own = evaluate.own_answers(model, rows, d.text_batch, d.tok, max_new_tokens)  # as the style control's
+        cache = {"key": key, "targets": {r["id"]: r["target"] for r in own}}
         with open(f"{path}.{os.getpid()}.tmp", "w") as f:
             json.dump(cache, f, indent=1)
         os.replace(f"{path}.{os.getpid()}.tmp", path)  # whole, or not at all

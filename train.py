@@ -294,13 +294,13 @@ def pretrain(model, d, tc, steps, lr=3e-3):
     """Stage 1: the tiny LLM learns the whole world from text -> "the original LLM" (a pretrained --llm: 0 steps)."""
     set_trainable(model, [] if model.cfg.llm else ["llm."])  # a pretrained LLM's weights are not ours to save
     print(f"pretrain: {count(model)}")
-    losses = steps and train(model, param_groups(model, lr), batches_of(d.split("pretrain"), d.text_batch, tc), steps,
-                             replace(tc, name="pretrain"))
+    losses = train(model, param_groups(model, lr), batches_of(d.split("pretrain"), d.text_batch, tc), steps,
+                   replace(tc, name="pretrain")) if steps else []
     with autocast(tc.device, tc.dtype):  # T2T of the original LLM, on test and (for choosing settings) val
         acc = {k: evaluate.accuracy(model, d.split(s), d.text_batch, d.tok)[0]
                for k, s in (("t2t_acc", "test"), ("val_t2t_acc", "val")) if d.split(s)}
     return {"config": vars(model.cfg), "model": trainable_state(model),
-            "results": {"pretrain": {**acc, "steps": steps}, "train_loss": {"pretrain": loss_summary(losses or [])}}}
+            "results": {"pretrain": {**acc, "steps": steps}, "train_loss": {"pretrain": loss_summary(losses)}}}
 
 def align(model, d, tc, steps, compressed, lr=3e-3):
     """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC: ours). Phase 1 (align_raw.pt):
