@@ -6,7 +6,7 @@ numbers. Right: the gold answer is "contained" (as the paper [inferred]; `right`
 
     python evaluate.py runs/default        # the tables of a finished run (or of --seeds: mean ± sd)
 """
-import json, math, os, re, sys
+import json, math, os, random, re, sys
 
 import torch
 from torchaudio.functional import edit_distance  # Levenshtein distance of two word lists
@@ -38,7 +38,7 @@ def exact(gold, pred):  # normalised exact match of the first line (an instruct 
     return normalize(gold) == normalize(pred.strip().split("\n")[0])
 
 @torch.no_grad()
-def generate(model, rows, make, tok, batch_size=64, max_new_tokens=16):  # greedy; make: rows -> a typed/spoken batch
+def generate(model, rows, make, tok, batch_size=256, max_new_tokens=16):  # greedy; make: rows -> a typed/spoken batch
     model.eval()
     return [tok.decode(t) for i in range(0, len(rows), batch_size)
             for t in model.generate(make(rows[i:i + batch_size]), max_new_tokens, tok.eos_id)]
@@ -87,11 +87,12 @@ def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1,
 
 def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, kind, seed=0, batch_size=32, rank=0,
                      world=1):
-    """The original LLM's textual (transcripts typed) and speech importance on the calibration rows; Table 1 on the
-    test questions, all and those it answers right (where wrong, any perturbation lowers a confidently wrong answer's
+    """The original LLM's textual (transcripts typed) and speech importance on the calibration rows; Table 1 on (a
+    seeded sample of 400 of) the test questions, all and those it answers right (where wrong, any perturbation lowers a confidently wrong answer's
     perplexity); the noise floor: the second set, (per-sample kinds) 200 random pairs of disjoint sets of both sets'
     rows; the style control. -> the scores, and the "results" and "report" entries they give"""
     res, rep, scores = {}, {"distribution": {}, "top5_share": {}}, {}
+    test = [test[i] for i in sorted(random.Random(0).sample(range(len(test)), min(len(test), 400)))]  # Table 1's
     per_row = [] if kind != "taylor" else None  # per-sample kinds: each calibration row's textual importance per layer
     for inp, make in (("text", make_text), ("speech", make_speech)):
         answered = [r for r, ok in zip(test, right(test, accuracy(model, test, make, tok)[2])) if ok]

@@ -1633,7 +1633,7 @@ def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch):
     monkeypatch.setattr(real, "real_model", lambda which: str(tmp_path / which))
     args = train.get_args(["--real", "--out", out, "--steps", "3"])
     rec = train.settings(args)
-    assert rec["real"] and rec["steps"] == 3 and rec["compress_steps"] == 100
+    assert rec["real"] and rec["steps"] == 3 and rec["compress_steps"] == 200 and rec["dtype"] == "bf16"
     assert all(rec[k] == v for k, v in real.PRESET.items() if k not in ("out", "steps", "log_every", "method"))
     assert args.methods == ["full", "layer_lr", "lora", "lora_layer_lr"]  # the paper's methods and ours
     assert rec["llm"] == str(tmp_path / "llm") and args.data_dir.endswith(f"real-s0-v{real.VERSION}")
@@ -1676,7 +1676,7 @@ def test_self_targets_are_the_original_llms_own_cached_deterministic_and_keep_th
     def fresh():
         rs = copy.deepcopy(rows)
         return data.Data(rs, tok, feats, *data.calibration_sets(rs, 8))
-    args, path = types.SimpleNamespace(llm="", out=str(tmp_path)), str(tmp_path / "self_targets.json")
+    args, path = types.SimpleNamespace(llm="", out=str(tmp_path), device="cpu", dtype="fp32"), str(tmp_path / "self_targets.json")
     d = fresh()
     real.self_targets(d, tiny_model(tok), path, args, max_new_tokens=4)
     ft = data.finetune_rows(d.rows)
