@@ -87,11 +87,11 @@ def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1,
 
 def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, kind, seed=0, batch_size=32, rank=0,
                      world=1):
-    """The original LLM's textual (transcripts typed) and speech importance on the calibration rows; Table 1 on (a
-    seeded sample of 400 of) the test questions, all and those it answers right (where wrong, any perturbation lowers a confidently wrong answer's
-    perplexity); the noise floor: the second set, (per-sample kinds) 200 random pairs of disjoint sets of both sets'
-    rows; the style control. -> the scores, and the "results" and "report" entries they give"""
-    res, rep, scores = {}, {"distribution": {}, "top5_share": {}}, {}
+    """The original LLM's textual (transcripts typed) and speech importance on the calibration rows; Table 1 on 400
+    test questions (a seeded sample), all and those it answers right (where wrong, any perturbation lowers a
+    confidently wrong answer's perplexity); the noise floor: the second set, (per-sample kinds) 200 random pairs of
+    disjoint sets of both sets' rows; the style control. -> the scores, and the "results" and "report" entries"""
+    res, rep, scores = {}, {"distribution": {}, "top5_share": {}}, {"text2": None}
     test = [test[i] for i in sorted(random.Random(0).sample(range(len(test)), min(len(test), 400)))]  # Table 1's
     per_row = [] if kind != "taylor" else None  # per-sample kinds: each calibration row's textual importance per layer
     for inp, make in (("text", make_text), ("speech", make_speech)):
@@ -104,7 +104,6 @@ def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, ki
         rep[f"table1_{inp}"] = {sub: t1.get(sub) for sub in ("all", "answered")}
         res[inp] = {**t1["all"], "answered": t1.get("answered", {})}
     res = {"importance_validation": {**res["text"], "speech": res["speech"]}}
-    scores["text2"] = None
     if len(calib2) == len(calib):  # no noise floor if the pool is too small for two sets
         scores["text2"] = importance(model, calib2, make_text, kind, batch_size, rank, world, per_row)
         rep["noise_floor"] = imp.shift_metrics(scores["text"], scores["text2"])

@@ -1636,6 +1636,10 @@ def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch):
     assert rec["real"] and rec["steps"] == 3 and rec["compress_steps"] == 200 and rec["dtype"] == "bf16"
     assert all(rec[k] == v for k, v in real.PRESET.items() if k not in ("out", "steps", "log_every", "method"))
     assert args.methods == ["full", "layer_lr", "lora", "lora_layer_lr"]  # the paper's methods and ours
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU: real.CUDA's steps and rows over PRESET
+    rec = train.settings(train.get_args(["--real", "--out", out, "--device", "cuda", "--steps", "5"]))
+    assert rec["steps"] == 5 and all(rec[k] == v for k, v in real.CUDA.items() if k not in ("steps", "log_every"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert rec["llm"] == str(tmp_path / "llm") and args.data_dir.endswith(f"real-s0-v{real.VERSION}")
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SystemExit, match=r"--real: espeak-ng is not installed \(apt-get install espeak-ng"):

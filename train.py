@@ -75,7 +75,9 @@ def get_parser():
 def get_args(argv=None, **sizes):
     p, argv = get_parser(), list(sys.argv[1:] if argv is None else argv)
     real = "--real" in argv and __import__("real")  # lazily: the toy path never imports real.py
-    p.set_defaults(**{**SIZES, **(QUICK if "--quick" in argv else {}), **(real.PRESET if real else {}), **sizes})
+    cuda = real and p.parse_known_args(argv)[0].device.startswith("cuda")  # --real on a GPU: real.CUDA too
+    p.set_defaults(**{**SIZES, **(QUICK if "--quick" in argv else {}), **(real.PRESET if real else {}),
+                      **(real.CUDA if cuda else {}), **sizes})
     args = p.parse_args(argv)
     p._defaults.clear()
     for a in p._actions:  # which flags were given (--reanalyse takes the others from run.json)
@@ -504,7 +506,7 @@ def check_init_from(args):
     return [read_json(os.path.join(src, f)) for f in ("results.json", "importance.json")]
 
 def init_from(run, args, src):
-    """Copy RUN's pretrain, align and analysis checkpoints and numbers: seeds of one aligned model share them."""
+    """Copy RUN's pretrain, align and analysis checkpoints, numbers and self targets: seeds of one aligned model."""
     (res, rep), run.results["init_from"] = src, args.init_from
     if os.path.exists(run.path("importance_original.pt")):
         return  # copied by an earlier start of this run
@@ -512,7 +514,7 @@ def init_from(run, args, src):
     for k, v in rep.items():  # the original LLM's entries; a method's are its own
         run.report[k] = {**run.report.get(k, {}), **{n: x for n, x in v.items() if n.startswith("original")}} if k in \
             ("distribution", "top5_share", "concentration", "distribution_own") else v
-    for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt"):
+    for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt", "self_targets.json"):
         if run.master and os.path.exists(os.path.join(args.init_from, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(args.init_from, f), run.path(f))
     barrier(run.world)
