@@ -58,7 +58,7 @@ ASR_PER_ENTITY = 40  # ASR utterances per entity for `align` (random 1-4 word st
 COPY_PER_ENTITY = 16  # typed 'repeat after me' rows per entity in pretraining (the ASR task in text form)
 ASR_INSTRUCTION = "repeat after me: "  # the ASR task's user turn is this + the utterance
 MAX_SECONDS = 30  # the encoder's window: Whisper's 1500 positions at 50 Hz
-WORLD_VERSION = 5  # bump when make_world / make_splits / the synthesiser change: cached worlds are keyed by it
+WORLD_VERSION = 6  # bump when make_world / make_splits / the synthesiser change: cached worlds are keyed by it
 N_ENTITIES = 128  # the default world: more facts than the tiny LLM learns perfectly (README: why 128)
 VAL_FRACTION = 0.25  # of the text-only entities: questions for choosing settings (world size, steps, LRs)
 
@@ -86,7 +86,7 @@ def make_splits(world, seed=0):
             for p in PHRASINGS[split]:
                 q = QUESTIONS[attr][p].format(e=e["name"])
                 rows.append(dict(id=f"{split}-{e['name']}-{attr}-{p}", transcript=q, question=q, answer=e[attr],
-                                 task="qa", split=split))
+                                 task="qa", split=split, relation=attr, entity=e["name"]))
     for e in world:  # pretrain: every fact, as statements and as typed QA in the pretraining phrasings
         for attr in ATTRIBUTES:
             for j, f in enumerate(FACTS[attr]):
@@ -94,7 +94,7 @@ def make_splits(world, seed=0):
                                  answer=f.format(e=e["name"], v=e[attr]), task="lm", split="pretrain"))
         qa(e, "pretrain")
     vocab = [e["name"] for e in world] + [v for vs in ATTRIBUTES.values() for v in vs]
-    def words(n):  # ASR utterances: random word strings, so every name is heard but no fact is spoken
+    def words(n, rng=rng, vocab=vocab):  # a random word string
         return " ".join(rng.choice(vocab) for _ in range(n))
     for i in range(n_copy):  # the ASR task in text form ("repeat after me"), so the LLM knows it
         w = words(rng.randint(1, 4))
@@ -103,8 +103,18 @@ def make_splits(world, seed=0):
     for e in world[:half]:  # speech_train: spoken questions about the speech entities only
         qa(e, "speech_train")
         qa(e, "pretrain_val")
+    # ASR utterances: random word strings of names, values and every word any question uses (else the encoder,
+    # trained here, never hears "what" or "which"), drawn from their own stream: the LLM's text stays the same.
+    # No string names an entity beside one of its own values, so no fact is ever spoken.
+    heard, asr_rng = vocab + question_words(), random.Random(seed + 4)
+    facts = {(e["name"], e[a]) for e in world for a in ATTRIBUTES}
+    def asr_string(rng, low):
+        while True:
+            w = words(rng.randint(low, 4), rng, heard)
+            if not any((a, b) in facts for a in w.split() for b in w.split()):
+                return w
     for i in range(n_asr_train):
-        w = words(rng.randint(1, 4))
+        w = asr_string(asr_rng, 1)
         rows.append(dict(id=f"asr-train-{i}", transcript=w, question="", answer=w, task="asr", split="speech_train"))
     for e in world[half:half + n_val]:  # val and test: text-only entities, phrasings never trained on
         qa(e, "val")
@@ -112,9 +122,13 @@ def make_splits(world, seed=0):
         qa(e, "test")
     rng = random.Random(seed + 3)  # the ASR test set does not depend on how much ASR training data there is
     for i in range(n_asr_test):
-        w = words(rng.randint(2, 4))
+        w = asr_string(rng, 2)
         rows.append(dict(id=f"asr-test-{i}", transcript=w, question="", answer=w, task="asr", split="asr_test"))
     return rows
+
+def question_words():
+    """Every word of every question phrasing (the entity slot left out): what the test questions say."""
+    return sorted({w for qs in QUESTIONS.values() for q in qs for w in q.replace("{e}", "").split()})
 
 def finetune_rows(rows):
     """The speech fine-tuning data (and calibration pool): the spoken-QA training rows, else all speech_train."""

@@ -58,14 +58,43 @@ def perplexity(model, rows, make, batch_size=64):  # exp(mean cross-entropy of t
         n += sum(len(a) for a in batch["answers"])
     return math.exp(min(nll / n, 700))
 
+def chance(rows):
+    """The accuracy of the best constant answer per relation: what a model that cannot hear the question scores."""
+    by = {}
+    for r in rows:
+        by.setdefault(r.get("relation"), []).append(normalize(r["answer"]))
+    return sum(max(map(a.count, set(a))) for a in by.values()) / max(1, len(rows))
+
+@torch.no_grad()
+def transcribe(model, rows, make, tok, batch_size=256):  # the greedy CTC transcripts: what the LLM reads
+    model.eval()
+    return [tok.decode(t) for i in range(0, len(rows), batch_size)
+            for t in model.ctc_transcribe(make(rows[i:i + batch_size]))]
+
+def heard(model, qs, make_speech, tok, ok):
+    """What the LLM reads of the spoken questions: the CTC transcript's WER, and S2T (ok: per row) split by whether
+    the entity's name is in it."""
+    hyps = transcribe(model, qs, make_speech, tok)
+    out = {"ctc_wer": wer([r["transcript"] for r in qs], hyps)}
+    if all("entity" in r for r in qs):
+        hit = [contains(r["entity"], h) for r, h in zip(qs, hyps)]
+        out["name_heard"] = sum(hit) / len(qs)
+        for k, want in (("s2t_acc_name_heard", True), ("s2t_acc_name_missed", False)):
+            if want in hit:
+                out[k] = sum(o for o, h in zip(ok, hit) if h == want) / hit.count(want)
+    return out
+
 def evaluate_all(model, rows, tok, make_text, make_speech):
-    """T2T and S2T on test, WER on asr_test; the same on val as val_* (settings are chosen on val, never on test)."""
+    """T2T and S2T on test, WER on asr_test; the same on val as val_* (settings are chosen on val, never on test).
+    With CTC compression also what the LLM reads of the spoken questions (heard: ctc_wer, name_heard)."""
     out = {}
     for split, pre in (("test", ""), ("val", "val_")):
         qs = [r for r in rows if r["split"] == split]
         if qs:
             out[pre + "t2t_acc"], out[pre + "t2t_em"], _ = accuracy(model, qs, make_text, tok)
-            out[pre + "s2t_acc"], out[pre + "s2t_em"], _ = accuracy(model, qs, make_speech, tok)
+            out[pre + "s2t_acc"], out[pre + "s2t_em"], preds = accuracy(model, qs, make_speech, tok)
+            if model.cfg.ctc_compress:
+                out.update({pre + k: v for k, v in heard(model, qs, make_speech, tok, right(qs, preds)).items()})
     asr = [r for r in rows if r["split"] == "asr_test"]
     if asr:  # a manifest without an asr_test split gets no WER
         out["wer"] = wer([r["transcript"] for r in asr], generate(model, asr, make_speech, tok, max_new_tokens=32))
@@ -180,14 +209,16 @@ def format_table(results, sd=None):
     """Table 2's analogue (%, ± sd when given): T2T / S2T on test, WER, each method's importance shift and noise."""
     sd, noise = sd or {}, results.get("importance_noise_js_mean", results.get("importance_noise_js"))
     full = results.get("methods", {}).get("full", {})
-    head = ("T2T", "T2T EM", "S2T", "S2T EM", "WER", "dT2T vs full", "dS2T vs full", "importance JS", "JS, 2nd set",
-            "x noise", "importance sum", "JS own answers")
+    head = ("T2T", "T2T EM", "S2T", "S2T EM", "WER", "CTC WER", "S2T name heard", "dT2T vs full", "dS2T vs full",
+            "importance JS", "JS, 2nd set", "x noise", "importance sum", "JS own answers")
     lines = [f"{'method':<16}" + "".join(f"{h:>15}" for h in head)]
-    cells_k = ("t2t_acc", "t2t_em", "s2t_acc", "s2t_em", "wer")
+    cells_k = ("t2t_acc", "t2t_em", "s2t_acc", "s2t_em", "wer", "ctc_wer")
     for name, m, s in [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft") or {})] + [
             (n, m, sd.get("methods", {}).get(n, {})) for n, m in results.get("methods", {}).items()]:
         js, shift = m.get("importance_js"), m.get("importance_shift", {})
         cells = [f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if k in s else "") if k in m else "-" for k in cells_k]
+        cells.append("/".join(f"{100 * m[k]:.0f}" if k in m else "-" for k in ("s2t_acc_name_heard",
+                                                                                "s2t_acc_name_missed")))
         cells += [f"{100 * (m[k] - full[k]):+.1f}" if m is not full and k in full else "" for k in cells_k[::2][:2]]
         cells += [f"{js:.4f}" if js is not None else "", f"{m['importance_shift_2']['js']:.4f}" if
                   "importance_shift_2" in m else "", f"{js / noise:.1f}x" if noise and js is not None else "",
@@ -195,6 +226,9 @@ def format_table(results, sd=None):
         own, no = m.get("importance_shift_own", {}).get("js"), results.get("importance_noise_js_own")
         cells.append(f"{own:.4f} {own / no:.0f}x" if own is not None and no else "")  # style held fixed, x its noise
         lines.append(f"{name:<16}" + "".join(f"{c:>15}" for c in cells))
+    if "s2t_chance" in results:
+        lines.append(f"chance (the best constant answer per relation): {100 * results['s2t_chance']:.1f}; S2T name "
+                     f"heard: on the questions whose entity's name is in the CTC transcript / on the others")
     if "importance_noise_js" in results:  # the same original model on a second calibration set
         mean = results.get("importance_noise_js_mean")
         lines.append(f"noise floor (original model, another calibration set): importance JS "

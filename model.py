@@ -256,6 +256,21 @@ class SpeechLLM(nn.Module):
                           blank=blank, zero_infinity=True)
 
     @torch.no_grad()
+    def ctc_transcribe(self, batch):
+        """Greedy CTC: each 10 Hz frame's nearest token, runs merged, blanks dropped -> token-id lists. With CTC
+        compression this is the text the LLM reads in place of the spoken question (compress: one vector a run)."""
+        speech, lens = self.encode_speech(batch)                                   # (B, S, d), (B,)
+        sub = self.ctc_vocab()[0]
+        blank = 0 if sub is not None else batch["blank_id"]
+        ids = self.ctc_logits(speech, blank).argmax(-1)                            # (B, S)
+        out = []
+        for t in [i[:n] for i, n in zip(ids, lens.tolist())]:
+            t = torch.unique_consecutive(t)
+            t = t[t != blank]
+            out.append((sub[t] if sub is not None else t).tolist())
+        return out
+
+    @torch.no_grad()
     def generate(self, batch, max_new_tokens=16, eos_id=None):
         """Batched greedy decoding with a KV cache from left-padded inputs_embeds -> token-id lists, EOS excluded."""
         x, mask, _ = self.embed(batch, with_answer=False, left_pad=True)

@@ -538,6 +538,7 @@ def run_pipeline(args):
         d, n_mels = load_data(args, rank == 0, world, rows, splits)
         run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
         run.results["planned"] = sorted(set(run.results["methods"]) | set(args.methods))  # evaluate.py checks it
+        run.results["s2t_chance"] = evaluate.chance(d.split("test"))  # beside every S2T
         print(f"data: {len(d.rows)} rows, {len(d.features)} spoken, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
         tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, rank=rank, world=world,
                          **{k: getattr(args, k) for k in ("log_every", "seed", "device", "dtype", "resume")})
