@@ -182,16 +182,28 @@ def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, bat
 
 # -----------------------------------------------------------------------------
 # Reporting: Tables 1 and 2, Fig. 2 as terminal bars (+ a PNG with matplotlib), mean ± sd over seeds
-def report(results, rep, out=None, sd=None):
-    """Print Fig. 2's analogue, Tables 1 and 2, the trade-off; the figure into `out`."""
+def report(results, rep, out=None, sd=None, runs=None):
+    """Print Fig. 2's analogue, Tables 1 and 2, the trade-off; the figures into `out` (runs: each seed's
+    distributions, for the shift's figure)."""
     dists = {k: v for k, v in rep["distribution"].items() if k != "original_speech"}
     print("\nLayer-wise textual importance (Fig. 2 analogue):\n" + imp.bar_chart(dists))
-    if out and imp.plot_distributions(dists, os.path.join(out, "importance.png")):
-        print(f"figure: {os.path.join(out, 'importance.png')}")
+    mats = out and os.path.exists(os.path.join(out, "matrices.pt")) and torch.load(os.path.join(out, "matrices.pt"))
+    for name, ok in (("importance.png", out and imp.plot_distributions(dists, os.path.join(out, "importance.png"))),
+                     ("shift.png", out and imp.plot_shift(runs or [dists], os.path.join(out, "shift.png"))),
+                     ("matrices.png", mats and imp.plot_matrices(mats["importance"], mats["delta_w"],
+                                                                os.path.join(out, "matrices.png"), title=mats["key"]))):
+        if ok:
+            print(f"figure: {os.path.join(out, name)}")
     if conc := {k: v["all"]["ratio"] for k, v in rep.get("concentration", {}).items()}:
         print("top-5% entries on the fullest 5% of rows/cols, x an even spread (Fig. 1/4; 1 = no structure): "
               + ", ".join(f"{k} {v:.1f}" for k, v in conc.items()))
     print("\n".join([format_table(results, sd), format_table1(results, sd), format_tradeoff(results, sd)]))
+
+def js_between_seeds(runs, names):
+    """R4's null [ours]: how far one method's layer distribution lies from itself across seeds, the mean JS over all
+    pairs of runs ({name: distribution} each). "A moves less than B" needs paired differences larger than this."""
+    pairs = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]
+    return {k: sum(imp.js_divergence(a[k], b[k]) for a, b in pairs) / len(pairs) for k in names} if pairs else {}
 
 def mean_sd(runs):
     """Mean and sample sd (n - 1) of every number in results.json dicts (one per seed); one missing in any: left out."""

@@ -29,7 +29,8 @@ import real
 import train
 from importance import (aggregate, bar_chart, estimate_importance, format_lr_table, global_mask,
                         importance_params, js_divergence, layer_distribution, layer_lr_scale,
-                        layer_param_groups, masked_eval, noise_floor, plot_distributions, row_col_concentration,
+                        layer_param_groups, masked_eval, noise_floor, plot_distributions, plot_matrices, plot_shift,
+                        row_col_concentration,
                         shift_metrics, spearman, table1, top_share_by_layer)
 from lora import (LoRALinear, TARGETS, count_parameters, inject_lora, load_lora_state_dict,
                   lora_state_dict, mark_only_lora_as_trainable, merge_lora, save_peft_adapter,
@@ -72,6 +73,54 @@ def test_splits_separate_speech_and_text_only_entities(world):
     # where pretraining checks its level: the speech entities, typed, in the test phrasings; no val/test entity
     assert ents("pretrain_val") == ents("speech_train") and phr("pretrain_val") == phr("test")
     assert not any(r.get("audio") for r in rows if r["split"] == "pretrain_val")
+
+
+def test_training_speech_says_every_question_word_and_no_held_out_fact():
+    world = data.make_world(16)
+    rows = data.make_splits(world)
+    spoken = [r["transcript"].split() for r in rows if r["split"] == "speech_train"]  # align hears all of these
+    heard = {w for t in spoken for w in t}
+    for r in [r for r in rows if r["split"] in ("val", "test")]:
+        assert set(r["transcript"].split()) <= heard, r["transcript"]  # every word of every held-out question
+    held_out = {(r["entity"], r["answer"]) for r in rows if r["split"] in ("val", "test")}
+    assert not any((a, b) in held_out for t in spoken for a in t for b in t)  # no val/test fact is ever spoken
+    phr = lambda split: {r["question"].replace(r["entity"], "E") for r in rows if r["split"] == split}
+    assert not phr("test") & {" ".join(t) for t in spoken}  # the test phrasings are never heard as sentences
+
+def test_more_training_speech_leaves_the_llms_text_unchanged(monkeypatch):
+    world = data.make_world(16)
+    pre = lambda: [r for r in data.make_splits(world) if r["split"] in ("pretrain", "val", "test")]
+    before = pre()
+    monkeypatch.setattr(data, "ASR_PER_ENTITY", 2 * data.ASR_PER_ENTITY)  # the ASR strings: their own random stream
+    assert pre() == before
+
+
+def test_chance_is_the_best_constant_answer_per_relation():
+    rows = [dict(relation="colour", answer=a) for a in ("red", "red", "blue", "Red")] + \
+        [dict(relation="city", answer=a) for a in ("oslo", "rome")]
+    assert evaluate.chance(rows) == (3 + 1) / 6  # "red" for every colour, any one city
+    assert evaluate.chance([dict(answer="a"), dict(answer="b")]) == 0.5  # no relation: one group
+
+
+def test_ctc_transcript_is_what_compression_hands_the_llm(world):
+    rows, tok, feats, _ = world
+    torch.manual_seed(0)
+    model = SpeechLLM(ModelConfig(**{**vars(TINY), "vocab_size": tok.vocab_size, "ctc_compress": True})).eval()
+    with torch.no_grad():
+        model.adaptor.blank.normal_()  # some frames blank, some not
+        qs = [r for r in rows if r["split"] == "test"][:8]
+        batch = data.make_batch(qs, tok, speech=True, features=feats)
+        ids = model.ctc_transcribe(batch)
+        speech, lens = model.encode_speech(batch)
+        argmax = model.ctc_logits(speech, tok.pad_id).argmax(-1)
+        _, n_vectors = model.compress(speech, lens, tok.pad_id)
+    for i, t in enumerate(ids):  # greedy CTC by hand: merge repeats, then drop blanks
+        frames = argmax[i, : lens[i]].tolist()
+        want = [x for j, x in enumerate(frames) if x != tok.pad_id and (j == 0 or x != frames[j - 1])]
+        assert t == want
+        assert n_vectors[i] == max(1, len(t))  # one vector a token the LLM reads (all blank: their mean)
+    hyps = evaluate.transcribe(model, qs, lambda r: data.make_batch(r, tok, speech=True, features=feats), tok)
+    assert hyps == [tok.decode(t) for t in ids]
 
 
 def test_scorer_refuses_answers_that_list_candidates():
@@ -375,6 +424,13 @@ def test_every_method_gets_one_param_group_per_layer_with_eq3(world):
         if method.layer_lr:  # Eq. (3): layer 0 at 0.7x the method's base LR
             base = 2e-3 if method.lora else 1e-3
             assert any(g["name"] == "layer0" and g["initial_lr"] == pytest.approx(0.7 * base) for g in groups)
+
+
+def test_js_between_seeds_is_the_mean_over_pairs():
+    runs = [{"full": [0.5, 0.5]}, {"full": [0.5, 0.5]}, {"full": [1.0, 0.0]}]
+    want = (0 + 2 * js_divergence([0.5, 0.5], [1.0, 0.0])) / 3
+    assert evaluate.js_between_seeds(runs, ["full"])["full"] == pytest.approx(want)
+    assert evaluate.js_between_seeds(runs[:1], ["full"]) == {}  # one seed: no spread
 
 
 def test_mean_sd_over_seeds():
@@ -1335,6 +1391,10 @@ def test_display_helpers(tmp_path):
     assert chart.count("\n") == 5 and "█" in chart and "layer  2" in chart
     out = plot_distributions({"original": [0.2, 0.5, 0.3]}, tmp_path / "dist.png")
     assert out is None or (tmp_path / "dist.png").exists()
+    runs = [{"original_text": [0.2, 0.5, 0.3], "full": [0.1, 0.5, 0.4]}] * 2
+    assert plot_shift(runs, tmp_path / "s.png") in (None, tmp_path / "s.png")  # None: no matplotlib
+    out = plot_matrices(torch.rand(8, 6), {"full": torch.randn(8, 6)}, tmp_path / "m.png", title="w")
+    assert out is None or (tmp_path / "m.png").exists()
 
 
 def test_all_reduce_single_process_matches(tmp_path):

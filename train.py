@@ -354,6 +354,7 @@ def analyse_and_finetune(run, args, new_model, d, tc):
             model, d.split("test"), d.calib, d.calib2, d.tok, d.text_batch, d.ft_batch, args.importance_kind,
             args.seed, tc.batch_size, tc.rank, tc.world), redo=args.reanalyse)
     scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3), the ORIGINAL LLM's
+    key = max(original["text"], key=lambda k: original["text"][k].sum())  # Fig. 1/4's matrix
     for name in [m for m in args.methods if m not in done or args.reanalyse]:
         model, row = new_model(), method_row(name)
         w0 = {k: v.detach().to("cpu", copy=True) for k, v in imp.importance_params(model).items()}
@@ -375,6 +376,11 @@ def analyse_and_finetune(run, args, new_model, d, tc):
             shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch,
                                                 args.importance_kind, name, tc.batch_size, tc.rank, tc.world, d.tok)
         merge(run.report, rep)
+        if run.master:  # Fig. 1/4 as pictures: the original's most important matrix, and each method's ΔW there
+            mats = load_checkpoint(run.path("matrices.pt")) if os.path.exists(run.path("matrices.pt")) else \
+                {"key": key, "importance": original["text"][key], "delta_w": {}}
+            mats["delta_w"][name] = imp.importance_params(model)[key].detach().cpu() - w0[key]
+            save_checkpoint(run.path("matrices.pt"), mats)
         run.results["methods"][name] = {**m, **shift, "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
                                         "train_loss": loss_summary(ck["losses"])}
         print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
@@ -598,10 +604,15 @@ def run_seeds(args):
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
     dists = {k: [sum(r[k][i] for r in reports) / len(reports) for i in range(len(v))] for k, v in reports[0].items()
              if k != "original_speech"}
-    save_json(os.path.join(args.out, "results.json"), dict(seeds=per_seed, mean=mean, sd=sd, n_seeds=len(per_seed)))
-    save_json(os.path.join(args.out, "importance.json"), {"distribution_mean": dists})
+    between = evaluate.js_between_seeds(reports, dists)  # R4's null
+    save_json(os.path.join(args.out, "results.json"), dict(seeds=per_seed, mean=mean, sd=sd, n_seeds=len(per_seed),
+                                                           js_between_seeds=between))
+    save_json(os.path.join(args.out, "importance.json"), {"distribution_mean": dists,
+                                                          "distribution_seeds": dict(zip(per_seed, reports))})
     print(f"\nmean over seeds {args.seeds}:")
-    evaluate.report(mean, {"distribution": dists}, args.out, sd)
+    evaluate.report(mean, {"distribution": dists}, args.out, sd, [{k: r[k] for k in dists} for r in reports])
+    print("importance JS between seeds (R4's null: 'A moves less than B' needs a larger paired difference): "
+          + ", ".join(f"{k} {v:.5f}" for k, v in between.items()))
     return mean
 
 def main(argv=None, **sizes):
