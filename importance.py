@@ -312,8 +312,8 @@ def plot_shift(runs, path):
     for i, name in enumerate(names):
         diffs = torch.tensor([[a - b for a, b in zip(r[name], r["original_text"])] for r in runs])  # (seeds, layers)
         for d in diffs:
-            ax.plot(d, color=f"C{i}", lw=0.7, alpha=0.4)
-        ax.plot(diffs.mean(0), color=f"C{i}", lw=2.2, marker="o", label=name)
+            ax.plot(d.numpy(), color=f"C{i}", lw=0.7, alpha=0.4)
+        ax.plot(diffs.mean(0).numpy(), color=f"C{i}", lw=2.2, marker="o", label=name)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(range(len(runs[0]["original_text"])))
     ax.set(xlabel="layer", ylabel="share of importance − original's", title=f"the shift ({len(runs)} seed(s))")
@@ -335,11 +335,11 @@ def plot_matrices(importance, deltas, path, frac=0.05, title=""):
     fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4), squeeze=False)
     for ax, (name, m) in zip(axes[0], mats.items()):
         a = m.detach().abs().float().cpu()
-        ax.imshow(a.clamp(min=a[a > 0].min() if (a > 0).any() else 1e-30).log10(), cmap="viridis", aspect="auto",
+        ax.imshow(a.clamp(min=a[a > 0].min() if (a > 0).any() else 1e-30).log10().numpy(), cmap="viridis", aspect="auto",
                   interpolation="nearest")
         top = a.flatten().topk(max(1, int(round(frac * a.numel())))).indices
         rows, cols = top // a.shape[1], top % a.shape[1]
-        ax.scatter(cols, rows, s=1, c="red", marker="s", linewidths=0, label=f"top {frac:.0%}")
+        ax.scatter(cols.numpy(), rows.numpy(), s=1, c="red", marker="s", linewidths=0, label=f"top {frac:.0%}")
         ax.set(title=name, xlabel="input column", ylabel="output row" if ax is axes[0][0] else None)
     axes[0][0].legend(loc="upper right", markerscale=4, fontsize=7)
     fig.suptitle(f"{title}: log10 |value|; red: the top {frac:.0%} of each", fontsize=9)

@@ -1691,6 +1691,7 @@ def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch):
         os.makedirs(tmp_path / which)
         (tmp_path / which / "config.json").write_text("{}")
     monkeypatch.setattr(real, "real_model", lambda which: str(tmp_path / which))
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # as if espeak-ng were installed
     args = train.get_args(["--real", "--out", out, "--steps", "3"])
     rec = train.settings(args)
     assert rec["real"] and rec["steps"] == 3 and rec["compress_steps"] == 200 and rec["dtype"] == "bf16"

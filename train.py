@@ -62,7 +62,7 @@ def get_parser():
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch and process")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--pretrain-steps", type=int, default=1000, help="text LM steps of the tiny LLM (LR 3e-3)")
-    g.add_argument("--align-steps", type=int, default=1000, help="align: encoder + adaptor, LLM frozen (LR 3e-3)")
+    g.add_argument("--align-steps", type=int, default=2000, help="align: encoder + adaptor, LLM frozen (LR 3e-3)")
     g.add_argument("--steps", type=int, default=100, help="speech fine-tuning steps, the same for every method")
     g.add_argument("--lr", type=float, default=3e-4, help="peak LR of the methods that train the LLM's weights")
     g.add_argument("--lora-lr", type=float, default=6e-4, help="peak LR of the LoRA methods")
