@@ -100,10 +100,15 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
         out["wer"] = wer([r["transcript"] for r in asr], generate(model, asr, make_speech, tok, max_new_tokens=32))
     return out
 
-def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1, per_row=None):
+def rank_world():  # this process and how many there are (DDP under torchrun; else 0 of 1)
+    dist = torch.distributed
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def importance(model, rows, make, kind="taylor", batch_size=32, per_row=None):
     """estimate_importance over rows: "taylor" in batches (the mean gradient does not depend on them), the per-sample
     kinds one row a batch; under DDP each rank takes every world-th batch, the sums all-reduced. per_row (a list; not
     taylor): each row's importance per layer is appended, in row order."""
+    rank, world = rank_world()
     batch_size = batch_size if kind == "taylor" else 1
     batches = [make(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     mine = [] if per_row is not None else None
@@ -114,8 +119,7 @@ def importance(model, rows, make, kind="taylor", batch_size=32, rank=0, world=1,
         per_row.extend(parts[i % world][i // world] for i in range(len(rows)))  # rank r took rows r, r + world, ...
     return scores
 
-def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, kind, seed=0, batch_size=32, rank=0,
-                     world=1):
+def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, kind, seed=0, batch_size=32):
     """The original LLM's textual (transcripts typed) and speech importance on the calibration rows; Table 1 on 400
     test questions (a seeded sample), all and those it answers right (where wrong, any perturbation lowers a
     confidently wrong answer's perplexity); the noise floor: the second set, (per-sample kinds) 200 random pairs of
@@ -125,7 +129,7 @@ def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, ki
     per_row = [] if kind != "taylor" else None  # per-sample kinds: each calibration row's textual importance per layer
     for inp, make in (("text", make_text), ("speech", make_speech)):
         answered = [r for r, ok in zip(test, right(test, accuracy(model, test, make, tok)[2])) if ok]
-        scores[inp] = importance(model, calib, make, kind, batch_size, rank, world, per_row if inp == "text" else None)
+        scores[inp] = importance(model, calib, make, kind, batch_size, per_row if inp == "text" else None)
         t1 = {sub: table1_check(model, scores[inp], rows, make, seed) for sub, rows in (("all", test),
                                                                                        ("answered", answered)) if rows}
         rep["distribution"][f"original_{inp}"] = imp.layer_distribution(scores[inp])
@@ -134,7 +138,7 @@ def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, ki
         res[inp] = {**t1["all"], "answered": t1.get("answered", {})}
     res = {"importance_validation": {**res["text"], "speech": res["speech"]}}
     if len(calib2) == len(calib):  # no noise floor if the pool is too small for two sets
-        scores["text2"] = importance(model, calib2, make_text, kind, batch_size, rank, world, per_row)
+        scores["text2"] = importance(model, calib2, make_text, kind, batch_size, per_row)
         rep["noise_floor"] = imp.shift_metrics(scores["text"], scores["text2"])
         res.update(importance_noise_js=rep["noise_floor"]["js"],
                    importance_noise_total_ratio=rep["noise_floor"]["total_ratio"])
@@ -143,12 +147,21 @@ def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, ki
             res.update(importance_noise_js_mean=nf["mean"], importance_noise_js_p90=nf["p90"])
     rep["concentration"] = {"original_text": imp.concentration(scores["text"])}  # Fig. 1: rows / columns
     own = own_answers(model, calib, make_text, tok)  # the style control, and its noise on the second set:
-    scores["own"] = importance(model, own, make_text, kind, batch_size, rank, world)
+    scores["own"] = importance(model, own, make_text, kind, batch_size)
     rep["distribution_own"] = {"original": imp.layer_distribution(scores["own"])}
     if scores["text2"] is not None:
-        own2 = importance(model, own_answers(model, calib2, make_text, tok), make_text, kind, batch_size, rank, world)
+        own2 = importance(model, own_answers(model, calib2, make_text, tok), make_text, kind, batch_size)
         res["importance_noise_js_own"] = imp.shift_metrics(scores["own"], own2)["js"]
     return {"text": scores["text"], "text2": scores["text2"], "own": scores["own"], "results": res, "report": rep}
+
+def save_matrices(path, original, name, weights, w0):
+    """Fig. 1/4's data [ours: as pictures]: the original's most important matrix (its importance), and each method's
+    ΔW there, gathered in one small file for report()'s matrices.png."""
+    key = max(original, key=lambda k: original[k].sum())
+    mats = torch.load(path) if os.path.exists(path) else {"key": key, "importance": original[key], "delta_w": {}}
+    mats["delta_w"][name] = weights[key].detach().cpu() - w0[key]
+    torch.save(mats, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 def table1_check(model, scores, rows, make, seed=0):
     """Table 1: answer perplexity after zeroing the top / bottom / random 3% of the weights by `scores`, x baseline."""
@@ -160,14 +173,14 @@ def own_answers(model, rows, make, tok, max_new_tokens=48):  # the style control
     answers = generate(model, rows, make, tok, max_new_tokens=max_new_tokens)  # each model in its own style
     return [{**r, "target": a.strip()} for r, a in zip(rows, answers)]
 
-def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, batch_size=32, rank=0, world=1, tok=None):
+def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, batch_size=32, tok=None):
     """Fig. 2/3: the textual importance of the weights used (merge LoRA first) against the original's, on both
     calibration sets, and with each model's own answers as targets; Fig. 4: ΔW's rows/columns. -> (metrics, report)"""
-    text = importance(model, calib, make_text, kind, batch_size, rank, world)
+    text = importance(model, calib, make_text, kind, batch_size)
     m = {"importance_shift": imp.shift_metrics(original["text"], text)}
     m.update(importance_js=m["importance_shift"]["js"], importance_spearman=m["importance_shift"]["spearman"])
     if original["text2"] is not None:  # the same shift on the second set: does the order of methods hold?
-        text2 = importance(model, calib2, make_text, kind, batch_size, rank, world)
+        text2 = importance(model, calib2, make_text, kind, batch_size)
         m["importance_shift_2"] = imp.shift_metrics(original["text2"], text2)
     rep = {"distribution": {name: imp.layer_distribution(text)}, "top5_share": {name: imp.top_share_by_layer(text)}}
     dw = {k: v.detach().cpu() - w0[k] for k, v in imp.importance_params(model).items()}  # ΔW (LoRA: BA)
@@ -175,7 +188,7 @@ def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, bat
         rep["concentration"] = {f"{name}_delta_w": imp.concentration(dw)}
         m["delta_w_concentration"] = rep["concentration"][f"{name}_delta_w"]["all"]["ratio"]
     if original.get("own") is not None:  # style held fixed: both models scored on their own answers
-        own = importance(model, own_answers(model, calib, make_text, tok), make_text, kind, batch_size, rank, world)
+        own = importance(model, own_answers(model, calib, make_text, tok), make_text, kind, batch_size)
         m["importance_shift_own"] = imp.shift_metrics(original["own"], own)
         rep["distribution_own"] = {name: imp.layer_distribution(own)}
     return m, rep

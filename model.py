@@ -302,29 +302,6 @@ def autocast(device, dtype):
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16 if dtype == "bf16" else torch.float16,
                           cache_enabled=False)
 
-def save_checkpoint(path, ckpt):
-    """One dict (config, weights, ...), written atomically: a crash never leaves half a checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
-
-def load_checkpoint(path):
-    """A checkpoint on the CPU; one that cannot be read is named, with the fix, in one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated (PytorchStreamReader), not a zip, a pickle that is not plain data, ...
-        raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to redo that stage "
-                         "(a .partial.pt: to restart it), or --force to start over")
-
-def load_stage(path, cfg=None):
-    """A stage checkpoint, refused in one line when it is unreadable or made with another model config."""
-    ck = load_checkpoint(path)
-    theirs = {**vars(ModelConfig()), **ck.get("config", {})}  # a field newer than the checkpoint: its default
-    if cfg is not None and theirs != vars(cfg):
-        diff = [k for k in theirs if theirs[k] != vars(cfg).get(k)]
-        raise SystemExit(f"{path}: made with another model config ({', '.join(diff)}); use --force or another --out")
-    return ck
-
 def trainable_state(model):
     """Only the parameters that train: the rest is in the stage checkpoint the run started from."""
     names = {n for n, p in model.named_parameters() if p.requires_grad}

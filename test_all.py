@@ -26,6 +26,7 @@ import data
 import evaluate
 import lora
 import real
+import rundir
 import train
 from importance import (aggregate, bar_chart, estimate_importance, format_lr_table, global_mask,
                         importance_params, js_divergence, layer_distribution, layer_lr_scale,
@@ -51,6 +52,11 @@ def world(tmp_path_factory):
     rows = data.read_manifest(data.build(d, seed=0, n_entities=8))
     tok = data.Tokenizer(os.path.join(d, "tokenizer.model"))
     return rows, tok, data.load_features(rows), d
+
+
+def open_run(argv):  # OUT opened (its settings checked, its lock taken) and closed again, as train.py does
+    args = train.get_args(argv)
+    rundir.RunDir(args.out, train.settings(args), args.force).close()
 
 
 def tiny_model(tok, seed=0):
@@ -407,8 +413,8 @@ def test_bad_model_paths_and_manifests_stop_before_any_work(tmp_path, world):
         train.main(["--out", out, "--manifest", str(bad)])
     assert not os.path.exists(out)
     os.makedirs(out)  # a start that failed after run.json was written: the next command may change settings
-    train.RunDir(train.get_args(["--out", out, "--lr", "0.1"])).lock.close()
-    train.RunDir(train.get_args(["--out", out, "--lr", "0.2"])).lock.close()
+    open_run(["--out", out, "--lr", "0.1"])
+    open_run(["--out", out, "--lr", "0.2"])
     assert json.load(open(os.path.join(out, "run.json")))["lr"] == 0.2
     with pytest.raises(SystemExit, match="the run's data .* is gone"):  # re-analysis needs the run's own data
         train.main(["--out", out, "--reanalyse"], data_dir=str(tmp_path / "gone"))
@@ -641,12 +647,12 @@ def test_one_writer_per_run_dir(tmp_path):
     try:
         holder.stdout.readline()  # it holds the lock
         with pytest.raises(SystemExit, match=rf"another train.py \(pid {holder.pid}\) is writing to it"):
-            train.RunDir(train.get_args(["--out", str(out)]))
+            open_run(["--out", str(out)])
     finally:
         holder.kill()
         holder.wait()
     assert (out / ".lock").exists()
-    train.RunDir(train.get_args(["--out", str(out)])).lock.close()  # a stale lock file does not block
+    open_run(["--out", str(out)])  # a stale lock file does not block
 
 
 def test_bad_inputs_stop_before_any_work(tmp_path, world, capsys):
@@ -773,7 +779,7 @@ def test_cuda_bf16_default_follows_cpu_fp32(tmp_path, world):
 
 def test_out_dir_holding_another_run_is_refused(tmp_path):
     out = str(tmp_path / "run")
-    opened = lambda *a: train.RunDir(train.get_args(["--out", out, *a])).lock.close()
+    opened = lambda *a: open_run(["--out", out, *a])
     opened()
     open(os.path.join(out, "pretrain.pt"), "w").close()
     os.makedirs(os.path.join(out, "data"))
@@ -783,23 +789,23 @@ def test_out_dir_holding_another_run_is_refused(tmp_path):
     opened("--lr", "0.1", "--force")
     assert not os.path.exists(os.path.join(out, "pretrain.pt")) and not os.path.exists(os.path.join(out, "data"))
     opened("--lr", "0.1", "--method", "full")  # same run, fewer methods
-    rj = json.load(open(os.path.join(out, "run.json")))  # a setting an earlier train.py had as a flag, now fixed
-    json.dump({**rj, "weight_decay": 0.1}, open(os.path.join(out, "run.json"), "w"))
+    rj = json.load(open(os.path.join(out, "run.json")))  # a setting an earlier train.py had as a flag, now gone:
+    json.dump({**rj, "weight_decay": 0.0}, open(os.path.join(out, "run.json"), "w"))  # its value then is unknowable
     open(os.path.join(out, "pretrain.pt"), "w").close()
-    with pytest.raises(SystemExit, match=r"other settings \(weight_decay=0.1->0.0\)"):
+    with pytest.raises(SystemExit, match=r"other settings \(weight_decay=0.0: not a setting now\)"):
         opened("--lr", "0.1")
-    json.dump({**rj, "weight_decay": 0.0, "calib_frac": 1 / 30}, open(os.path.join(out, "run.json"), "w"))
-    opened("--lr", "0.1")  # ... at the value it is now fixed to: the same run
+    json.dump(rj, open(os.path.join(out, "run.json"), "w"))
+    opened("--lr", "0.1")  # the same run
 
 
 def test_checkpoint_from_another_model_config_is_refused(tmp_path):
-    from model import save_checkpoint
+    from rundir import load_stage, save_checkpoint
     path = str(tmp_path / "align.pt")
     save_checkpoint(path, {"config": vars(TINY), "model": {}})
     other = ModelConfig(**{**vars(TINY), "n_layers": 3})
     with pytest.raises(SystemExit, match=r"align.pt: made with another model config \(n_layers\)"):
-        train.load_stage(path, other)
-    assert train.load_stage(path, TINY)["model"] == {}
+        load_stage(path, other)
+    assert load_stage(path, TINY)["model"] == {}
 
 
 def test_corrupt_audio_is_a_clear_error(tmp_path):

@@ -9,8 +9,7 @@ per method (METHODS), from the same aligned model: finetune, then measure (T2T /
     python train.py --real                     # SmolLM2-135M + Whisper tiny.en (real.py; README: Real weights)
     torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
 """
-import argparse, copy, json, math, os, random, re, shutil, sys, time, zipfile
-fcntl = __import__("fcntl") if os.name == "posix" else None  # the run directory's lock (Windows runs without)
+import argparse, copy, json, math, os, random, re, sys, time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
@@ -21,8 +20,8 @@ from tqdm import tqdm
 
 import data, evaluate, lora
 import importance as imp
-from model import (ModelConfig, SpeechLLM, autocast, count, load_checkpoint, load_stage, save_checkpoint,
-                   set_trainable, trainable_state)
+from model import ModelConfig, SpeechLLM, autocast, count, set_trainable, trainable_state
+from rundir import RunDir, barrier, check_init_from, init_from, merge, read_record, resume, save_checkpoint, save_json
 
 # -----------------------------------------------------------------------------
 # Settings. Sizes that are not flags: --quick and --real set their own, and Python callers main(argv, **sizes).
@@ -30,11 +29,7 @@ SIZES = dict(n_entities=data.N_ENTITIES, n_layers=ModelConfig.n_layers, d_llm=Mo
              calib_min=256, data_dir="", log_every=100)  # compress: more align steps, CTC compression on (ours)
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
-# Settings earlier versions had as flags, now fixed: an OUT/run.json that recorded another value is another run
-FIXED = dict(warmup=0.05, clip=1.0, weight_decay=0.0, pretrain_lr=3e-3, align_lr=3e-3, align_ctc=1.0, ft_ctc=1.0,
-             tts="formant", data_seed=0, calib_frac=1 / 30, calib_draw=0, lora_alpha=None, lora_dropout=0.0,
-             kl_temp=1.0, replay_frac=0.25, freeze_frac=0.03, pretrain_target=0.0, pretrain_cooldown=0,
-             pretrain_extend=0, grad_checkpointing=False, lora_targets=",".join(lora.TARGETS))
+
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=type(
@@ -199,16 +194,8 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
     fwd = DDP(model, device_ids=[torch.device(cfg.device).index] if cuda else None) if W > 1 else model.loss
     # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op)
     scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=cfg.dtype == "fp16")
-    partial, start, losses = os.path.join(cfg.out, f"{cfg.name}.partial.pt"), 0, []
-    if cfg.out and os.path.exists(partial) and cfg.resume:
-        ck = load_checkpoint(partial)
-        model.load_state_dict(ck["model"], strict=False)
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])  # dropout draws continue exactly (batches are a function of step)
-        start, losses = ck["step"], ck["losses"]
-        print(f"{cfg.name}: resumed at step {start}")
-    elif cfg.out and os.path.exists(partial):
-        print(f"{cfg.name}: starting over; {partial} holds an interrupted run of it (--resume continues it exactly)")
+    partial = os.path.join(cfg.out, f"{cfg.name}.partial.pt") if cfg.out else ""  # the resume file
+    start, losses = resume(partial, model, opt, cfg.resume)
     warmup = max(1, int(0.05 * steps))  # 5% of the stage's steps
     model.train()
     t0 = time.time()
@@ -248,10 +235,10 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
             tqdm.write(f"{cfg.name} step {step + 1}/{steps} | loss {losses[-1]:.4f} | "
                        f"lr {opt.param_groups[0]['lr']:.2e} | norm {norm:.2f} | {ms:.0f} ms")
-            if cfg.rank == 0 and cfg.out:
+            if cfg.rank == 0 and partial:
                 save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(),
                                           "step": step + 1, "rng": torch.get_rng_state(), "losses": losses})
-    if cfg.rank == 0 and cfg.out and os.path.exists(partial):
+    if cfg.rank == 0 and partial and os.path.exists(partial):
         os.remove(partial)
     return losses
 
@@ -337,193 +324,45 @@ def replay_rows(rows):  # typed QA of the LLM's own text data; a real LLM's is n
     return [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"] or \
         [{**r, "audio": None} for r in data.finetune_rows(rows)]
 
-def analyse_and_finetune(run, args, new_model, d, tc):
-    """Stage 3, the original LLM's analysis; then per method: stage 4 (fine-tune) and 5 (measure)."""
-    model, done = new_model(), dict(run.results["methods"])
-    for m in [] if args.reanalyse else set(done) & set(args.methods):  # their results stand on their checkpoints
-        if not os.path.exists(run.path(f"ft_{m}.pt")):
-            del done[m]  # deleted: fine-tuned again
-        elif not zipfile.is_zipfile(run.path(f"ft_{m}.pt")):  # torch.save writes a zip: a truncated one is not
-            raise SystemExit(f"{run.path(f'ft_{m}.pt')}: truncated; delete it to fine-tune {m} again")
+def analyse(run, args, model, d, tc):
+    """Stage 3: the original LLM's textual importance, Table 1, the noise floor and the style control."""
     if d.encoded is None:  # the encoder is frozen from here on: its outputs once (align computed them already)
         later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
         d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later},
                                              by_length=bool(args.encoder))
-    with autocast(tc.device, tc.dtype):  # the original LLM's importance, Table 1, the noise floor
-        original = run.stage("importance_original", lambda: evaluate.analyse_original(
-            model, d.split("test"), d.calib, d.calib2, d.tok, d.text_batch, d.ft_batch, args.importance_kind,
-            args.seed, tc.batch_size, tc.rank, tc.world), redo=args.reanalyse)
-    scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3), the ORIGINAL LLM's
-    key = max(original["text"], key=lambda k: original["text"][k].sum())  # Fig. 1/4's matrix
-    for name in [m for m in args.methods if m not in done or args.reanalyse]:
-        model, row = new_model(), method_row(name)
-        w0 = {k: v.detach().to("cpu", copy=True) for k, v in imp.importance_params(model).items()}
-        teacher = copy.deepcopy(model).eval().requires_grad_(False) if row.kl else None  # the original LLM
-        groups = setup_method(model, row, scales, args.lr, args.lora_lr, args.lora_r, original["text"], args.seed)
-        print(f"finetune {name}: {count(model)}")
-        try:
-            ck = run.stage(f"ft_{name}", lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}"), args.steps,
-                                                          teacher, row.replay), model)
-        except SystemExit as e:  # --reanalyse: an unreadable checkpoint keeps its method's previous results
-            if not (args.reanalyse and name in done):
-                raise
-            print(f"{e}; {name} keeps its previous results")
-            continue
-        with autocast(tc.device, tc.dtype):  # T2T / S2T / WER, then how far the textual importance moved
-            m = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, d.ft_batch)
-        lora.merge_lora(model)  # the weights the model uses, W + BA; in fp32, outside autocast
-        with autocast(tc.device, tc.dtype):
-            shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch,
-                                                args.importance_kind, name, tc.batch_size, tc.rank, tc.world, d.tok)
-        merge(run.report, rep)
-        if run.master:  # Fig. 1/4 as pictures: the original's most important matrix, and each method's ΔW there
-            mats = load_checkpoint(run.path("matrices.pt")) if os.path.exists(run.path("matrices.pt")) else \
-                {"key": key, "importance": original["text"][key], "delta_w": {}}
-            mats["delta_w"][name] = imp.importance_params(model)[key].detach().cpu() - w0[key]
-            save_checkpoint(run.path("matrices.pt"), mats)
-        run.results["methods"][name] = {**m, **shift, "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
-                                        "train_loss": loss_summary(ck["losses"])}
-        print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
-        run.save()
-    run.save(final=True)
+    work = lambda: evaluate.analyse_original(model, d.split("test"), d.calib, d.calib2, d.tok, d.text_batch,
+                                             d.ft_batch, args.importance_kind, args.seed, tc.batch_size)
+    with autocast(tc.device, tc.dtype):  # --reanalyse measures it again
+        return run.finish("importance_original", work) if args.reanalyse else stage(run, "importance_original", None,
+                                                                                    work)
 
-# -----------------------------------------------------------------------------
-# The run directory OUT: run.json (the settings), results.json, importance.json, a checkpoint per finished stage
-class RunDir:
-    def __init__(self, args, master=True, world=1):
-        """One writer (a lock the OS drops when the process ends, however); OUT holds one run: its settings."""
-        self.out, self.master, self.world = args.out, master, world
-        self.defer = args.reanalyse  # --reanalyse: results files replaced once, complete
-        self.lock = lock(args.out) if master else None
-        try:
-            if master:
-                self.check(settings(args), args.force)
-            barrier(world)
-            self.results = read_json(self.path("results.json"), {"methods": {}, "timing_s": {}})
-            self.report = read_json(self.path("importance.json"), {"distribution": {}, "top5_share": {}})
-        except BaseException:
-            if self.lock:
-                self.lock.close()  # an unreadable file releases the lock too
-            raise
-
-    def check(self, mine, force):  # another run's settings (of a setting now FIXED: its value then): refused
-        made = [f for f in os.listdir(self.out) if f.endswith(".pt") or f == "data"]
-        diff = [f"{k}={v!r}->{mine.get(k, FIXED.get(k))!r}" for k, v in read_json(self.path("run.json"), {}).items()
-                if mine.get(k, FIXED.get(k, v)) != v]
-        if made and diff and not force:
-            raise SystemExit(f"--out {self.out}: holds a run with other settings ({', '.join(diff[:4])}); "
-                             "use another --out, or --force to delete it")
-        if made and diff:  # --force: start over, OUT/data included (it may hold a world for other settings)
-            shutil.rmtree(self.path("data"), ignore_errors=True)
-            for f in [f for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]:
-                os.remove(self.path(f))
-        save_json(self.path("run.json"), mine)
-
-    def path(self, name):
-        return os.path.join(self.out, name)
-
-    def stage(self, name, fn, model=None, redo=False):
-        """Finished work is skipped here alone: OUT/<name>.pt loaded (into `model`), or ck = fn() saved there."""
-        if os.path.exists(self.path(f"{name}.pt")) and not redo:
-            ck = load_stage(self.path(f"{name}.pt"), model and model.cfg)
-            if model:
-                model.load_state_dict(ck["model"], strict=False)
-            return ck
-        t, ck = time.time(), fn()
-        merge(self.results, ck.pop("results", {}))
-        merge(self.report, ck.pop("report", {}))
-        self.results["timing_s"][name] = round(time.time() - t, 1)
-        if self.master:
-            save_checkpoint(self.path(f"{name}.pt"), ck)
-        self.save()
-        barrier(self.world)  # the checkpoint is written before any rank reads it
-        return ck
-
-    def save(self, final=False):
-        """results.json and importance.json, each replaced atomically; --reanalyse replaces them once, complete."""
-        if self.master and (final or not self.defer):
-            save_json(self.path("results.json"), self.results)
-            save_json(self.path("importance.json"), self.report)
-
-def lock(out):
-    try:
-        os.makedirs(out, exist_ok=True)
-        f = open(os.path.join(out, ".lock"), "a+")
-    except OSError as e:
-        raise SystemExit(f"--out {out}: cannot create it ({e.strerror})")
-    try:
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read()
-        f.close()
-        raise SystemExit(f"--out {out}: another train.py (pid {holder}) is writing to it; wait for it to end, "
-                         "or use another --out")
-    f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
-    return f
-
-def merge(into, new):  # one level deep: train_loss, distribution, ... gather the entries of every stage and method
-    for k, v in new.items():
-        into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
+def measure(run, model, name, w0, original, d, tc, args):
+    """Stage 5, one fine-tuned model: T2T / S2T / WER, what it reads, and how far its textual importance moved."""
+    with autocast(tc.device, tc.dtype):
+        m = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, d.ft_batch)
+    lora.merge_lora(model)  # the weights the model uses, W + BA; in fp32, outside autocast
+    with autocast(tc.device, tc.dtype):
+        shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch,
+                                            args.importance_kind, name, tc.batch_size, d.tok)
+    merge(run.report, rep)
+    if run.master:  # Fig. 1/4 as pictures: the original's most important matrix, and each method's ΔW there
+        evaluate.save_matrices(run.path("matrices.pt"), original["text"], name, imp.importance_params(model), w0)
+    print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
+    return {**m, **shift}
 
 def settings(args):  # every flag outside the "Run" group, the sizes, the DDP world size: another value, another run
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions} | {"log_every"}
     return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
 
-def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
-    try:
-        return json.load(open(path)) if empty is None or os.path.exists(path) else empty
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{path}: unreadable ({e}); restore it, or --force to start the run over")
-
-def save_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)  # never a half-written file
+FINE_TUNING = {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}  # --init-from may change
 
 def loss_summary(losses):  # mean training loss over the first and the last 10% of a stage's steps
     n = max(1, len(losses) // 10)
     return {"first": sum(losses[:n]) / n, "last": sum(losses[-n:]) / n} if losses else {}
 
-def read_record(args):
-    """--reanalyse: the settings not given on the command line from OUT/run.json, the methods from OUT/ft_*.pt."""
-    if not os.path.exists(os.path.join(args.out, "run.json")):
-        raise SystemExit(f"--reanalyse: {os.path.join(args.out, 'run.json')} not found; give a run made by train.py")
-    for k in (rec := read_json(os.path.join(args.out, "run.json"))).keys() - args.given:
-        setattr(args, k, rec[k])
-    if "method" not in args.given:
-        args.methods = sorted(f[3:-3] for f in os.listdir(args.out) if re.fullmatch(r"ft_\w+\.pt", f))
-    if not args.manifest and not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")):
-        raise SystemExit(f"--reanalyse: the run's data ({args.data_dir}) is gone; re-analysis needs exactly its data")
-
-def check_init_from(args):
-    """--init-from RUN: a finished run with these settings, but for fine-tuning's own. -> its results, its report"""
-    src, fine_tuning = args.init_from, {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}
-    need = ("run.json", "results.json", "importance.json", "importance_original.pt")
-    if not all(os.path.exists(os.path.join(src, f)) for f in need):
-        raise SystemExit(f"--init-from {src}: not a finished run (needs {', '.join(need)})")
-    theirs, mine = read_json(os.path.join(src, "run.json")), settings(args)
-    diff = [f"{k}={v!r}" for k, v in theirs.items() if k not in fine_tuning and mine.get(k, v) != v]
-    if diff:
-        raise SystemExit(f"--init-from {src}: its pretrain/align/analysis settings differ ({', '.join(diff[:4])})")
-    return [read_json(os.path.join(src, f)) for f in ("results.json", "importance.json")]
-
-def init_from(run, args, src):
-    """Copy RUN's pretrain, align and analysis checkpoints, numbers and self targets: seeds of one aligned model."""
-    (res, rep), run.results["init_from"] = src, args.init_from
-    if os.path.exists(run.path("importance_original.pt")):
-        return  # copied by an earlier start of this run
-    run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss") or "importance" in k})
-    for k, v in rep.items():  # the original LLM's entries; a method's are its own
-        run.report[k] = {**run.report.get(k, {}), **{n: x for n, x in v.items() if n.startswith("original")}} if k in \
-            ("distribution", "top5_share", "concentration", "distribution_own") else v
-    for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt", "self_targets.json"):
-        if run.master and os.path.exists(os.path.join(args.init_from, f)) and not os.path.exists(run.path(f)):
-            shutil.copyfile(os.path.join(args.init_from, f), run.path(f))
-    barrier(run.world)
+def stage(run, name, model, work):
+    """A finished stage is skipped, here alone: OUT/<name>.pt loaded (into `model`); else work() runs, saved there."""
+    return run.load(name, model) if run.done(name) else run.finish(name, work)
 
 # -----------------------------------------------------------------------------
 # main: the pipeline, one call per stage
@@ -535,11 +374,11 @@ def run_pipeline(args):
     rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
     if rows:
         data.check_rows(rows, splits, args.manifest, args.batch_size)
-    src = check_init_from(args) if args.init_from else None
-    run = RunDir(args, rank == 0, world)
+    src = check_init_from(args.init_from, settings(args), FINE_TUNING) if args.init_from else None
+    run = RunDir(args.out, settings(args), args.force, args.reanalyse, rank == 0, world)
     try:
         if src:
-            init_from(run, args, src)
+            init_from(run, args.init_from, src)
         t = time.time()
         d, n_mels = load_data(args, rank == 0, world, rows, splits)
         run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
@@ -553,28 +392,51 @@ def run_pipeline(args):
                           encoder=args.encoder, n_mels=n_mels, ctc_compress=compress)
         if args.llm and compress:  # a pretrained LLM's CTC head scores only the transcripts' tokens
             cfg.ctc_tokens = __import__("real").ctc_vocabulary(d)
-        new_model = lambda: build_model(cfg, run, args)
-        run.stage("pretrain", lambda: pretrain(new_model(), d, tc, 0 if args.llm else args.pretrain_steps))
+        model = build_model(cfg, args.seed, args.device)
+        done = [stage(run, "pretrain", model, lambda: pretrain(model, d, tc, 0 if args.llm else args.pretrain_steps))]
         print(f"pretrained LLM: T2T {run.results['pretrain']['t2t_acc']:.3f}")
         if args.targets == "self":  # behaviour alignment (BLSP, DiVA): answers in the LLM's own words, from here on
-            __import__("real").self_targets(d, new_model(), run.path("self_targets.json"), args)
-        run.stage("align_raw", lambda: align(new_model(), d, tc, args.align_steps, False))
+            __import__("real").self_targets(d, model, run.path("self_targets.json"), args)
+        done.append(stage(run, "align_raw", model, lambda: align(model, d, tc, args.align_steps, False)))
         if compress:
-            run.stage("align", lambda: align(new_model(), d, tc, args.compress_steps, True))
+            done.append(stage(run, "align", model, lambda: align(model, d, tc, args.compress_steps, True)))
         print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
-        analyse_and_finetune(run, args, new_model, d, tc)
+        aligned = lambda: build_model(cfg, args.seed, args.device, [ck["model"] for ck in done])  # each stage's start
+        original = analyse(run, args, aligned(), d, tc)
+        scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3): the ORIGINAL's
+        todo, measured = run.todo(args.methods, args.reanalyse)
+        for name in todo:  # stages 4 and 5, per method, each from the aligned model
+            model, row = aligned(), method_row(name)
+            w0 = {k: v.detach().to("cpu", copy=True) for k, v in imp.importance_params(model).items()}
+            teacher = copy.deepcopy(model).eval().requires_grad_(False) if row.kl else None  # the original LLM
+            groups = setup_method(model, row, scales, args.lr, args.lora_lr, args.lora_r, original["text"], args.seed)
+            print(f"finetune {name}: {count(model)}")
+            try:
+                ck = stage(run, f"ft_{name}", model, lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}"),
+                                                                     args.steps, teacher, row.replay))
+            except SystemExit as e:  # --reanalyse: an unreadable checkpoint keeps its method's previous results
+                if not (args.reanalyse and name in measured):
+                    raise
+                print(f"{e}; {name} keeps its previous results")
+                continue
+            run.results["methods"][name] = {**measure(run, model, name, w0, original, d, tc, args),
+                                            "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
+                                            "train_loss": loss_summary(ck["losses"])}
+            run.save()
+        run.save(final=True)
         evaluate.report(run.results, run.report, run.out if run.master else None)
         return run.results
     finally:
-        if run.master:
-            run.lock.close()  # the lock is released
+        run.close()
 
-def build_model(cfg, run, args):  # initial (or pretrained) weights, then what the finished stages trained
-    torch.manual_seed(args.seed)
-    model = SpeechLLM(cfg).to(args.device)
-    for stage in [s for s in ("pretrain", "align_raw", "align") if os.path.exists(run.path(f"{s}.pt"))]:
-        model.load_state_dict(load_stage(run.path(f"{stage}.pt"), cfg)["model"], strict=False)
+def build_model(cfg, seed, device, stages=()):
+    """The seeded initial (or pretrained) weights, then the finished stages' trained ones (their checkpoints' "model")."""
+    torch.manual_seed(seed)
+    model = SpeechLLM(cfg).to(device)
+    for state in stages:
+        model.load_state_dict(state, strict=False)
     return model
+
 
 def setup_ddp(args):
     """nanoGPT-style: under torchrun each process joins one group (NCCL; gloo on CPU); rank 0 alone writes, prints."""
@@ -587,10 +449,6 @@ def setup_ddp(args):
     sys.stdout = open(os.devnull, "w") if rank != 0 else sys.stdout
     torch.manual_seed(args.seed)
     return rank, args.world
-
-def barrier(world):  # wait until rank 0 has written what the other ranks read next
-    if world > 1:
-        dist.barrier()
 
 def run_seeds(args):
     """--seeds 0,1,2: the pipeline per seed in OUT/seed<N> (from --init-from RUN/seed<N>, or RUN), then mean ± sd."""

@@ -1,0 +1,200 @@
+"""
+rundir.py - the run directory OUT, so that train.py reads as the paper's pipeline: the settings that made the run
+(run.json), one writer at a time (.lock), a checkpoint per finished stage (<stage>.pt; --resume: <stage>.partial.pt),
+results.json and importance.json replaced whole, --reanalyse's record and --init-from's copy. Imports no project file.
+"""
+import json, os, re, shutil, time, zipfile
+fcntl = __import__("fcntl") if os.name == "posix" else None  # the lock (Windows runs without)
+
+import torch
+import torch.distributed as dist
+
+def save_checkpoint(path, ckpt):
+    """One dict (config, weights, ...), written atomically: a crash never leaves half a checkpoint."""
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+def load_checkpoint(path):
+    """A checkpoint on the CPU; one that cannot be read is named, with the fix, in one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated (PytorchStreamReader), not a zip, a pickle that is not plain data, ...
+        raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to redo that stage "
+                         "(a .partial.pt: to restart it), or --force to start over")
+
+def load_stage(path, cfg=None):
+    """A stage checkpoint, refused in one line when it is unreadable or was made with another model config (cfg: a
+    dataclass; a field newer than the checkpoint counts at its default)."""
+    ck = load_checkpoint(path)
+    theirs = {**vars(type(cfg)()), **ck.get("config", {})} if cfg is not None else {}
+    if cfg is not None and theirs != vars(cfg):
+        diff = [k for k in theirs if theirs[k] != vars(cfg).get(k)]
+        raise SystemExit(f"{path}: made with another model config ({', '.join(diff)}); use --force or another --out")
+    return ck
+
+def resume(partial, model, opt, go_on):
+    """An interrupted stage's resume file: with --resume (go_on) its weights, optimizer, RNG and losses are loaded,
+    else it is named. -> (the step to start at, the losses so far)"""
+    if partial and os.path.exists(partial) and go_on:
+        ck = load_checkpoint(partial)
+        model.load_state_dict(ck["model"], strict=False)
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])  # dropout draws continue exactly (batches are a function of step)
+        print(f"{os.path.basename(partial)[:-11]}: resumed at step {ck['step']}")
+        return ck["step"], ck["losses"]
+    if partial and os.path.exists(partial):
+        print(f"{os.path.basename(partial)[:-11]}: starting over; {partial} holds an interrupted run of it (--resume "
+              "continues it exactly)")
+    return 0, []
+
+def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
+    try:
+        return json.load(open(path)) if empty is None or os.path.exists(path) else empty
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: unreadable ({e}); restore it, or --force to start the run over")
+
+def save_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)  # never a half-written file
+
+def merge(into, new):  # one level deep: train_loss, distribution, ... gather the entries of every stage and method
+    for k, v in new.items():
+        into[k] = {**into.get(k, {}), **v} if isinstance(v, dict) and isinstance(into.get(k), dict) else v
+
+def barrier(world):  # DDP: wait until rank 0 has written what the other ranks read next
+    if world > 1:
+        dist.barrier()
+
+class RunDir:
+    def __init__(self, out, settings, force=False, reanalyse=False, master=True, world=1):
+        """One writer (a lock the OS drops when the process ends, however); OUT holds one run: its settings."""
+        self.out, self.master, self.world = out, master, world
+        self.defer = reanalyse  # --reanalyse: results files replaced once, complete
+        self.lock = lock(out) if master else None
+        try:
+            if master:
+                self.check(settings, force)
+            barrier(world)
+            self.results = read_json(self.path("results.json"), {"methods": {}, "timing_s": {}})
+            self.report = read_json(self.path("importance.json"), {"distribution": {}, "top5_share": {}})
+        except BaseException:
+            self.close()  # an unreadable file releases the lock too
+            raise
+
+    def check(self, mine, force):
+        """Another run's settings, or a setting this train.py no longer has, are refused; --force starts over."""
+        made = [f for f in os.listdir(self.out) if f.endswith(".pt") or f == "data"]
+        diff = [f"{k}={v!r}->{mine[k]!r}" if k in mine else f"{k}={v!r}: not a setting now"
+                for k, v in read_json(self.path("run.json"), {}).items() if k not in mine or mine[k] != v]
+        if made and diff and not force:
+            raise SystemExit(f"--out {self.out}: holds a run with other settings ({', '.join(diff[:4])}); "
+                             "use another --out, or --force to delete it")
+        if made and diff:  # --force: start over, OUT/data included (it may hold a world for other settings)
+            shutil.rmtree(self.path("data"), ignore_errors=True)
+            for f in [f for f in os.listdir(self.out) if f.endswith((".pt", ".json", ".png"))]:
+                os.remove(self.path(f))
+        save_json(self.path("run.json"), mine)
+
+    def path(self, name):
+        return os.path.join(self.out, name)
+
+    def done(self, name):  # a finished stage: its checkpoint is there
+        return os.path.exists(self.path(f"{name}.pt"))
+
+    def load(self, name, model=None):
+        """A finished stage's checkpoint (its weights loaded into `model`, whose config it must have been made with)."""
+        ck = load_stage(self.path(f"{name}.pt"), model and model.cfg)
+        if model is not None:
+            model.load_state_dict(ck["model"], strict=False)
+        return ck
+
+    def finish(self, name, fn):
+        """Run a stage: ck = fn(), saved as OUT/<name>.pt; its "results" and "report" go to the results files."""
+        t, ck = time.time(), fn()
+        merge(self.results, ck.pop("results", {}))
+        merge(self.report, ck.pop("report", {}))
+        self.results["timing_s"][name] = round(time.time() - t, 1)
+        if self.master:
+            save_checkpoint(self.path(f"{name}.pt"), ck)
+        self.save()
+        barrier(self.world)  # the checkpoint is written before any rank reads it
+        return ck
+
+    def save(self, final=False):
+        """results.json and importance.json, each replaced atomically; --reanalyse replaces them once, complete."""
+        if self.master and (final or not self.defer):
+            save_json(self.path("results.json"), self.results)
+            save_json(self.path("importance.json"), self.report)
+
+    def todo(self, methods, reanalyse):
+        """The methods still to fine-tune and measure (all under --reanalyse), and those measured already."""
+        done = dict(self.results["methods"])
+        for m in [] if reanalyse else set(done) & set(methods):  # their results stand on their checkpoints
+            if not self.done(f"ft_{m}"):
+                del done[m]  # deleted: fine-tuned again
+            elif not zipfile.is_zipfile(self.path(f"ft_{m}.pt")):  # torch.save writes a zip: a truncated one is not
+                raise SystemExit(f"{self.path(f'ft_{m}.pt')}: truncated; delete it to fine-tune {m} again")
+        return [m for m in methods if m not in done or reanalyse], done
+
+    def close(self):  # the lock is released
+        if self.lock:
+            self.lock.close()
+
+def lock(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        raise SystemExit(f"--out {out}: cannot create it ({e.strerror})")
+    try:
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read()
+        f.close()
+        raise SystemExit(f"--out {out}: another train.py (pid {holder}) is writing to it; wait for it to end, "
+                         "or use another --out")
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+def read_record(args):
+    """--reanalyse: the settings not given on the command line from OUT/run.json, the methods from OUT/ft_*.pt."""
+    if not os.path.exists(os.path.join(args.out, "run.json")):
+        raise SystemExit(f"--reanalyse: {os.path.join(args.out, 'run.json')} not found; give a run made by train.py")
+    for k in (rec := read_json(os.path.join(args.out, "run.json"))).keys() - args.given:
+        setattr(args, k, rec[k])
+    if "method" not in args.given:
+        args.methods = sorted(f[3:-3] for f in os.listdir(args.out) if re.fullmatch(r"ft_\w+\.pt", f))
+    if not args.manifest and not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")):
+        raise SystemExit(f"--reanalyse: the run's data ({args.data_dir}) is gone; re-analysis needs exactly its data")
+
+def check_init_from(src, mine, fine_tuning):
+    """--init-from RUN: a finished run whose settings equal mine but for fine_tuning's. -> its results, its report"""
+    need = ("run.json", "results.json", "importance.json", "importance_original.pt")
+    if not all(os.path.exists(os.path.join(src, f)) for f in need):
+        raise SystemExit(f"--init-from {src}: not a finished run (needs {', '.join(need)})")
+    theirs = read_json(os.path.join(src, "run.json"))
+    diff = [f"{k}={v!r}" for k, v in theirs.items() if k not in fine_tuning and mine.get(k, v) != v]
+    if diff:
+        raise SystemExit(f"--init-from {src}: its pretrain/align/analysis settings differ ({', '.join(diff[:4])})")
+    return [read_json(os.path.join(src, f)) for f in ("results.json", "importance.json")]
+
+def init_from(run, src, copied):
+    """Copy RUN's pretrain, align and analysis checkpoints, numbers and self targets: seeds of one aligned model.
+    copied: check_init_from's (results, report)."""
+    (res, rep), run.results["init_from"] = copied, src
+    if os.path.exists(run.path("importance_original.pt")):
+        return  # copied by an earlier start of this run
+    run.results.update({k: v for k, v in res.items() if k in ("pretrain", "no_ft", "train_loss", "s2t_chance")
+                        or "importance" in k})
+    for k, v in rep.items():  # the original LLM's entries; a method's are its own
+        run.report[k] = {**run.report.get(k, {}), **{n: x for n, x in v.items() if n.startswith("original")}} if k in \
+            ("distribution", "top5_share", "concentration", "distribution_own") else v
+    for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt", "self_targets.json"):
+        if run.master and os.path.exists(os.path.join(src, f)) and not os.path.exists(run.path(f)):
+            shutil.copyfile(os.path.join(src, f), run.path(f))
+    barrier(run.world)
