@@ -321,7 +321,7 @@ SPLITS = ("pretrain", "pretrain_val", "speech_train", "val", "test", "asr_test")
 
 def read_manifest(path):
     """JSONL -> rows, each line checked: a bad one stops with `file:line: what is wrong`, before any work."""
-    rows = []
+    rows, ids = [], {}
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
             try:
@@ -349,6 +349,9 @@ def read_manifest(path):
             if r.get("audio") and (sec := seconds(r["audio"], path, i)) > MAX_SECONDS:
                 raise ValueError(f"{path}:{i}: {r['audio']} lasts {sec:.1f} s, longer than the encoder's "
                                  f"{MAX_SECONDS} s window; split or crop it")
+            if r.get("id") in ids:  # features are stored by id: a second row would be answered from the first's audio
+                raise ValueError(f"{path}:{i}: id {r['id']!r} is also the id of line {ids[r['id']]}; ids must be unique")
+            ids[r.get("id")] = i
             rows.append(r)
     return rows
 

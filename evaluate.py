@@ -6,7 +6,7 @@ numbers. Right: the gold answer is "contained" (as the paper [inferred]; `right`
 
     python evaluate.py runs/default        # the tables of a finished run (or of --seeds: mean ± sd)
 """
-import json, math, os, random, re, sys
+import json, math, os, random, re, sys, unicodedata
 
 import torch
 from torchaudio.functional import edit_distance  # Levenshtein distance of two word lists
@@ -14,14 +14,24 @@ from torchaudio.functional import edit_distance  # Levenshtein distance of two w
 import importance as imp
 
 def normalize(text):
-    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+    """Any language: NFKC, casefolded, punctuation and symbols -> spaces; letters of every script and their accents
+    kept (café is not cafe; folding accents would also strip Japanese dakuten), digits kept."""
+    return " ".join(re.sub(r"[\W_]", " ", unicodedata.normalize("NFKC", text).casefold()).split())
 
-def wer(refs, hyps):  # corpus WER: (substitutions + deletions + insertions) / reference words
-    errors = sum(edit_distance(normalize(r).split(), normalize(h).split()) for r, h in zip(refs, hyps))  # S + D + I
-    return errors / max(1, sum(len(normalize(r).split()) for r in refs))
+def unspaced(text):  # written without spaces between words (Chinese, Japanese): scored by characters
+    return any(unicodedata.east_asian_width(c) in "WF" and c.isalpha() for c in text)
 
-def contains(gold, pred):
-    return f" {normalize(gold)} " in f" {normalize(pred)} "
+def words(text):  # WER's units: words, or characters where the text has no spaces
+    t = normalize(text)
+    return list(t.replace(" ", "")) if unspaced(t) else t.split()
+
+def wer(refs, hyps):  # corpus WER: (substitutions + deletions + insertions) / reference words (or characters)
+    errors = sum(edit_distance(words(r), words(h)) for r, h in zip(refs, hyps))  # S + D + I
+    return errors / max(1, sum(len(words(r)) for r in refs))
+
+def contains(gold, pred):  # the gold answer as whole words of the prediction (unspaced scripts: as a substring)
+    g, p = normalize(gold), normalize(pred)
+    return bool(g) and (g in p if unspaced(g) else f" {g} " in f" {p} ")
 
 def right(rows, preds):
     """Per row: the gold answer is in the prediction and no other gold answer of its relation (rows without one: of
@@ -35,7 +45,7 @@ def right(rows, preds):
     return [ok(r["answer"], p, r.get("relation")) for r, p in zip(rows, preds)]
 
 def exact(gold, pred):  # normalised exact match of the first line (an instruct LLM may add a sentence below)
-    return normalize(gold) == normalize(pred.strip().split("\n")[0])
+    return bool(normalize(gold)) and normalize(gold) == normalize(pred.strip().split("\n")[0])
 
 @torch.no_grad()
 def generate(model, rows, make, tok, batch_size=256, max_new_tokens=16):  # greedy; make: rows -> a typed/spoken batch

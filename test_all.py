@@ -327,6 +327,9 @@ def test_bad_audio_and_manifest_errors(tmp_path):
     m.write_text(json.dumps({**good, "transcript": " "}) + "\n")
     with pytest.raises(ValueError, match=r"m.jsonl:1: empty transcript"):
         data.read_manifest(str(m))
+    m.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": "y"}) + "\n")  # features are kept by id
+    with pytest.raises(ValueError, match=r"m.jsonl:2: id 'a' is also the id of line 1; ids must be unique"):
+        data.read_manifest(str(m))
 
 
 def test_wer_hand_checked():
@@ -336,6 +339,18 @@ def test_wer_hand_checked():
     assert evaluate.wer(["a b c d"], ["a b c d e f"]) == 0.5          # 2 insertions
     assert evaluate.wer(["a b", "c d e f"], ["a", "C, d e f!"]) == 1 / 6  # corpus level, normalised
     assert evaluate.contains("red", "it is Red.") and not evaluate.contains("red", "reddish")
+
+
+def test_scoring_any_language():
+    ev = evaluate
+    assert not ev.exact("東京", "大阪") and ev.exact("東京", "東京。")           # was: both "" -> equal
+    assert ev.contains("東京", "答えは東京です") and not ev.contains("東京", "答えは大阪です")  # no spaces: substring
+    assert ev.contains("北京", "首都是北京。") and not ev.contains("北京", "上海")
+    assert ev.contains("café", "Un CAFÉ, s'il vous plaît") and not ev.contains("café", "cafe")  # accents kept
+    assert ev.contains("São Paulo", "it is são paulo!") and ev.contains("ｐａｒｉｓ", "Paris")    # NFKC: full width
+    assert ev.wer(["東京に住む"], ["東京に住む"]) == 0 and ev.wer(["東京に住む"], ["大阪に住む"]) == 2 / 5  # characters
+    assert ev.wer(["il était là"], ["il etait la"]) == 2 / 3                                  # words, accents count
+    assert not ev.contains("", "anything") and not ev.exact("!", "?")                        # nothing to match
 
 
 def test_frozen_parts_get_no_gradient(world):
@@ -377,7 +392,7 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
              (["--method", ""], "--method: give at least one method"), (["--method", ","], "--method: give at least"),
              (["--steps", "-1"], "--steps: must be >= 1"), (["--batch-size", "0"], "--batch-size"),
              (["--lr", "0"], "--lr, --lora-lr: must be > 0"), (["--lam", "2"], "--lam: in [0, 1]"),
-             (["--seeds", "a"], "--seeds"), (["--align-steps", "-1"], "--align-steps: must be >= 0"),
+             (["--seeds", "a"], "--seeds"), (["--seeds", "0,0"], "--seeds 0,0: a seed given twice"), (["--align-steps", "-1"], "--align-steps: must be >= 0"),
              (["--out", str(tmp_path / "afile")], "is a file")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU"))
@@ -1038,6 +1053,8 @@ def test_bad_rank_and_unmatched_target():
     with pytest.raises(ValueError, match="qkv_proj"):
         inject_lora(model, targets=("q_proj", "qkv_proj"))
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # untouched on error
+    with pytest.raises(ValueError, match=r"r=100000 exceeds the smallest adapted matrix's side \(\d+\)"):
+        inject_lora(model, r=100000)  # a runaway: would build B, A far larger than the model
     assert len(inject_lora(model, targets="q_proj")) == 2  # a bare string is one target
     assert inject_lora(model, targets=("q_proj",)) == []  # never wraps twice
     assert not any(isinstance(m.base, LoRALinear) for m in model.modules() if isinstance(m, LoRALinear))

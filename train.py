@@ -90,6 +90,8 @@ def get_args(argv=None, **sizes):
         p.error(str(e) if "--method" in str(e) else "--seeds: comma-separated integers expected")
     if not args.methods:
         p.error("--method: give at least one method, e.g. --method full")
+    if len(set(args.seed_list)) < len(args.seed_list):
+        p.error(f"--seeds {args.seeds}: a seed given twice would count twice in the mean ± sd")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
