@@ -405,31 +405,35 @@ def run_pipeline(args):
         print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
         aligned = lambda: build_model(cfg, args.seed, args.device, [ck["model"] for ck in done])  # each stage's start
         original = analyse(run, args, aligned(), d, tc)
-        scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3): the ORIGINAL's
-        todo, measured = run.todo(args.methods, args.reanalyse)
-        for name in todo:  # stages 4 and 5, per method, each from the aligned model
-            model, row = aligned(), method_row(name)
-            w0 = {k: v.detach().to("cpu", copy=True) for k, v in imp.importance_params(model).items()}
-            teacher = copy.deepcopy(model).eval().requires_grad_(False) if row.kl else None  # the original LLM
-            groups = setup_method(model, row, scales, args.lr, args.lora_lr, args.lora_r, original["text"], args.seed)
-            print(f"finetune {name}: {count(model)}")
-            try:
-                ck = stage(run, f"ft_{name}", model, lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}"),
-                                                                     args.steps, teacher, row.replay))
-            except SystemExit as e:  # --reanalyse: an unreadable checkpoint keeps its method's previous results
-                if not (args.reanalyse and name in measured):
-                    raise
-                print(f"{e}; {name} keeps its previous results")
-                continue
-            run.results["methods"][name] = {**measure(run, model, name, w0, original, d, tc, args),
-                                            "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
-                                            "train_loss": loss_summary(ck["losses"])}
-            run.save()
+        finetune_all(run, args, aligned, original, d, tc)
         run.save(final=True)
         evaluate.report(run.results, run.report, run.out if run.master else None)
         return run.results
     finally:
         run.close()
+
+def finetune_all(run, args, aligned, original, d, tc):
+    """Stages 4 and 5 per method, each from the aligned model (aligned(): a fresh copy): fine-tune, then measure."""
+    scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3): the ORIGINAL's
+    todo, measured = run.todo(args.methods, args.reanalyse)
+    for name in todo:
+        model, row = aligned(), method_row(name)
+        w0 = {k: v.detach().to("cpu", copy=True) for k, v in imp.importance_params(model).items()}
+        teacher = copy.deepcopy(model).eval().requires_grad_(False) if row.kl else None  # the original LLM
+        groups = setup_method(model, row, scales, args.lr, args.lora_lr, args.lora_r, original["text"], args.seed)
+        print(f"finetune {name}: {count(model)}")
+        try:
+            ck = stage(run, f"ft_{name}", model, lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}"),
+                                                                 args.steps, teacher, row.replay))
+        except SystemExit as e:  # --reanalyse: an unreadable checkpoint keeps its method's previous results
+            if not (args.reanalyse and name in measured):
+                raise
+            print(f"{e}; {name} keeps its previous results")
+            continue
+        run.results["methods"][name] = {**measure(run, model, name, w0, original, d, tc, args),
+                                        "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
+                                        "train_loss": loss_summary(ck["losses"])}
+        run.save()
 
 def build_model(cfg, seed, device, stages=()):
     """The seeded initial (or pretrained) weights, then the finished stages' trained ones (their checkpoints' "model")."""
