@@ -129,40 +129,94 @@ def importance(model, rows, make, kind="taylor", batch_size=32, per_row=None):
         per_row.extend(parts[i % world][i // world] for i in range(len(rows)))  # rank r took rows r, r + world, ...
     return scores
 
-def analyse_original(model, test, calib, calib2, tok, make_text, make_speech, kind, seed=0, batch_size=32):
-    """The original LLM's textual (transcripts typed) and speech importance on the calibration rows; Table 1 on 400
-    test questions (a seeded sample), all and those it answers right (where wrong, any perturbation lowers a
-    confidently wrong answer's perplexity); the noise floor: the second set, (per-sample kinds) 200 random pairs of
-    disjoint sets of both sets' rows; the style control. -> the scores, and the "results" and "report" entries"""
-    res, rep, scores = {}, {"distribution": {}, "top5_share": {}}, {"text2": None}
+def analyse_original(model, d, kind, seed=0, batch_size=32, per_row=None):
+    """The paper's analysis of the original LLM: its textual (transcripts typed) and speech importance on the
+    calibration rows, Fig. 1/2's structure, and Table 1 on 400 test questions (a seeded sample), all and those it
+    answers right (where wrong, any perturbation lowers a confidently wrong answer's perplexity). per_row (a list):
+    each calibration row's textual importance per layer is appended. -> scores, "results" and "report" entries"""
+    res, rep, scores = {}, {"distribution": {}, "top5_share": {}}, {}
+    test = d.split("test")
     test = [test[i] for i in sorted(random.Random(0).sample(range(len(test)), min(len(test), 400)))]  # Table 1's
-    per_row = [] if kind != "taylor" else None  # per-sample kinds: each calibration row's textual importance per layer
-    for inp, make in (("text", make_text), ("speech", make_speech)):
-        answered = [r for r, ok in zip(test, right(test, accuracy(model, test, make, tok)[2])) if ok]
-        scores[inp] = importance(model, calib, make, kind, batch_size, per_row if inp == "text" else None)
+    for inp, make in (("text", d.text_batch), ("speech", d.ft_batch)):
+        answered = [r for r, ok in zip(test, right(test, accuracy(model, test, make, d.tok)[2])) if ok]
+        scores[inp] = importance(model, d.calib, make, kind, batch_size, per_row if inp == "text" else None)
         t1 = {sub: table1_check(model, scores[inp], rows, make, seed) for sub, rows in (("all", test),
                                                                                        ("answered", answered)) if rows}
         rep["distribution"][f"original_{inp}"] = imp.layer_distribution(scores[inp])
         rep["top5_share"][f"original_{inp}"] = imp.top_share_by_layer(scores[inp], 0.05)
         rep[f"table1_{inp}"] = {sub: t1.get(sub) for sub in ("all", "answered")}
         res[inp] = {**t1["all"], "answered": t1.get("answered", {})}
-    res = {"importance_validation": {**res["text"], "speech": res["speech"]}}
-    if len(calib2) == len(calib):  # no noise floor if the pool is too small for two sets
-        scores["text2"] = importance(model, calib2, make_text, kind, batch_size, per_row)
-        rep["noise_floor"] = imp.shift_metrics(scores["text"], scores["text2"])
-        res.update(importance_noise_js=rep["noise_floor"]["js"],
-                   importance_noise_total_ratio=rep["noise_floor"]["total_ratio"])
-        if per_row:  # the two sets are one draw of the noise; random pairs from both sets' rows give its mean
-            rep["noise_floor_resampled"] = nf = imp.noise_floor(per_row, len(calib), seed=seed)
-            res.update(importance_noise_js_mean=nf["mean"], importance_noise_js_p90=nf["p90"])
     rep["concentration"] = {"original_text": imp.concentration(scores["text"])}  # Fig. 1: rows / columns
-    own = own_answers(model, calib, make_text, tok)  # the style control, and its noise on the second set:
-    scores["own"] = importance(model, own, make_text, kind, batch_size)
-    rep["distribution_own"] = {"original": imp.layer_distribution(scores["own"])}
-    if scores["text2"] is not None:
-        own2 = importance(model, own_answers(model, calib2, make_text, tok), make_text, kind, batch_size)
-        res["importance_noise_js_own"] = imp.shift_metrics(scores["own"], own2)["js"]
-    return {"text": scores["text"], "text2": scores["text2"], "own": scores["own"], "results": res, "report": rep}
+    return {**scores, "results": {"importance_validation": {**res["text"], "speech": res["speech"]}}, "report": rep}
+
+def table1_check(model, scores, rows, make, seed=0):
+    """Table 1: answer perplexity after zeroing the top / bottom / random 3% of the weights by `scores`, x baseline."""
+    t1 = imp.table1(model, scores, lambda: perplexity(model, rows, make), frac=0.03, seed=seed)
+    ratios = {f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}
+    return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
+
+def measure_shift(model, w0, original, d, kind, name, batch_size=32):
+    """Fig. 2/3: the textual importance of the weights used (merge LoRA first) against the original's; Fig. 4: ΔW's
+    rows and columns. -> (metrics, report entries)"""
+    text = importance(model, d.calib, d.text_batch, kind, batch_size)
+    m = {"importance_shift": imp.shift_metrics(original["text"], text)}
+    m.update(importance_js=m["importance_shift"]["js"], importance_spearman=m["importance_shift"]["spearman"])
+    rep = {"distribution": {name: imp.layer_distribution(text)}, "top5_share": {name: imp.top_share_by_layer(text)}}
+    dw = {k: v.detach().cpu() - w0[k] for k, v in imp.importance_params(model).items()}  # ΔW (LoRA: BA)
+    if any(x.any() for x in dw.values()):  # Fig. 4: does ΔW gather on a few rows/columns too?
+        rep["concentration"] = {f"{name}_delta_w": imp.concentration(dw)}
+        m["delta_w_concentration"] = rep["concentration"][f"{name}_delta_w"]["all"]["ratio"]
+    return m, rep
+
+# -----------------------------------------------------------------------------
+# Our controls, each its own call: the noise floor, the style control (and the seed spread: js_between_seeds)
+def noise_floor(model, d, text, kind, batch_size=32, per_row=None, seed=0):
+    """How far the original's distribution moves between two calibration sets (d.calib2: the second); per-sample
+    kinds also over 200 random pairs of disjoint sets of both sets' rows (per_row: the first set's rows, extended
+    here). -> the second set's scores, "results" and "report" entries"""
+    text2 = importance(model, d.calib2, d.text_batch, kind, batch_size, per_row)
+    rep = {"noise_floor": imp.shift_metrics(text, text2)}
+    res = dict(importance_noise_js=rep["noise_floor"]["js"],
+               importance_noise_total_ratio=rep["noise_floor"]["total_ratio"])
+    if per_row:  # the two sets are one draw of the noise; random pairs from both sets' rows give its mean
+        rep["noise_floor_resampled"] = nf = imp.noise_floor(per_row, len(d.calib), seed=seed)
+        res.update(importance_noise_js_mean=nf["mean"], importance_noise_js_p90=nf["p90"])
+    return text2, res, rep
+
+def own_answers(model, rows, make, tok, max_new_tokens=48):  # the style control's targets: its greedy answers
+    answers = generate(model, rows, make, tok, max_new_tokens=max_new_tokens)  # each model in its own style
+    return [{**r, "target": a.strip()} for r, a in zip(rows, answers)]
+
+def own_importance(model, d, kind, batch_size=32, rows=None):  # the style control: importance on its own answers
+    return importance(model, own_answers(model, rows or d.calib, d.text_batch, d.tok), d.text_batch, kind, batch_size)
+
+def original_controls(model, d, original, kind, seed=0, batch_size=32, per_row=None):
+    """Our controls added to the original's analysis: the noise floor (a second calibration set), and the style
+    control (the importance on its own greedy answers, with that one's noise on the second set)."""
+    res, rep, original["text2"] = original["results"], original["report"], None
+    if len(d.calib2) == len(d.calib):  # no noise floor if the pool is too small for two sets
+        original["text2"], r, p = noise_floor(model, d, original["text"], kind, batch_size, per_row, seed)
+        res.update(r)
+        rep.update(p)
+    original["own"] = own_importance(model, d, kind, batch_size)
+    rep["distribution_own"] = {"original": imp.layer_distribution(original["own"])}
+    if original["text2"] is not None:
+        own2 = own_importance(model, d, kind, batch_size, d.calib2)
+        res["importance_noise_js_own"] = imp.shift_metrics(original["own"], own2)["js"]
+    return original
+
+def shift_controls(model, original, d, kind, name, batch_size=32):
+    """The shift on the second calibration set (does the order of methods hold?), and with each model scored on its
+    own greedy answers (style held fixed). -> (metrics, report entries)"""
+    m, rep = {}, {}
+    if original.get("text2") is not None:
+        m["importance_shift_2"] = imp.shift_metrics(original["text2"],
+                                                    importance(model, d.calib2, d.text_batch, kind, batch_size))
+    if original.get("own") is not None:
+        own = own_importance(model, d, kind, batch_size)
+        m["importance_shift_own"] = imp.shift_metrics(original["own"], own)
+        rep["distribution_own"] = {name: imp.layer_distribution(own)}
+    return m, rep
 
 def save_matrices(path, original, name, weights, w0):
     """Fig. 1/4's data [ours: as pictures]: the original's most important matrix (its importance), and each method's
@@ -172,36 +226,6 @@ def save_matrices(path, original, name, weights, w0):
     mats["delta_w"][name] = weights[key].detach().cpu() - w0[key]
     torch.save(mats, path + ".tmp")
     os.replace(path + ".tmp", path)
-
-def table1_check(model, scores, rows, make, seed=0):
-    """Table 1: answer perplexity after zeroing the top / bottom / random 3% of the weights by `scores`, x baseline."""
-    t1 = imp.table1(model, scores, lambda: perplexity(model, rows, make), frac=0.03, seed=seed)
-    ratios = {f"{k}_ratio": t1[k] / t1["baseline"] for k in ("top", "bottom", "random")}
-    return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
-
-def own_answers(model, rows, make, tok, max_new_tokens=48):  # the style control [ours]: targets = its greedy answers
-    answers = generate(model, rows, make, tok, max_new_tokens=max_new_tokens)  # each model in its own style
-    return [{**r, "target": a.strip()} for r, a in zip(rows, answers)]
-
-def measure_shift(model, w0, original, calib, calib2, make_text, kind, name, batch_size=32, tok=None):
-    """Fig. 2/3: the textual importance of the weights used (merge LoRA first) against the original's, on both
-    calibration sets, and with each model's own answers as targets; Fig. 4: ΔW's rows/columns. -> (metrics, report)"""
-    text = importance(model, calib, make_text, kind, batch_size)
-    m = {"importance_shift": imp.shift_metrics(original["text"], text)}
-    m.update(importance_js=m["importance_shift"]["js"], importance_spearman=m["importance_shift"]["spearman"])
-    if original["text2"] is not None:  # the same shift on the second set: does the order of methods hold?
-        text2 = importance(model, calib2, make_text, kind, batch_size)
-        m["importance_shift_2"] = imp.shift_metrics(original["text2"], text2)
-    rep = {"distribution": {name: imp.layer_distribution(text)}, "top5_share": {name: imp.top_share_by_layer(text)}}
-    dw = {k: v.detach().cpu() - w0[k] for k, v in imp.importance_params(model).items()}  # ΔW (LoRA: BA)
-    if any(x.any() for x in dw.values()):  # Fig. 4: does ΔW gather on a few rows/columns too?
-        rep["concentration"] = {f"{name}_delta_w": imp.concentration(dw)}
-        m["delta_w_concentration"] = rep["concentration"][f"{name}_delta_w"]["all"]["ratio"]
-    if original.get("own") is not None:  # style held fixed: both models scored on their own answers
-        own = importance(model, own_answers(model, calib, make_text, tok), make_text, kind, batch_size)
-        m["importance_shift_own"] = imp.shift_metrics(original["own"], own)
-        rep["distribution_own"] = {name: imp.layer_distribution(own)}
-    return m, rep
 
 # -----------------------------------------------------------------------------
 # Reporting: Tables 1 and 2, Fig. 2 as terminal bars (+ a PNG with matplotlib), mean ± sd over seeds

@@ -332,8 +332,9 @@ def analyse(run, args, model, d, tc):
         later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
         d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later},
                                              by_length=bool(args.encoder))
-    work = lambda: evaluate.analyse_original(model, d.split("test"), d.calib, d.calib2, d.tok, d.text_batch,
-                                             d.ft_batch, args.importance_kind, args.seed, tc.batch_size)
+    kind, per_row = args.importance_kind, [] if args.importance_kind != "taylor" else None  # per_row: noise draws
+    work = lambda: evaluate.original_controls(model, d, evaluate.analyse_original(
+        model, d, kind, args.seed, tc.batch_size, per_row), kind, args.seed, tc.batch_size, per_row)
     with autocast(tc.device, tc.dtype):  # --reanalyse measures it again
         return run.finish("importance_original", work) if args.reanalyse else stage(run, "importance_original", None,
                                                                                     work)
@@ -344,13 +345,13 @@ def measure(run, model, name, w0, original, d, tc, args):
         m = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, d.ft_batch)
     lora.merge_lora(model)  # the weights the model uses, W + BA; in fp32, outside autocast
     with autocast(tc.device, tc.dtype):
-        shift, rep = evaluate.measure_shift(model, w0, original, d.calib, d.calib2, d.text_batch,
-                                            args.importance_kind, name, tc.batch_size, d.tok)
-    merge(run.report, rep)
+        shift, rep = evaluate.measure_shift(model, w0, original, d, args.importance_kind, name, tc.batch_size)
+        more, rep2 = evaluate.shift_controls(model, original, d, args.importance_kind, name, tc.batch_size)  # ours
+    merge(run.report, {**rep, **rep2})
     if run.master:  # Fig. 1/4 as pictures: the original's most important matrix, and each method's ΔW there
         evaluate.save_matrices(run.path("matrices.pt"), original["text"], name, imp.importance_params(model), w0)
     print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
-    return {**m, **shift}
+    return {**m, **shift, **more}
 
 def settings(args):  # every flag outside the "Run" group, the sizes, the DDP world size: another value, another run
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions} | {"log_every"}
