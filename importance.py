@@ -344,6 +344,6 @@ def plot_matrices(importance, deltas, path, frac=0.05, title=""):
     axes[0][0].legend(loc="upper right", markerscale=4, fontsize=7)
     fig.suptitle(f"{title}: log10 |value|; red: the top {frac:.0%} of each", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

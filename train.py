@@ -3,6 +3,7 @@ train.py - the paper's pipeline, one function per stage, and the one hand-writte
 data (data.py) -> pretrain (the tiny LLM learns every fact from text: "the original LLM") -> align (encoder +
 adaptor feed the frozen LLM: "no fine-tuning") -> analyse (the original's importance, Table 1, the noise floor) ->
 per method (METHODS), from the same aligned model: finetune, then measure (T2T / S2T / WER, the shift, Fig. 2/3).
+Where results and checkpoints live, and which stages are finished: rundir.py.
 
     python train.py --quick                    # every stage, tiny: ~30 s on 2 CPU cores
     python train.py                            # the default comparison (README: Results)
@@ -404,7 +405,7 @@ def run_pipeline(args):
         if compress:
             done.append(stage(run, "align", model, lambda: align(model, d, tc, args.compress_steps, True)))
         print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
-        aligned = lambda: build_model(cfg, args.seed, args.device, [ck["model"] for ck in done])  # each stage's start
+        aligned = lambda: build_model(cfg, args.seed, args.device, [ck["model"] for ck in done])  # afresh, each time
         original = analyse(run, args, aligned(), d, tc)
         finetune_all(run, args, aligned, original, d, tc)
         run.save(final=True)
