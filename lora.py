@@ -92,8 +92,7 @@ def inject_lora(model: nn.Module, targets=TARGETS, r: int = 8, alpha: float = 16
     if missing := [t for t in targets if t not in matched]:
         raise ValueError(f"inject_lora: targets {missing} matched no nn.Linear; Linear modules include {linears[:6]}")
     if found and r > (low := min(min(model.get_submodule(n).weight.shape) for n in found)):
-        raise ValueError(f"inject_lora: r={r} exceeds the smallest adapted matrix's side ({low}); B @ A of rank r "
-                         f"would have more parameters than the matrix it updates: use r <= {low}")
+        raise ValueError(f"inject_lora: r={r} exceeds the smallest adapted matrix's side ({low}); use r <= {low}")
     for name in found:
         _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora))
     return found
