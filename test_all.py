@@ -1074,7 +1074,7 @@ def test_unload_gives_plain_model(tmp_path):
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_export(tmp_path, rslora):
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason="needs peft: pip install peft")
     model = lora_llama(r=4, alpha=8, rslora=rslora)
     save_peft_adapter(model, tmp_path, base_model_name_or_path="tiny-llama")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -1086,7 +1086,7 @@ def test_peft_export(tmp_path, rslora):
 
 
 def test_peft_export_with_prefix(tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = pytest.importorskip("peft", reason="needs peft: pip install peft")
     wrapper = nn.Module()
     wrapper.llm, wrapper.adaptor = lora_llama(r=4, alpha=8), nn.Linear(4, 32)
     save_peft_adapter(wrapper, tmp_path, prefix="llm")  # trailing "." is optional
