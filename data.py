@@ -8,7 +8,7 @@ choosing settings. So S2T needs the LLM's text knowledge, and T2T measures how m
 
     python data.py build runs/data/world        # world + tokenizer + audio + manifest.jsonl (~20 s)
 """
-import importlib, importlib.util, json, multiprocessing, os, random, sys, tempfile, wave
+import hashlib, importlib, importlib.util, json, multiprocessing, os, random, sys, tempfile, wave
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -373,6 +373,20 @@ def check_rows(rows, needed, path, batch_size):
                                                                                    finetune_rows(rows))):
         if 0 < len(split) < batch_size:
             raise SystemExit(f"--batch-size {batch_size}: larger than the {name} split ({len(split)} rows in {path})")
+
+def fingerprint(path):
+    """A manifest's content hash with its audio files' sizes and modification times: a run records it (run.json), and
+    a rerun over changed data is another run. Lines that do not parse are left to read_manifest to report."""
+    h, base = hashlib.sha256(), os.path.dirname(os.path.abspath(path))
+    for raw in open(path, "rb"):
+        h.update(raw)
+        try:
+            audio = json.loads(raw).get("audio")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(audio, str) and os.path.isfile(a := os.path.join(base, audio)):
+            h.update(f"{os.path.getsize(a)}:{os.stat(a).st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 def write_jsonl(path, rows):  # atomically, as every file here
     with open(f"{path}.{os.getpid()}.tmp", "w") as f:

@@ -813,6 +813,19 @@ def test_out_dir_holding_another_run_is_refused(tmp_path):
     opened("--lr", "0.1")  # the same run
 
 
+def test_changed_data_is_another_run(tmp_path):
+    row = {"id": "a", "transcript": "hi", "question": "hi", "answer": "x", "task": "qa", "split": "test"}
+    m, out = tmp_path / "m.jsonl", str(tmp_path / "run")
+    m.write_text(json.dumps(row) + "\n")
+    open_run(["--out", out, "--manifest", str(m)])
+    open(os.path.join(out, "pretrain.pt"), "w").close()  # a finished stage
+    open_run(["--out", out, "--manifest", str(m)])        # the same data: the same run
+    m.write_text(json.dumps({**row, "answer": "y"}) + "\n")  # an answer changed: its numbers would be stale
+    with pytest.raises(SystemExit, match=r"other settings \(data_fingerprint='\w+'->'\w+'\); use another --out"):
+        open_run(["--out", out, "--manifest", str(m)])
+    assert os.path.exists(os.path.join(out, "pretrain.pt"))  # nothing touched
+
+
 def test_checkpoint_from_another_model_config_is_refused(tmp_path):
     from rundir import load_stage, save_checkpoint
     path = str(tmp_path / "align.pt")

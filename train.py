@@ -356,7 +356,10 @@ def measure(run, model, name, w0, original, d, tc, args):
 
 def settings(args):  # every flag outside the "Run" group, the sizes, the DDP world size: another value, another run
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions} | {"log_every"}
-    return {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
+    mine = {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
+    if args.manifest and os.path.isfile(args.manifest):  # a run knows its data: changed data is another run
+        mine["data_fingerprint"] = data.fingerprint(args.manifest)
+    return mine
 
 FINE_TUNING = {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}  # --init-from may change
 
