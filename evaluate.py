@@ -12,6 +12,7 @@ import torch
 from torchaudio.functional import edit_distance  # Levenshtein distance of two word lists
 
 import importance as imp
+from rundir import load_checkpoint, save_checkpoint
 
 def normalize(text):
     """Any language: NFKC, casefolded, punctuation and symbols -> spaces; letters of every script and their accents
@@ -75,7 +76,6 @@ def chance(rows):
         by.setdefault(r.get("relation"), []).append(normalize(r["answer"]))
     return sum(max(map(a.count, set(a))) for a in by.values()) / max(1, len(rows))
 
-@torch.no_grad()
 def transcribe(model, rows, make, tok, batch_size=256):  # the greedy CTC transcripts: what the LLM reads
     model.eval()
     return [tok.decode(t) for i in range(0, len(rows), batch_size)
@@ -222,10 +222,9 @@ def save_matrices(path, original, name, weights, w0):
     """Fig. 1/4's data [ours: as pictures]: the original's most important matrix (its importance), and each method's
     ΔW there, gathered in one small file for report()'s matrices.png."""
     key = max(original, key=lambda k: original[k].sum())
-    mats = torch.load(path) if os.path.exists(path) else {"key": key, "importance": original[key], "delta_w": {}}
+    mats = load_checkpoint(path) if os.path.exists(path) else {"key": key, "importance": original[key], "delta_w": {}}
     mats["delta_w"][name] = weights[key].detach().cpu() - w0[key]
-    torch.save(mats, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    save_checkpoint(path, mats)
 
 # -----------------------------------------------------------------------------
 # Reporting: Tables 1 and 2, Fig. 2 as terminal bars (+ a PNG with matplotlib), mean ± sd over seeds
@@ -234,7 +233,8 @@ def report(results, rep, out=None, sd=None, runs=None):
     distributions, for the shift's figure)."""
     dists = {k: v for k, v in rep["distribution"].items() if k != "original_speech"}
     print("\nLayer-wise textual importance (Fig. 2 analogue):\n" + imp.bar_chart(dists))
-    mats = out and os.path.exists(os.path.join(out, "matrices.pt")) and torch.load(os.path.join(out, "matrices.pt"))
+    path = out and os.path.join(out, "matrices.pt")
+    mats = path and os.path.exists(path) and load_checkpoint(path)
     for name, ok in (("importance.png", out and imp.plot_distributions(dists, os.path.join(out, "importance.png"))),
                      ("shift.png", out and imp.plot_shift(runs or [dists], os.path.join(out, "shift.png"))),
                      ("matrices.png", mats and imp.plot_matrices(mats["importance"], mats["delta_w"],

@@ -282,31 +282,36 @@ def bar_chart(dists, width=40):
             lines.append(f"{f'layer {i:>2}' if j == 0 else '':<8}  {name:<{w}} {bar:<{width}} {v:.3f}")
     return "\n".join(lines)
 
-def plot_distributions(dists, path):
-    """Fig. 2/3-style line plot of layer distributions to a PNG; None when matplotlib is not installed."""
+def pyplot():  # matplotlib's pyplot drawing to files, or None: the figures are optional
     try:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
     plt.switch_backend("Agg")
+    return plt
+
+def save_figure(plt, fig, path, dpi=120):
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+def plot_distributions(dists, path):
+    """Fig. 2/3-style line plot of layer distributions to a PNG; None when matplotlib is not installed."""
+    if (plt := pyplot()) is None:
+        return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, d in dists.items():
         ax.plot(range(len(d)), d, marker="o", label=name)
     ax.set(xlabel="layer", ylabel="share of importance")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 def plot_shift(runs, path):
     """The shift itself, per layer: each method's share minus the original's (runs: one {name: distribution} per
     seed, with "original_text"); a thin line per seed, the mean bold. -> path, or None without matplotlib."""
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return None
-    plt.switch_backend("Agg")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = [k for k in runs[0] if not k.startswith("original")]
     for i, name in enumerate(names):
@@ -318,32 +323,23 @@ def plot_shift(runs, path):
     ax.set_xticks(range(len(runs[0]["original_text"])))
     ax.set(xlabel="layer", ylabel="share of importance − original's", title=f"the shift ({len(runs)} seed(s))")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 def plot_matrices(importance, deltas, path, frac=0.05, title=""):
     """Fig. 1 and 4 as pictures: one matrix's importance with its top-frac entries marked, and each method's |ΔW| on
     the same matrix (deltas: {name: 2-D tensor}). -> path, or None without matplotlib."""
-    try:
-        import matplotlib.pyplot as plt
-    except ImportError:
+    if (plt := pyplot()) is None:
         return None
-    plt.switch_backend("Agg")
     mats = {"original importance": importance, **{f"{n} |ΔW|": d for n, d in deltas.items()}}
     fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4), squeeze=False)
     for ax, (name, m) in zip(axes[0], mats.items()):
         a = m.detach().abs().float().cpu()
-        ax.imshow(a.clamp(min=a[a > 0].min() if (a > 0).any() else 1e-30).log10().numpy(), cmap="viridis", aspect="auto",
-                  interpolation="nearest")
+        low = a[a > 0].min() if (a > 0).any() else 1e-30
+        ax.imshow(a.clamp(min=low).log10().numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
         top = a.flatten().topk(max(1, int(round(frac * a.numel())))).indices
         rows, cols = top // a.shape[1], top % a.shape[1]
         ax.scatter(cols.numpy(), rows.numpy(), s=1, c="red", marker="s", linewidths=0, label=f"top {frac:.0%}")
         ax.set(title=name, xlabel="input column", ylabel="output row" if ax is axes[0][0] else None)
     axes[0][0].legend(loc="upper right", markerscale=4, fontsize=7)
     fig.suptitle(f"{title}: log10 |value|; red: the top {frac:.0%} of each", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path, dpi=80)

@@ -31,7 +31,6 @@ SIZES = dict(n_entities=data.N_ENTITIES, n_layers=ModelConfig.n_layers, d_llm=Mo
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 
-
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=type(
         "F", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {}))
@@ -381,8 +380,9 @@ def run_pipeline(args):
     rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
     if rows:
         data.check_rows(rows, splits, args.manifest, args.batch_size)
-    src = check_init_from(args.init_from, settings(args), FINE_TUNING) if args.init_from else None
-    run = RunDir(args.out, settings(args), args.force, args.reanalyse, rank == 0, world)
+    mine = settings(args)  # (a manifest's fingerprint read once)
+    src = check_init_from(args.init_from, mine, FINE_TUNING) if args.init_from else None
+    run = RunDir(args.out, mine, args.force, args.reanalyse, rank == 0, world)
     try:
         if src:
             init_from(run, args.init_from, src)
@@ -441,7 +441,7 @@ def finetune_all(run, args, aligned, original, d, tc):
         run.save()
 
 def build_model(cfg, seed, device, stages=()):
-    """The seeded initial (or pretrained) weights, then the finished stages' trained ones (their checkpoints' "model")."""
+    """The seeded initial (or pretrained) weights, then the finished stages' trained ones (checkpoints' "model")."""
     torch.manual_seed(seed)
     model = SpeechLLM(cfg).to(device)
     for state in stages:
