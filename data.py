@@ -161,6 +161,26 @@ class Tokenizer:
             ids += [self.speech_id] + (self.encode(speech[1]) if speech[1].strip() else [])
         return [self.bos_id, self.sp.piece_to_id("<user>")] + ids + [self.sp.piece_to_id("<assistant>")]
 
+class HFTokenizer:
+    """A pretrained LLM's transformers tokenizer (a dir, or a .gguf's) behind Tokenizer's interface: its chat template
+    for the prompt, `<speech>` spliced in by position as id -1."""
+    def __init__(self, path):
+        from transformers import AutoTokenizer
+        gguf = dict(gguf_file=os.path.basename(path)) if path.endswith(".gguf") else {}
+        self.tok = AutoTokenizer.from_pretrained(os.path.dirname(path) if gguf else path, **gguf)
+        self.eos_id, self.bos_id, self.speech_id = self.tok.eos_token_id, self.tok.bos_token_id, -1
+        self.vocab_size = len(self.tok)
+        self.pad_id = self.eos_id if self.tok.pad_token_id is None else self.tok.pad_token_id
+        self.encode = lambda text: self.tok.encode(text, add_special_tokens=False)
+        self.decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)
+
+    def prompt(self, user):
+        text = self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                            add_generation_prompt=True) if self.tok.chat_template else (
+            (self.tok.bos_token or "") + user + "\n")
+        before, *after = text.split("<speech>")
+        return self.encode(before) + ([self.speech_id] + self.encode(after[0]) if after else [])
+
 def train_tokenizer(texts, model_prefix, vocab_size=256):
     import sentencepiece as spm
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
@@ -449,7 +469,7 @@ def build(data_dir, seed=0, n_entities=N_ENTITIES, rows=None):
 @dataclass
 class Data:
     rows: list              # manifest rows (read_manifest)
-    tok: object             # Tokenizer, or real.HFTokenizer of a real LLM
+    tok: object             # Tokenizer, or HFTokenizer of a pretrained LLM
     features: dict          # id -> log-mel (n_mels, T); after align, `encoded` holds the frozen encoder's outputs
     calib: list             # calibration rows of the importance analysis
     calib2: list            # a second, disjoint set of the same size: the noise floor of every shift

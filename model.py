@@ -11,7 +11,7 @@ Whisper-architecture encoder, an 8-layer Llama); `ModelConfig.llm` / `.encoder` 
 
     python -c "import model; print(model.SpeechLLM(model.ModelConfig()))"
 """
-import os
+import importlib.util, os
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -59,10 +59,17 @@ def build_llm(cfg):
         max_position_embeddings=cfg.max_len, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
         eos_token_id=3))
 
+def path_problem(path):
+    """What keeps --llm / --encoder from loading `path` (checked before any work), or None."""
+    if path.endswith(".gguf"):  # transformers dequantises a GGUF with the optional gguf package
+        return ("no such .gguf file" if not os.path.isfile(path) else None if importlib.util.find_spec("gguf") else
+                "reading .gguf needs the gguf package (pip install gguf accelerate)")
+    if not os.path.isdir(path):
+        return "no such directory (download the model and pass its directory)"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return "no config.json in this directory (a save_pretrained folder; CTranslate2's: python real.py whisper)"
+
 def build_encoder(cfg):
-    if cfg.encoder and os.path.isfile(os.path.join(cfg.encoder, "model.bin")):  # CTranslate2's (faster-whisper)
-        import real
-        return real.load_ct2_whisper(cfg.encoder).model.get_encoder()
     if cfg.encoder:
         from transformers import WhisperModel
         return WhisperModel.from_pretrained(cfg.encoder).get_encoder()

