@@ -1,14 +1,11 @@
 """
-data.py - the embedded default's data: a made-up world, a tokenizer trained on it, speech synthesised here, the
-audio front end (Whisper log-mel), manifests and batches. Real weights and their question set: real.py. The world
-makes the paper's T2T / S2T evaluation measurable: the LLM learns ALL facts from text (`pretrain`); spoken questions
-in training ask about HALF the entities (`speech_train`; its ASR rows serve `align`); `test` asks about the OTHER
-half, whose facts were only ever text, in phrasings never trained on (S2T spoken, T2T typed); `val` likewise, for
-choosing settings. So S2T needs the LLM's text knowledge, and T2T measures how much of it is left.
-
+data.py - the default's data: a made-up world, its tokenizer, synthesised speech, Whisper log-mels, manifests and
+batches (real weights: real.py). The LLM learns ALL facts from text (`pretrain`); spoken training questions ask about
+HALF the entities (`speech_train`; its ASR rows serve `align`); `test` (`val`: for settings) asks about the OTHER, text-
+only half in unseen phrasings, spoken (S2T) or typed (T2T): S2T needs the LLM's text knowledge, T2T shows what is left.
     python data.py build runs/data/world        # world + tokenizer + audio + manifest.jsonl (~20 s)
 """
-import hashlib, importlib, importlib.util, json, multiprocessing, os, random, sys, tempfile, wave
+import hashlib, importlib, importlib.util, itertools, json, multiprocessing, os, random, sys, tempfile, wave
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -16,15 +13,13 @@ import numpy as np
 import torch
 import torchaudio
 
-# Audio constants, as in openai/whisper/audio.py
-SAMPLE_RATE = 16000
+SAMPLE_RATE = 16000  # audio constants as in openai/whisper/audio.py
 N_FFT = 400          # 25 ms window
 HOP_LENGTH = 160     # 10 ms hop -> 100 mel frames/s; the encoder's stride-2 conv -> 50 frames/s
 N_MELS = 80
 
 # -----------------------------------------------------------------------------
-# The synthetic world
-ATTRIBUTES = {  # attribute -> its possible values (single words, so the answer is one word)
+ATTRIBUTES = {  # the synthetic world: attribute -> its values (single words, so the answer is one word)
     "colour": ["red", "blue", "green", "yellow", "black", "white", "pink", "grey"],
     "city": ["rome", "oslo", "lima", "cairo", "delhi", "tokyo", "paris", "berlin"],
     "food": ["rice", "bread", "fish", "soup", "cake", "pasta", "beans", "plums"],
@@ -40,19 +35,15 @@ QUESTIONS = {  # 8 phrasings each, used by disjoint sets of rows (PHRASINGS belo
     "colour": ["what colour is {e}", "which colour does {e} have", "tell me the colour of {e}",
                "what is the colour of {e}", "which colour is {e}", "say the colour of {e}",
                "name the colour of {e}", "what colour does {e} have"],
-    "city": ["where does {e} live", "which city is {e} from", "tell me the city of {e}",
-             "what is the city of {e}", "where is {e} from", "say the city of {e}",
-             "name the city of {e}", "what city does {e} live in"],
-    "food": ["what does {e} eat", "which food does {e} like", "tell me the food of {e}",
-             "what is the food of {e}", "what food does {e} like", "say the food of {e}",
-             "name the food of {e}", "what does {e} like to eat"],
+    "city": ["where does {e} live", "which city is {e} from", "tell me the city of {e}", "what is the city of {e}",
+             "where is {e} from", "say the city of {e}", "name the city of {e}", "what city does {e} live in"],
+    "food": ["what does {e} eat", "which food does {e} like", "tell me the food of {e}", "what is the food of {e}",
+             "what food does {e} like", "say the food of {e}", "name the food of {e}", "what does {e} like to eat"],
     "number": ["what number does {e} have", "which number is {e}", "tell me the number of {e}",
                "what is the number of {e}", "which number does {e} have", "say the number of {e}",
                "name the number of {e}", "what number is {e}"],
 }
-# Which phrasings each split asks in. Pretraining types 0, 1, 6, 7; the spoken fine-tuning questions use 2 and 5,
-# never typed in pretraining, so the calibration rows (a sample of them) are not text the LLM memorised
-# verbatim, as the paper's speech data is not its LLM's text; val and test ask in 3-4, never trained on.
+# Spoken fine-tuning (and so calibration) is never typed in pretraining: as in the paper, not memorised LLM text
 PHRASINGS = {"pretrain": (0, 1, 6, 7), "speech_train": (2, 5), "val": (3, 4), "test": (3, 4), "pretrain_val": (3, 4)}
 ASR_PER_ENTITY = 40  # ASR utterances per entity for `align` (random 1-4 word strings); fine-tuning is QA only
 COPY_PER_ENTITY = 16  # typed 'repeat after me' rows per entity in pretraining (the ASR task in text form)
@@ -64,8 +55,7 @@ VAL_FRACTION = 0.25  # of the text-only entities: questions for choosing setting
 
 def make_world(n_entities=N_ENTITIES, seed=0):
     """Pronounceable made-up names (consonant-vowel syllables), each with one value per attribute."""
-    rng = random.Random(seed)
-    names = set()
+    rng, names = random.Random(seed), set()
     while len(names) < n_entities:
         names.add("".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.choice((2, 3)))))
     names = sorted(names)
@@ -73,20 +63,16 @@ def make_world(n_entities=N_ENTITIES, seed=0):
     return [{"name": n, **{a: rng.choice(vs) for a, vs in ATTRIBUTES.items()}} for n in names]
 
 def make_splits(world, seed=0):
-    """Rows of the manifest (without audio yet). The first half of the entities are 'speech' entities (spoken
-    questions in fine-tuning); of the other, text-only half, VAL_FRACTION go to `val`, the rest to `test`.
-    `pretrain_val` (unused by train.py) asks about the speech entities, typed, in the test phrasings."""
-    rng = random.Random(seed + 1)
-    n_asr_train, n_asr_test, n_copy = ASR_PER_ENTITY * len(world), 2 * len(world), COPY_PER_ENTITY * len(world)
+    """Manifest rows (no audio yet). The first half of the entities are spoken about in fine-tuning; of the text-only
+    half, VAL_FRACTION go to `val`, the rest to `test`. `pretrain_val` (unused): the first half, typed, as in `test`."""
+    rng, rows = random.Random(seed + 1), []
     half = len(world) // 2
     n_val = round(VAL_FRACTION * (len(world) - half))
-    rows = []
     def qa(e, split):
-        for attr in ATTRIBUTES:
-            for p in PHRASINGS[split]:
-                q = QUESTIONS[attr][p].format(e=e["name"])
-                rows.append(dict(id=f"{split}-{e['name']}-{attr}-{p}", transcript=q, question=q, answer=e[attr],
-                                 task="qa", split=split, relation=attr, entity=e["name"]))
+        for attr, p in itertools.product(ATTRIBUTES, PHRASINGS[split]):
+            q = QUESTIONS[attr][p].format(e=e["name"])
+            rows.append(dict(id=f"{split}-{e['name']}-{attr}-{p}", transcript=q, question=q, answer=e[attr],
+                             task="qa", split=split, relation=attr, entity=e["name"]))
     for e in world:  # pretrain: every fact, as statements and as typed QA in the pretraining phrasings
         for attr in ATTRIBUTES:
             for j, f in enumerate(FACTS[attr]):
@@ -96,34 +82,25 @@ def make_splits(world, seed=0):
     vocab = [e["name"] for e in world] + [v for vs in ATTRIBUTES.values() for v in vs]
     def words(n, rng=rng, vocab=vocab):  # a random word string
         return " ".join(rng.choice(vocab) for _ in range(n))
-    for i in range(n_copy):  # the ASR task in text form ("repeat after me"), so the LLM knows it
+    for i in range(COPY_PER_ENTITY * len(world)):  # the ASR task in text form ("repeat after me"), so the LLM knows it
         w = words(rng.randint(1, 4))
         rows.append(dict(id=f"pretrain-copy-{i}", transcript=w, question=ASR_INSTRUCTION + w, answer=w,
                          task="copy", split="pretrain"))
     for e in world[:half]:  # speech_train: spoken questions about the speech entities only
         qa(e, "speech_train")
         qa(e, "pretrain_val")
-    # ASR utterances: random word strings of names, values and every word any question uses (else the encoder,
-    # trained here, never hears "what" or "which"), drawn from their own stream: the LLM's text stays the same.
-    # No string names an entity beside one of its own values, so no fact is ever spoken.
-    heard, asr_rng = vocab + question_words(), random.Random(seed + 4)
-    facts = {(e["name"], e[a]) for e in world for a in ATTRIBUTES}
-    def asr_string(rng, low):
-        while True:
+    # ASR: random names, values and question words (else the encoder never hears "what"); no entity beside its value
+    heard, facts = vocab + question_words(), {(e["name"], e[a]) for e in world for a in ATTRIBUTES}
+    def asr(n, rng, low, name, split):
+        for i in range(n):
             w = words(rng.randint(low, 4), rng, heard)
-            if not any((a, b) in facts for a in w.split() for b in w.split()):
-                return w
-    for i in range(n_asr_train):
-        w = asr_string(asr_rng, 1)
-        rows.append(dict(id=f"asr-train-{i}", transcript=w, question="", answer=w, task="asr", split="speech_train"))
-    for e in world[half:half + n_val]:  # val and test: text-only entities, phrasings never trained on
-        qa(e, "val")
-    for e in world[half + n_val:]:
-        qa(e, "test")
-    rng = random.Random(seed + 3)  # the ASR test set does not depend on how much ASR training data there is
-    for i in range(n_asr_test):
-        w = asr_string(rng, 2)
-        rows.append(dict(id=f"asr-test-{i}", transcript=w, question="", answer=w, task="asr", split="asr_test"))
+            while any((a, b) in facts for a in w.split() for b in w.split()):  # it states a fact: draw again
+                w = words(rng.randint(low, 4), rng, heard)
+            rows.append(dict(id=f"asr-{name}-{i}", transcript=w, question="", answer=w, task="asr", split=split))
+    asr(ASR_PER_ENTITY * len(world), random.Random(seed + 4), 1, "train", "speech_train")  # own rng: same LLM text
+    for k, e in enumerate(world[half:]):  # val and test: text-only entities, phrasings never trained on
+        qa(e, "val" if k < n_val else "test")
+    asr(2 * len(world), random.Random(seed + 3), 2, "test", "asr_test")  # not dependent on the ASR training set's size
     return rows
 
 def question_words():
@@ -149,7 +126,6 @@ class Tokenizer:
 
     def encode(self, text):
         return self.sp.encode(text)
-
     def decode(self, ids):
         return self.sp.decode([i for i in ids if i not in (self.eos_id, self.pad_id, self.bos_id)])
 
@@ -162,15 +138,13 @@ class Tokenizer:
         return [self.bos_id, self.sp.piece_to_id("<user>")] + ids + [self.sp.piece_to_id("<assistant>")]
 
 class HFTokenizer:
-    """A pretrained LLM's transformers tokenizer (a dir, or a .gguf's) behind Tokenizer's interface: its chat template
-    for the prompt, `<speech>` spliced in by position as id -1."""
+    """A pretrained LLM's transformers tokenizer (dir or .gguf) as a Tokenizer: chat template, `<speech>` as id -1."""
     def __init__(self, path):
         from transformers import AutoTokenizer
         gguf = dict(gguf_file=os.path.basename(path)) if path.endswith(".gguf") else {}
-        self.tok = AutoTokenizer.from_pretrained(os.path.dirname(path) if gguf else path, **gguf)
-        self.eos_id, self.bos_id, self.speech_id = self.tok.eos_token_id, self.tok.bos_token_id, -1
-        self.vocab_size = len(self.tok)
-        self.pad_id = self.eos_id if self.tok.pad_token_id is None else self.tok.pad_token_id
+        self.tok = t = AutoTokenizer.from_pretrained(os.path.dirname(path) if gguf else path, **gguf)
+        self.eos_id, self.bos_id, self.speech_id, self.vocab_size = t.eos_token_id, t.bos_token_id, -1, len(t)
+        self.pad_id = self.eos_id if t.pad_token_id is None else t.pad_token_id
         self.encode = lambda text: self.tok.encode(text, add_special_tokens=False)
         self.decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)
 
@@ -186,25 +160,20 @@ def train_tokenizer(texts, model_prefix, vocab_size=256):
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(texts))
     try:
-        spm.SentencePieceTrainer.train(
-            input=f.name, model_prefix=model_prefix, vocab_size=vocab_size, model_type="bpe",
-            character_coverage=1.0, user_defined_symbols=SPECIALS, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-            hard_vocab_limit=False, num_threads=1, minloglevel=2)
+        spm.SentencePieceTrainer.train(input=f.name, model_prefix=model_prefix, vocab_size=vocab_size, model_type="bpe",
+                                       character_coverage=1.0, user_defined_symbols=SPECIALS, pad_id=0, unk_id=1,
+                                       bos_id=2, eos_id=3, hard_vocab_limit=False, num_threads=1, minloglevel=2)
     finally:
         os.unlink(f.name)
 
 # -----------------------------------------------------------------------------
-# A deterministic formant synthesiser: letters -> formant targets -> harmonics + noise, with per-utterance
-# speaker variation (pitch, vocal-tract length, rate, noise), so the encoder has to generalise.
+# A deterministic formant synthesiser (letters -> formants -> harmonics + noise; varied speakers). Every consonant
+# also gets its own noise band, 20 log-spaced 400 Hz-7.6 kHz, like bursts and frication: it tells b/d/g, p/t/k apart.
 VOWELS = {"a": (730, 1090), "e": (530, 1840), "i": (270, 2290), "o": (570, 840), "u": (300, 870), "y": (440, 2000)}
 VOICED = {"b": (200, 900), "d": (250, 1700), "g": (250, 2300), "l": (360, 1300), "m": (250, 1100), "n": (250, 1600),
           "r": (420, 1300), "v": (220, 1400), "z": (250, 1900), "w": (300, 600), "j": (280, 2200)}
-# Every consonant also gets its own noise band (voiced ones on top of their murmur), 20 bands spaced evenly on a
-# log scale from 400 Hz to 7.6 kHz: like real bursts and frication, the cue that tells b/d/g or p/t/k apart.
-_CONS = "bcdfghjklmnpqrstvwxz"
-_EDGES = np.geomspace(400, 7600, len(_CONS) + 1)
-NOISY = {c: (float(_EDGES[i]), float(_EDGES[i + 1])) for i, c in enumerate(_CONS)}
-
+_EDGES = np.geomspace(400, 7600, 21)
+NOISY = {c: (float(_EDGES[i]), float(_EDGES[i + 1])) for i, c in enumerate("bcdfghjklmnpqrstvwxz")}
 LETTER_S = 0.1  # a vowel lasts 100 ms, a CV syllable ~0.18 s as in real speech: ~3 adaptor frames (10 Hz) per token
 
 @dataclass
@@ -222,18 +191,15 @@ def random_speaker(rng):
 def synthesize(text, spk: Speaker):
     """text -> float32 waveform at 16 kHz: vowels and voiced consonants as harmonics of f0 shaped by two formants,
     the other consonants as band-limited noise, spaces as pauses."""
-    rng = np.random.default_rng(spk.seed)
-    seg = int(LETTER_S * SAMPLE_RATE / spk.rate)
+    rng, seg = np.random.default_rng(spk.seed), int(LETTER_S * SAMPLE_RATE / spk.rate)
     segs = []  # one per letter: (samples, F1, F2, voicing, noise band or None)
     for ch in text.lower():
         if ch in VOWELS or ch in VOICED:
             a, b = VOWELS.get(ch) or VOICED[ch]
             segs.append((seg if ch in VOWELS else int(seg * 0.8), a * spk.tract, b * spk.tract,
                          1.0 if ch in VOWELS else 0.4, NOISY.get(ch)))  # no noise band for vowels
-        elif ch in NOISY:
-            segs.append((int(seg * 0.8), 500.0, 1500.0, 0.0, NOISY[ch]))
-        else:  # space, digits, punctuation: a pause
-            segs.append((int(seg * 0.6), 500.0, 1500.0, 0.0, None))
+        else:  # the other consonants: noise only; space, digits, punctuation: a pause
+            segs.append((int(seg * (0.8 if ch in NOISY else 0.6)), 500.0, 1500.0, 0.0, NOISY.get(ch)))
     n = [s[0] for s in segs]
     N = sum(n)
     glide = lambda i: np.convolve(np.repeat([s[i] for s in segs], n), np.ones(80) / 80, mode="same")  # 5 ms glides
@@ -252,16 +218,13 @@ def synthesize(text, spk: Speaker):
         y += np.repeat(gain, D)[:N] * s_cur
         s_prev, s_cur = s_cur, c2 * s_cur - s_prev
     y *= V
-    start = 0
-    for m, *_, band in segs:  # band-limited noise for each noisy letter
+    for start, (m, *_, band) in zip(itertools.accumulate([0] + n), segs):  # band-limited noise for each noisy letter
         if band is not None:
             spec = np.fft.rfft(rng.standard_normal(m))
             freqs = np.fft.rfftfreq(m, 1 / SAMPLE_RATE)
             spec[(freqs < band[0] * spk.tract) | (freqs > band[1] * spk.tract)] = 0
             y[start:start + m] += 0.8 * np.fft.irfft(spec, n=m) * np.hanning(m)
-        start += m
-    pad = np.zeros(int(0.1 * SAMPLE_RATE))  # 100 ms of silence either side
-    y = np.concatenate([pad, y, pad])
+    y = np.pad(y, int(0.1 * SAMPLE_RATE))  # 100 ms of silence either side
     y /= np.abs(y).max() + 1e-9
     y += rng.standard_normal(len(y)) * 10 ** (-spk.snr_db / 20) * 0.3
     return (0.5 * y / (np.abs(y).max() + 1e-9)).astype(np.float32)
@@ -270,11 +233,11 @@ def _save_speech(job):  # (path, synthesiser, its arguments)
     save_wav(job[0], job[1](*job[2]))
 
 def save_speech(jobs, per_worker=512):
-    """Synthesise and save every job, on every CPU core when there are per_worker jobs each; each utterance is seeded
-    by its own arguments: the same audio on any number of processes (the default world's 6400: 37 s on 2 cores)."""
+    """Synthesise and save every job, on every core given per_worker jobs each (the default's 6400: 37 s on 2 cores),
+    each seeded by its arguments: the same audio on any number of processes. Forked workers run one torch thread each
+    (as DataLoader's: a forked OpenMP pool is not safe to use)."""
     if (workers := min(os.cpu_count() or 1, len(jobs) // per_worker + 1)) == 1:
         return [_save_speech(j) for j in jobs]
-    # forked workers, one torch thread each (as DataLoader's: a forked OpenMP pool is not safe to use)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                              initializer=torch.set_num_threads, initargs=(1,)) as ex:
         list(ex.map(_save_speech, jobs, chunksize=64))
@@ -285,7 +248,7 @@ def save_wav(path, wav):
     """float32 [-1, 1] mono at 16 kHz -> 16-bit PCM WAV, written atomically (two runs may build one cache at once)."""
     tmp = f"{path}.{os.getpid()}.tmp"
     with wave.open(tmp, "wb") as w:
-        w.setnchannels(1); w.setsampwidth(2); w.setframerate(SAMPLE_RATE)
+        w.setparams((1, 2, SAMPLE_RATE, 0, "NONE", "not compressed"))  # mono, 16-bit
         w.writeframes((np.clip(wav, -1, 1) * 32767).astype("<i2").tobytes())
     os.replace(tmp, path)
 
@@ -296,41 +259,34 @@ def load_audio(path):
     try:
         if path.lower().endswith(".wav"):
             with wave.open(path, "rb") as w:
-                sr, ch, width, n = w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()
+                ch, width, sr, n = w.getparams()[:4]
                 raw = w.readframes(n)
-            dtype = {1: np.uint8, 2: "<i2", 4: "<i4"}.get(width)
-            if dtype is None:
+            if width not in (1, 2, 4):
                 raise ValueError(f"{path}: unsupported WAV sample width ({8 * width} bit; 8, 16 or 32-bit PCM)")
-            x = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+            x = np.frombuffer(raw, dtype={1: np.uint8, 2: "<i2", 4: "<i4"}[width]).astype(np.float32)
             x = (x - 128) / 128 if width == 1 else x / float(2 ** (8 * width - 1))
             x = x.reshape(-1, ch).mean(axis=1)  # downmix
+        elif importlib.util.find_spec("soundfile") is None:  # optional: FLAC/OGG
+            raise ValueError(f"{path}: non-WAV audio needs the optional soundfile package (pip install soundfile)")
         else:
-            try:
-                import soundfile  # optional: FLAC/OGG
-            except ImportError:
-                raise ValueError(f"{path}: non-WAV audio needs the optional soundfile package (pip install soundfile)")
-            x, sr = soundfile.read(path, dtype="float32", always_2d=True)
+            x, sr = importlib.import_module("soundfile").read(path, dtype="float32", always_2d=True)
             x = x.mean(axis=1)
     except (wave.Error, EOFError, RuntimeError) as e:
         raise ValueError(f"{path}: unreadable audio ({type(e).__name__}: {e or 'truncated file'})")
     if len(x) == 0:
         raise ValueError(f"{path}: empty audio")
     x = torch.from_numpy(np.ascontiguousarray(x))
-    if sr != SAMPLE_RATE:
-        x = torchaudio.functional.resample(x, sr, SAMPLE_RATE)
-    return x
+    return x if sr == SAMPLE_RATE else torchaudio.functional.resample(x, sr, SAMPLE_RATE)
 
 _MEL_FILTERS = {}
 def log_mel(wav, n_mels=N_MELS):
-    """(samples,) -> (n_mels, samples // 160). Whisper's recipe: |STFT|^2 of a 400-point Hann window, hop 160,
-    Slaney mel filters, log10, clamp to max - 8, then (x + 4) / 4."""
+    """(samples,) -> (n_mels, samples // 160) as Whisper: |STFT|^2 (Hann 400, hop 160), Slaney mels, log10 >= max-8."""
     if n_mels not in _MEL_FILTERS:
         _MEL_FILTERS[n_mels] = torchaudio.functional.melscale_fbanks(
             N_FFT // 2 + 1, 0.0, SAMPLE_RATE / 2, n_mels, SAMPLE_RATE, norm="slaney", mel_scale="slaney")  # (201, M)
     stft = torch.stft(wav, N_FFT, HOP_LENGTH, window=torch.hann_window(N_FFT), return_complex=True)
     power = stft[..., :-1].abs() ** 2                               # (201, frames); drop the last frame as Whisper does
-    mel = _MEL_FILTERS[n_mels].T @ power                            # (n_mels, frames)
-    logm = torch.clamp(mel, min=1e-10).log10()
+    logm = torch.clamp(_MEL_FILTERS[n_mels].T @ power, min=1e-10).log10()  # (n_mels, frames)
     logm = torch.maximum(logm, logm.max() - 8.0)
     return (logm + 4.0) / 4.0
 
@@ -346,12 +302,11 @@ def read_manifest(path):
         for i, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                r = json.loads(line)
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{i}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})")
             if not isinstance(r, dict) or r.get("task") not in TASKS:
@@ -389,20 +344,18 @@ def check_rows(rows, needed, path, batch_size):
     """Every split the run needs has rows, and one batch fits in each split it trains on: one line if not."""
     if missing := [s for s in needed if not any(r["split"] == s for r in rows)]:
         raise ValueError(f"{path}: no rows with split {', '.join(missing)} (needed: {', '.join(needed)})")
-    for name, split in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train",
-                                                                                   finetune_rows(rows))):
-        if 0 < len(split) < batch_size:
-            raise SystemExit(f"--batch-size {batch_size}: larger than the {name} split ({len(split)} rows in {path})")
+    for name, s in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train", finetune_rows(rows))):
+        if 0 < len(s) < batch_size:
+            raise SystemExit(f"--batch-size {batch_size}: larger than the {name} split ({len(s)} rows in {path})")
 
 def fingerprint(path):
-    """A manifest's content hash with its audio files' sizes and modification times: a run records it (run.json), and
-    a rerun over changed data is another run. Lines that do not parse are left to read_manifest to report."""
+    """A manifest's content hash with its audio files' sizes and mtimes (run.json): changed data is another run."""
     h, base = hashlib.sha256(), os.path.dirname(os.path.abspath(path))
     for raw in open(path, "rb"):
         h.update(raw)
         try:
             audio = json.loads(raw).get("audio")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError):  # read_manifest reports it
             continue
         if isinstance(audio, str) and os.path.isfile(a := os.path.join(base, audio)):
             h.update(f"{os.path.getsize(a)}:{os.stat(a).st_mtime_ns}".encode())
@@ -477,13 +430,10 @@ class Data:
 
     def split(self, name):
         return [r for r in self.rows if r["split"] == name]
-
     def text_batch(self, rows):    # the transcript typed in place of the audio ("T2T", textual importance)
         return make_batch(rows, self.tok, speech=False)
-
     def speech_batch(self, rows):  # mel features through encoder and adaptor
         return make_batch(rows, self.tok, speech=True, features=self.features)
-
     def ft_batch(self, rows):      # the frozen encoder's outputs, computed once after align
         return make_batch(rows, self.tok, speech=True, features=self.encoded, encoded=True)
 

@@ -1,8 +1,6 @@
 """
-evaluate.py - the paper's measurements: T2T (typed question -> text answer: the text ability kept), S2T (spoken
-question -> text answer), WER, answer perplexity (Table 1); the original LLM's importance analysis and each method's
-importance shift (Fig. 2/3) and its style control; the printed tables. Functions take a model and rows, and return
-numbers. Right: the gold answer is "contained" (as the paper [inferred]; `right`), and exact match (EM) beside it.
+evaluate.py - the paper's measurements: T2T (typed question -> text answer: the text kept), S2T (spoken), WER, Table
+1, the original's importance and each method's shift (Fig. 2/3); then our controls, each its own call, and the tables.
 
     python evaluate.py runs/default        # the tables of a finished run (or of --seeds: mean ± sd)
 """
@@ -35,24 +33,24 @@ def contains(gold, pred):  # the gold answer as whole words of the prediction (u
     return bool(g) and (g in p if unspaced(g) else f" {g} " in f" {p} ")
 
 def right(rows, preds):
-    """Per row: the gold answer is in the prediction and no other gold answer of its relation (rows without one: of
-    any row) is, so listing candidates ("red blue green ...") never counts, while a sentence may use common words."""
+    """Right, per row (as the paper, "contained" [inferred]): the gold answer is in the prediction and no other gold
+    answer of its relation is, so listing candidates ("red blue green ...") never counts; a sentence may."""
     golds = {}
     for r in rows:
         golds.setdefault(r.get("relation"), set()).add(normalize(r["answer"]))
-    def ok(gold, pred, rel):
-        others = [o for o in golds[rel] if o != normalize(gold) and not contains(o, gold)]
-        return contains(gold, pred) and not any(contains(o, pred) for o in others)
-    return [ok(r["answer"], p, r.get("relation")) for r, p in zip(rows, preds)]
+    def others(r):  # the relation's other gold answers, but not those inside this one ("york" in "new york")
+        return [o for o in golds[r.get("relation")] if o != normalize(r["answer"]) and not contains(o, r["answer"])]
+    return [contains(r["answer"], p) and not any(contains(o, p) for o in others(r)) for r, p in zip(rows, preds)]
 
 def exact(gold, pred):  # normalised exact match of the first line (an instruct LLM may add a sentence below)
     return bool(normalize(gold)) and normalize(gold) == normalize(pred.strip().split("\n")[0])
 
 @torch.no_grad()
-def generate(model, rows, make, tok, batch_size=256, max_new_tokens=16):  # greedy; make: rows -> a typed/spoken batch
+def generate(model, rows, make, tok, max_new_tokens=16, ctc=False, batch_size=256):
+    """Greedy answers, make: rows -> a typed or spoken batch; ctc: the greedy CTC transcripts (what the LLM reads)."""
     model.eval()
-    return [tok.decode(t) for i in range(0, len(rows), batch_size)
-            for t in model.generate(make(rows[i:i + batch_size]), max_new_tokens, tok.eos_id)]
+    run = lambda b: model.ctc_transcribe(b) if ctc else model.generate(b, max_new_tokens, tok.eos_id)
+    return [tok.decode(t) for i in range(0, len(rows), batch_size) for t in run(make(rows[i:i + batch_size]))]
 
 def accuracy(model, rows, make, tok):  # -> (contains-accuracy, exact-match accuracy, predictions)
     preds = generate(model, rows, make, tok)
@@ -69,22 +67,15 @@ def perplexity(model, rows, make, batch_size=64):  # exp(mean cross-entropy of t
         n += sum(len(a) for a in batch["answers"])
     return math.exp(min(nll / n, 700))
 
-def chance(rows):
-    """The accuracy of the best constant answer per relation: what a model that cannot hear the question scores."""
+def chance(rows):  # the best constant answer per relation's accuracy: what a model that cannot hear scores
     by = {}
     for r in rows:
         by.setdefault(r.get("relation"), []).append(normalize(r["answer"]))
     return sum(max(map(a.count, set(a))) for a in by.values()) / max(1, len(rows))
 
-def transcribe(model, rows, make, tok, batch_size=256):  # the greedy CTC transcripts: what the LLM reads
-    model.eval()
-    return [tok.decode(t) for i in range(0, len(rows), batch_size)
-            for t in model.ctc_transcribe(make(rows[i:i + batch_size]))]
-
 def heard(model, qs, make_speech, tok, ok):
-    """What the LLM reads of the spoken questions: the CTC transcript's WER, and S2T (ok: per row) split by whether
-    the entity's name is in it."""
-    hyps = transcribe(model, qs, make_speech, tok)
+    """What the LLM reads: the CTC transcripts' WER, and S2T (ok: per row) split by whether the entity's name is in it."""
+    hyps = generate(model, qs, make_speech, tok, ctc=True)
     out = {"ctc_wer": wer([r["transcript"] for r in qs], hyps)}
     if all("entity" in r for r in qs):
         hit = [contains(r["entity"], h) for r, h in zip(qs, hyps)]
@@ -95,8 +86,8 @@ def heard(model, qs, make_speech, tok, ok):
     return out
 
 def evaluate_all(model, rows, tok, make_text, make_speech):
-    """T2T and S2T on test, WER on asr_test; the same on val as val_* (settings are chosen on val, never on test).
-    With CTC compression also what the LLM reads of the spoken questions (heard: ctc_wer, name_heard)."""
+    """T2T, S2T (and what the LLM reads: heard) on test, and on val as val_* (settings are chosen on val, never on
+    test); WER on asr_test."""
     out = {}
     for split, pre in (("test", ""), ("val", "val_")):
         qs = [r for r in rows if r["split"] == split]
@@ -110,15 +101,12 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
         out["wer"] = wer([r["transcript"] for r in asr], generate(model, asr, make_speech, tok, max_new_tokens=32))
     return out
 
-def rank_world():  # this process and how many there are (DDP under torchrun; else 0 of 1)
-    dist = torch.distributed
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
 def importance(model, rows, make, kind="taylor", batch_size=32, per_row=None):
-    """estimate_importance over rows: "taylor" in batches (the mean gradient does not depend on them), the per-sample
-    kinds one row a batch; under DDP each rank takes every world-th batch, the sums all-reduced. per_row (a list; not
-    taylor): each row's importance per layer is appended, in row order."""
-    rank, world = rank_world()
+    """estimate_importance over rows: "taylor" in batches (its mean gradient does not depend on them), the per-sample
+    kinds one row a batch; under DDP (torchrun) each rank takes every world-th batch, the sums all-reduced. per_row (a
+    list; not taylor): gets each row's importance per layer, in row order."""
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     batch_size = batch_size if kind == "taylor" else 1
     batches = [make(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
     mine = [] if per_row is not None else None
@@ -130,10 +118,9 @@ def importance(model, rows, make, kind="taylor", batch_size=32, per_row=None):
     return scores
 
 def analyse_original(model, d, kind, seed=0, batch_size=32, per_row=None):
-    """The paper's analysis of the original LLM: its textual (transcripts typed) and speech importance on the
-    calibration rows, Fig. 1/2's structure, and Table 1 on 400 test questions (a seeded sample), all and those it
-    answers right (where wrong, any perturbation lowers a confidently wrong answer's perplexity). per_row (a list):
-    each calibration row's textual importance per layer is appended. -> scores, "results" and "report" entries"""
+    """The original LLM's textual (transcripts typed) and speech importance on the calibration rows, Fig. 1/2, and
+    Table 1 on 400 test questions, all and those it answers right (a wrong answer's perplexity falls under any
+    perturbation). per_row (a list): gets each calibration row's textual importance per layer. -> scores, entries"""
     res, rep, scores = {}, {"distribution": {}, "top5_share": {}}, {}
     test = d.split("test")
     test = [test[i] for i in sorted(random.Random(0).sample(range(len(test)), min(len(test), 400)))]  # Table 1's
@@ -156,8 +143,7 @@ def table1_check(model, scores, rows, make, seed=0):
     return {**{f"{k}_ppl": v for k, v in t1.items()}, "n_rows": len(rows), **ratios}
 
 def measure_shift(model, w0, original, d, kind, name, batch_size=32):
-    """Fig. 2/3: the textual importance of the weights used (merge LoRA first) against the original's; Fig. 4: ΔW's
-    rows and columns. -> (metrics, report entries)"""
+    """Fig. 2/3: the used weights' textual importance (LoRA merged) against the original's; Fig. 4: ΔW's structure."""
     text = importance(model, d.calib, d.text_batch, kind, batch_size)
     m = {"importance_shift": imp.shift_metrics(original["text"], text)}
     m.update(importance_js=m["importance_shift"]["js"], importance_spearman=m["importance_shift"]["spearman"])
@@ -170,19 +156,6 @@ def measure_shift(model, w0, original, d, kind, name, batch_size=32):
 
 # -----------------------------------------------------------------------------
 # Our controls, each its own call: the noise floor, the style control (and the seed spread: js_between_seeds)
-def noise_floor(model, d, text, kind, batch_size=32, per_row=None, seed=0):
-    """How far the original's distribution moves between two calibration sets (d.calib2: the second); per-sample
-    kinds also over 200 random pairs of disjoint sets of both sets' rows (per_row: the first set's rows, extended
-    here). -> the second set's scores, "results" and "report" entries"""
-    text2 = importance(model, d.calib2, d.text_batch, kind, batch_size, per_row)
-    rep = {"noise_floor": imp.shift_metrics(text, text2)}
-    res = dict(importance_noise_js=rep["noise_floor"]["js"],
-               importance_noise_total_ratio=rep["noise_floor"]["total_ratio"])
-    if per_row:  # the two sets are one draw of the noise; random pairs from both sets' rows give its mean
-        rep["noise_floor_resampled"] = nf = imp.noise_floor(per_row, len(d.calib), seed=seed)
-        res.update(importance_noise_js_mean=nf["mean"], importance_noise_js_p90=nf["p90"])
-    return text2, res, rep
-
 def own_answers(model, rows, make, tok, max_new_tokens=48):  # the style control's targets: its greedy answers
     answers = generate(model, rows, make, tok, max_new_tokens=max_new_tokens)  # each model in its own style
     return [{**r, "target": a.strip()} for r, a in zip(rows, answers)]
@@ -191,27 +164,28 @@ def own_importance(model, d, kind, batch_size=32, rows=None):  # the style contr
     return importance(model, own_answers(model, rows or d.calib, d.text_batch, d.tok), d.text_batch, kind, batch_size)
 
 def original_controls(model, d, original, kind, seed=0, batch_size=32, per_row=None):
-    """Our controls added to the original's analysis: the noise floor (a second calibration set), and the style
-    control (the importance on its own greedy answers, with that one's noise on the second set)."""
-    res, rep, original["text2"] = original["results"], original["report"], None
-    if len(d.calib2) == len(d.calib):  # no noise floor if the pool is too small for two sets
-        original["text2"], r, p = noise_floor(model, d, original["text"], kind, batch_size, per_row, seed)
-        res.update(r)
-        rep.update(p)
+    """The noise floor (the original on a second calibration set; per-sample kinds: over 200 random pairs of sets of
+    both sets' rows, per_row) and the style control (importance on its own greedy answers, with its noise)."""
+    res, rep, two = original["results"], original["report"], len(d.calib2) == len(d.calib)  # else too few rows
+    original["text2"] = importance(model, d.calib2, d.text_batch, kind, batch_size, per_row) if two else None
+    if two:
+        rep["noise_floor"] = nf = imp.shift_metrics(original["text"], original["text2"])
+        res.update(importance_noise_js=nf["js"], importance_noise_total_ratio=nf["total_ratio"])
+    if two and per_row:  # the two sets are one draw of the noise; random pairs from both sets' rows give its mean
+        rep["noise_floor_resampled"] = nf = imp.noise_floor(per_row, len(d.calib), seed=seed)
+        res.update(importance_noise_js_mean=nf["mean"], importance_noise_js_p90=nf["p90"])
     original["own"] = own_importance(model, d, kind, batch_size)
     rep["distribution_own"] = {"original": imp.layer_distribution(original["own"])}
-    if original["text2"] is not None:
+    if two:
         own2 = own_importance(model, d, kind, batch_size, d.calib2)
         res["importance_noise_js_own"] = imp.shift_metrics(original["own"], own2)["js"]
     return original
 
 def shift_controls(model, original, d, kind, name, batch_size=32):
-    """The shift on the second calibration set (does the order of methods hold?), and with each model scored on its
-    own greedy answers (style held fixed). -> (metrics, report entries)"""
-    m, rep = {}, {}
-    if original.get("text2") is not None:
-        m["importance_shift_2"] = imp.shift_metrics(original["text2"],
-                                                    importance(model, d.calib2, d.text_batch, kind, batch_size))
+    """The shift on the 2nd calibration set (does the order of methods hold?) and on each model's own answers."""
+    m, rep, text2 = {}, {}, original.get("text2")
+    if text2 is not None:
+        m["importance_shift_2"] = imp.shift_metrics(text2, importance(model, d.calib2, d.text_batch, kind, batch_size))
     if original.get("own") is not None:
         own = own_importance(model, d, kind, batch_size)
         m["importance_shift_own"] = imp.shift_metrics(original["own"], own)
@@ -219,43 +193,36 @@ def shift_controls(model, original, d, kind, name, batch_size=32):
     return m, rep
 
 def save_matrices(path, original, name, weights, w0):
-    """Fig. 1/4's data [ours: as pictures]: the original's most important matrix (its importance), and each method's
-    ΔW there, gathered in one small file for report()'s matrices.png."""
+    """Fig. 1/4's pictures' data [ours]: the original's most important matrix and each method's ΔW there."""
     key = max(original, key=lambda k: original[k].sum())
     mats = load_checkpoint(path) if os.path.exists(path) else {"key": key, "importance": original[key], "delta_w": {}}
     mats["delta_w"][name] = weights[key].detach().cpu() - w0[key]
     save_checkpoint(path, mats)
 
 # -----------------------------------------------------------------------------
-# Reporting: Tables 1 and 2, Fig. 2 as terminal bars (+ a PNG with matplotlib), mean ± sd over seeds
+# Reporting: Tables 1 and 2, Fig. 2 as terminal bars (+ PNGs with matplotlib), mean ± sd over seeds
 def report(results, rep, out=None, sd=None, runs=None):
-    """Print Fig. 2's analogue, Tables 1 and 2, the trade-off; the figures into `out` (runs: each seed's
-    distributions, for the shift's figure)."""
+    """Print Fig. 2's analogue, Tables 2 and 1; the figures into `out` (runs: each seed's distributions)."""
     dists = {k: v for k, v in rep["distribution"].items() if k != "original_speech"}
     print("\nLayer-wise textual importance (Fig. 2 analogue):\n" + imp.bar_chart(dists))
-    path = out and os.path.join(out, "matrices.pt")
-    mats = path and os.path.exists(path) and load_checkpoint(path)
-    for name, ok in (("importance.png", out and imp.plot_distributions(dists, os.path.join(out, "importance.png"))),
-                     ("shift.png", out and imp.plot_shift(runs or [dists], os.path.join(out, "shift.png"))),
-                     ("matrices.png", mats and imp.plot_matrices(mats["importance"], mats["delta_w"],
-                                                                os.path.join(out, "matrices.png"), title=mats["key"]))):
-        if ok:
-            print(f"figure: {os.path.join(out, name)}")
+    mats = out and os.path.exists(os.path.join(out, "matrices.pt")) and load_checkpoint(os.path.join(out, "matrices.pt"))
+    for fig in (out and imp.plot_shift(runs or [dists], os.path.join(out, "shift.png")), mats and imp.plot_matrices(
+            mats["importance"], mats["delta_w"], os.path.join(out, "matrices.png"), title=mats["key"])):
+        print(f"figure: {fig}" if fig else "", end="\n" if fig else "")
     if conc := {k: v["all"]["ratio"] for k, v in rep.get("concentration", {}).items()}:
         print("top-5% entries on the fullest 5% of rows/cols, x an even spread (Fig. 1/4; 1 = no structure): "
               + ", ".join(f"{k} {v:.1f}" for k, v in conc.items()))
-    print("\n".join([format_table(results, sd), format_table1(results, sd), format_tradeoff(results, sd)]))
+    print(format_table(results, sd) + "\n" + format_table1(results, sd))
 
 def js_between_seeds(runs, names):
-    """R4's null [ours]: how far one method's layer distribution lies from itself across seeds, the mean JS over all
-    pairs of runs ({name: distribution} each). "A moves less than B" needs paired differences larger than this."""
+    """R4's null [ours]: the mean JS between one method's layer distributions over all pairs of seeds' runs."""
     pairs = [(a, b) for i, a in enumerate(runs) for b in runs[i + 1:]]
     return {k: sum(imp.js_divergence(a[k], b[k]) for a, b in pairs) / len(pairs) for k in names} if pairs else {}
 
 def mean_sd(runs):
     """Mean and sample sd (n - 1) of every number in results.json dicts (one per seed); one missing in any: left out."""
     mean, sd = {}, {}
-    for k, v in runs[0].items():
+    for k in runs[0]:
         vs = [r.get(k) for r in runs]
         if all(isinstance(x, dict) for x in vs):
             mean[k], sd[k] = mean_sd(vs)
@@ -265,79 +232,61 @@ def mean_sd(runs):
     return mean, sd
 
 def format_table(results, sd=None):
-    """Table 2's analogue (%, ± sd when given): T2T / S2T on test, WER, each method's importance shift and noise."""
-    sd, noise = sd or {}, results.get("importance_noise_js_mean", results.get("importance_noise_js"))
-    full = results.get("methods", {}).get("full", {})
-    head = ("T2T", "T2T EM", "S2T", "S2T EM", "WER", "CTC WER", "S2T name heard", "dT2T vs full", "dS2T vs full",
-            "importance JS", "JS, 2nd set", "x noise", "importance sum", "JS own answers")
-    lines = [f"{'method':<16}" + "".join(f"{h:>15}" for h in head)]
-    cells_k = ("t2t_acc", "t2t_em", "s2t_acc", "s2t_em", "wer", "ctc_wer")
-    for name, m, s in [("no fine-tuning", results.get("no_ft", {}), sd.get("no_ft") or {})] + [
-            (n, m, sd.get("methods", {}).get(n, {})) for n, m in results.get("methods", {}).items()]:
-        js, shift = m.get("importance_js"), m.get("importance_shift", {})
-        cells = [f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if k in s else "") if k in m else "-" for k in cells_k]
+    """Table 2's analogue (%, ± sd over seeds), chance and a step's cost; then each method's importance shift (Fig.
+    2/3 as numbers): JS, on the 2nd set, x the noise floor, summed (x the original's), with style held fixed."""
+    sd, base = sd or {}, results.get("no_ft", {})
+    noise, own_noise = results.get("importance_noise_js_mean", results.get("importance_noise_js")), results.get(
+        "importance_noise_js_own")
+    runs = [("no fine-tuning", base, sd.get("no_ft") or {})] + [(n, m, sd.get("methods", {}).get(n, {}))
+                                                                for n, m in results.get("methods", {}).items()]
+    row = lambda name, *cells: f"{name:<16}" + "".join(f"{c:>15}" for c in cells)
+    keys = ("t2t_acc", "s2t_acc", "t2t_em", "s2t_em", "wer", "ctc_wer")
+    lines = [row("method", "T2T", "S2T", "T2T EM", "S2T EM", "WER", "CTC WER", "S2T name heard", "dT2T vs no FT",
+                 "dS2T vs no FT", "ms/step", "trainable")]
+    for name, m, s in runs:
+        cells = [f"{100 * m[k]:.1f}" + (f" ± {100 * s[k]:.1f}" if k in s else "") if k in m else "-" for k in keys]
         cells.append("/".join(f"{100 * m[k]:.0f}" if k in m else "-" for k in ("s2t_acc_name_heard",
                                                                                 "s2t_acc_name_missed")))
-        cells += [f"{100 * (m[k] - full[k]):+.1f}" if m is not full and k in full else "" for k in cells_k[::2][:2]]
-        cells += [f"{js:.4f}" if js is not None else "", f"{m['importance_shift_2']['js']:.4f}" if
-                  "importance_shift_2" in m else "", f"{js / noise:.1f}x" if noise and js is not None else "",
-                  f"{shift['total_ratio']:.2f}x" if "total_ratio" in shift else ""]  # summed importance, x original's
-        own, no = m.get("importance_shift_own", {}).get("js"), results.get("importance_noise_js_own")
-        cells.append(f"{own:.4f} {own / no:.0f}x" if own is not None and no else "")  # style held fixed, x its noise
-        lines.append(f"{name:<16}" + "".join(f"{c:>15}" for c in cells))
+        cells += [f"{100 * (m[k] - base[k]):+.1f}" if m is not base and k in base else "" for k in keys[:2]]
+        lines.append(row(name, *cells, *[f"{m[k]:,.0f}" if k in m else "" for k in ("ms_per_step", "trainable")]))
     if "s2t_chance" in results:
         lines.append(f"chance (the best constant answer per relation): {100 * results['s2t_chance']:.1f}; S2T name "
-                     f"heard: on the questions whose entity's name is in the CTC transcript / on the others")
+                     "heard: on the questions whose entity's name is in the CTC transcript / on the others")
+    lines.append(row("importance", "JS", "JS, 2nd set", "x noise", "importance sum", "JS own answers"))
+    for name, m, _ in runs[1:]:
+        js, own = m.get("importance_js"), m.get("importance_shift_own", {}).get("js")
+        cells = [f"{js:.4f}" if js is not None else "", f"{m['importance_shift_2']['js']:.4f}" if
+                 "importance_shift_2" in m else "", f"{js / noise:.1f}x" if noise and js is not None else ""]
+        cells.append(f"{m['importance_shift']['total_ratio']:.2f}x" if "importance_shift" in m else "")
+        lines.append(row(name, *cells, f"{own:.4f} {own / own_noise:.0f}x" if own is not None and own_noise else ""))
     if "importance_noise_js" in results:  # the same original model on a second calibration set
         mean = results.get("importance_noise_js_mean")
-        lines.append(f"noise floor (original model, another calibration set): importance JS "
-                     f"{results['importance_noise_js']:.4f}" + (f" (over random pairs of sets: mean {mean:.4f}, 90th "
-                     f"percentile {results['importance_noise_js_p90']:.4f})" if mean is not None else ""))
+        lines.append(f"noise floor (the original on another calibration set): JS {results['importance_noise_js']:.4f}"
+                     + (f" (random pairs of sets: mean {mean:.4f}, 90th percentile "
+                        f"{results['importance_noise_js_p90']:.4f})" if mean is not None else ""))
     return "\n".join(lines)
 
 def format_table1(results, sd=None):
     """Table 1's analogue, x the unmasked baseline: all test questions, and those the original answers right."""
-    val, sdv = results.get("importance_validation"), (sd or {}).get("importance_validation", {})
-    if not val:
-        return ""
+    val, sdv = results.get("importance_validation") or {}, (sd or {}).get("importance_validation", {})
     lines = ["Table 1 analogue: answer perplexity after zeroing 3% of the LLM's weights by importance (x baseline)",
              f"{'input':<8}{'questions':<10}{'n':>6}{'baseline':>10}{'top 3%':>20}{'bottom 3%':>20}{'random 3%':>20}"]
     cell = lambda m, s, k: f"{m[k]:.3f}x" + (f" ± {s[k]:.3f}" if k in s else "") if k in m else "-"
     for kind, m, s in (("text", val, sdv), ("speech", val.get("speech", {}), sdv.get("speech", {}))):
-        for subset, mm, ss in (("all", m, s), ("answered", m.get("answered", {}), s.get("answered", {}))):
-            if "baseline_ppl" in mm:
-                lines.append(f"{kind:<8}{subset:<10}{mm.get('n_rows', 0):>6.0f}{mm['baseline_ppl']:>10.3f}"
-                             + "".join(f"{cell(mm, ss, f'{w}_ratio'):>20}" for w in ("top", "bottom", "random")))
-    return "\n".join(lines)
-
-def format_tradeoff(results, sd=None):
-    """Text kept (T2T) against spoken QA gained (S2T) per method, by text kept, with what a step cost."""
-    sd, base = sd or {}, results.get("no_ft", {})
-    lines = [f"{'trade-off':<16}{'T2T (text kept)':>18}{'S2T (spoken QA)':>18}{'dT2T vs no FT':>15}"
-             f"{'dS2T vs no FT':>15}{'ms/step':>9}{'trainable':>12}"]
-    rows = {"no fine-tuning": (base, sd.get("no_ft", {})),
-            **{n: (m, sd.get("methods", {}).get(n, {})) for n, m in results.get("methods", {}).items()}}
-    for n, (m, s) in sorted(rows.items(), key=lambda kv: -kv[1][0].get("t2t_acc", 0)):
-        if "t2t_acc" in m and "s2t_acc" in m:
-            pm = lambda k: f"{100 * m[k]:.1f} ± {100 * s.get(k, 0):.1f}"
-            d = "".join(f"{100 * (m[k] - base[k]):>+15.1f}" for k in ("t2t_acc", "s2t_acc")) if n in results.get(
-                "methods", {}) and "t2t_acc" in base else ""
-            cost = "".join(f"{m[k]:>{w},.0f}" for k, w in (("ms_per_step", 9), ("trainable", 12)) if k in m)
-            lines.append(f"{n:<16}{pm('t2t_acc'):>18}{pm('s2t_acc'):>18}{d:<30}{cost}")
-    return "\n".join(lines)
+        for sub, mm, ss in (("all", m, s), ("answered", m.get("answered", {}), s.get("answered", {}))):
+            lines += [f"{kind:<8}{sub:<10}{mm.get('n_rows', 0):>6.0f}{mm['baseline_ppl']:>10.3f}" + "".join(
+                f"{cell(mm, ss, f'{w}_ratio'):>20}" for w in ("top", "bottom", "random"))] * ("baseline_ppl" in mm)
+    return "\n".join(lines) * bool(val)
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python evaluate.py RUN_DIR")
-    path = os.path.join(sys.argv[1], "results.json")
+    path = os.path.join(sys.argv[-1], "results.json")
     try:
-        res = json.load(open(path))
+        res = json.load(open(path)) if len(sys.argv) == 2 else sys.exit("usage: python evaluate.py RUN_DIR")
     except (OSError, ValueError) as e:
         raise SystemExit(f"{path}: cannot read it ({e}); run python train.py --out {sys.argv[1]} to make or finish it")
-    lack = lambda r: [s for s in ("pretrain", "no_ft") if s not in r] + [m for m in r.get("planned", []) if m not in
-                                                                        r.get("methods", {})]  # asked for, not measured
-    missing = [f"seed {s}: " * bool(s) + ", ".join(lack(r)) for s, r in res.get("seeds", {"": res}).items() if lack(r)]
-    if missing:
+    lack = lambda r: [s for s in ("pretrain", "no_ft") if s not in r] + sorted(set(r.get("planned", [])) - set(
+        r.get("methods", {})))  # asked for, not measured
+    if missing := [f"seed {s}: " * bool(s) + ", ".join(lack(r)) for s, r in res.get("seeds", {"": res}).items() if lack(r)]:
         raise SystemExit(f"{sys.argv[1]}: an unfinished run, missing {'; '.join(missing)}; rerun its train.py command")
     mean, sd = (res["mean"], res["sd"]) if "mean" in res else (res, None)
-    print("\n".join([format_table(mean, sd), format_table1(mean, sd), format_tradeoff(mean, sd)]))
+    print(format_table(mean, sd) + "\n" + format_table1(mean, sd))

@@ -1,12 +1,8 @@
-"""
-Parameter importance analysis of arXiv 2509.23755 ("Understanding Textual Capability Degradation in Speech LLMs via
-Parameter Importance Analysis"): Taylor importance (§Importance; also per-sample Taylor and diagonal Fisher), Table
-1's masking check, Fig. 2/3's layer-wise distribution and how far fine-tuning shifts it (with its noise floor), Fig.
-1/4's row/column structure inside a matrix, and Eq. (3)'s layer-wise learning rates, the paper's mitigation.
-
-Nothing here imports the project: copy this file alone. Any nn.Module whose decoder layers follow the Hugging Face
-naming `model.layers.<i>.…_proj.weight` works, and the loss comes in as a callable. On a plain transformers
-LlamaForCausalLM (the README shows these lines; test_all.py runs them):
+"""Parameter importance analysis of arXiv 2509.23755 (textual capability degradation in speech LLMs): Taylor importance
+(§Importance; also per-sample Taylor, diagonal Fisher), Table 1's masking check, Fig. 2/3's layer-wise distribution and
+its shift under fine-tuning (with a noise floor), Fig. 1/4's row/column structure in a matrix, Eq. (3)'s layer-wise
+learning rates. Copy this file alone (it imports nothing from the project): any nn.Module with HF-named decoder layers
+`model.layers.<i>.…_proj.weight` works, the loss a callable. On a plain LlamaForCausalLM (as the README shows):
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -18,8 +14,6 @@ LlamaForCausalLM (the README shows these lines; test_all.py runs them):
     print(bar_chart({"original": layer_distribution(imp)}))               # Fig. 2: importance per layer
     scales = layer_lr_scale(aggregate(imp)["layer"], lam=0.4)             # Eq. (3): LR multiplier per layer
     opt = torch.optim.AdamW(layer_param_groups(model.named_parameters(), scales, base_lr=1e-4))
-
-Tests: python -m pytest -q test_all.py -k "importance or taylor or layer_lr or concentration"
 """
 import re
 
@@ -28,8 +22,7 @@ import torch
 KINDS = ("taylor", "taylor_sample", "fisher")
 MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 BLOCKS = " ▏▎▍▌▋▊▉"  # bar_chart's eighths of a full block █
-# HF decoder-only LMs name their blocks `model.layers.<i>.` (`llm.model.layers.<i>.` inside SpeechLLM); requiring
-# the `model.` keeps a HF Whisper encoder's `encoder.layers.<i>.self_attn.q_proj` out. [inferred]
+# [inferred] HF decoder blocks `model.layers.<i>.` (SpeechLLM: `llm.model.…`), not Whisper's `encoder.layers.<i>.`
 LAYER_RE = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.")
 PROJ_RE = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.(?:.+\.)?(q|k|v|o|gate|up|down)_proj\.(?:base\.)?weight$")
 
@@ -38,8 +31,7 @@ def canonical(name):
     return re.sub(r"\.base\.weight$", ".weight", name)
 
 def importance_params(model):
-    """The 2-D q,k,v,o,gate,up,down weights of every decoder layer. [inferred] Embeddings, norms and the LM head are
-    left out: the paper's layer-wise view is over the layers' linears, and a norm weight is a per-channel gain."""
+    # [inferred] each decoder layer's 2-D q..down weights: Fig. 2's view is over linears (not embeddings, head, norms)
     return {canonical(n): p for n, p in model.named_parameters() if PROJ_RE.search(n) and p.dim() == 2}
 
 def _layer_module(key):
@@ -48,15 +40,13 @@ def _layer_module(key):
 
 # ----------------------------------------------------------------------------- importance over calibration batches
 def estimate_importance(model, batches, kind="taylor", loss_fn=None, all_reduce=False, per_batch=None):
-    """Per-entry importance {canonical key: fp32 tensor shaped like the weight, on the weight's device (no copy to the
-    CPU: on a GPU that would cost several times the forward+backward passes)}; loss_fn(batch) defaults to model.loss.
-    taylor        |ḡ ⊙ θ|, ḡ = mean_b ∂L_b/∂θ: the paper's I_i = |L(θ) - L(θ | θ_i = 0)| ≈ |∂L/∂θ_i · θ_i|
-    taylor_sample mean_b |g_b ⊙ θ|: batches whose gradients disagree in sign add up instead of cancelling (always
-                  >= taylor); per-sample Taylor when each batch is one sample (as train.py's analysis passes it)
-    fisher        mean_b g_b²: diagonal empirical Fisher as in EWC (per sample, with one-sample batches)
-    all_reduce: sum the running sums and batch counts over torch.distributed ranks before the final product (call it
-    on the unwrapped module: a DDP wrapper already averages .grad in backward).
-    per_batch (a list; not taylor): gets each batch's estimate summed per layer, for `noise_floor` to resample."""
+    """{canonical key: fp32 tensor like the weight, on its device}: the paper's I_i = |L(θ) - L(θ | θ_i = 0)|
+    (§Importance), from g_b = ∂L_b/∂θ over the batches b, L_b = loss_fn(b) (default: model.loss), as
+    taylor        |mean_b g_b ⊙ θ| ≈ I
+    taylor_sample mean_b |g_b ⊙ θ|: per-sample Taylor with one-sample batches (signs add up, not cancel: >= taylor)
+    fisher        mean_b g_b²: the diagonal empirical Fisher, as in EWC
+    all_reduce: sum over torch.distributed ranks (call it on the unwrapped module: DDP already averages .grad);
+    per_batch (a list; not taylor) gets each batch's estimate summed per layer, for noise_floor."""
     if kind not in KINDS:
         raise ValueError(f"unknown importance kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     if per_batch is not None and kind == "taylor":
@@ -122,18 +112,16 @@ def layer_distribution(imp):
     return [s / sum(layer) for s in layer]
 
 def global_mask(imp, frac, which="top", seed=0):
-    """Boolean CPU masks (keys/shapes as imp) on round(frac·N) of all N entries: the most important ("top"), the least
-    ("bottom") or random ones (`seed`). Exact top-k on a flat CPU copy: fine up to ~1e8 entries, beyond that a
-    threshold estimated on a random sample would do."""
+    """Boolean CPU masks (as imp) on round(frac·N) of all N entries: the most important ("top"), the least ("bottom")
+    or random ones (`seed`); an exact top-k on a flat CPU copy (fine up to ~1e8 entries)."""
     if which not in ("top", "bottom", "random"):
         raise ValueError(f"which must be 'top', 'bottom' or 'random', got {which!r}")
-    keys = list(imp)
-    flat = torch.cat([imp[k].detach().flatten().float().cpu() for k in keys])
+    flat = torch.cat([v.detach().flatten().float().cpu() for v in imp.values()])
     k = int(round(frac * flat.numel()))
     idx = flat.topk(k, largest=which == "top").indices if which in ("top", "bottom") else \
         torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:k]
     mask = torch.zeros(flat.numel(), dtype=torch.bool).index_fill_(0, idx, True)
-    return {key: m.view(imp[key].shape) for key, m in zip(keys, mask.split([imp[x].numel() for x in keys]))}
+    return {key: m.view(v.shape) for (key, v), m in zip(imp.items(), mask.split([v.numel() for v in imp.values()]))}
 
 def top_share_by_layer(imp, frac=0.05):
     # [inferred] second view of Fig. 2/3: where the globally top-5% parameters live (the masks' layer distribution)
@@ -148,12 +136,10 @@ def js_divergence(p, q):
 
 def spearman(p, q):
     """Spearman rank correlation: Pearson correlation of the (tie-averaged) ranks; nan if one input is constant."""
-    def ranks(x):
-        x = torch.as_tensor(x, dtype=torch.float64).flatten()
-        r = torch.empty_like(x)
-        r[x.argsort()] = torch.arange(len(x), dtype=torch.float64)
-        _, inv = torch.unique(x, return_inverse=True)  # ties share the average of their ranks
-        return (torch.zeros(int(inv.max()) + 1, dtype=torch.float64).index_add_(0, inv, r) / torch.bincount(inv))[inv]
+    def ranks(x):  # 0-based; the `count` ties of a value hold ranks end - count .. end - 1 and share their mean
+        _, inv, count = torch.unique(torch.as_tensor(x, dtype=torch.float64).flatten(), return_inverse=True,
+                                     return_counts=True)
+        return (count.cumsum(0).double() - (count.double() + 1) / 2)[inv]
     rp, rq = (r - r.mean() for r in (ranks(p), ranks(q)))
     return float(rp @ rq / (rp.norm() * rq.norm()))
 
@@ -165,17 +151,15 @@ def shift_metrics(imp_orig, imp_new, frac=0.05):
     a, b = global_mask(imp_orig, frac), global_mask(imp_new, frac)
     inter = sum(int((a[k] & b[k]).sum()) for k in a)
     union = sum(int((a[k] | b[k]).sum()) for k in a)
-    return {"js": js_divergence(p, q), "spearman": spearman(p, q),
-            "argmax_before": max(range(len(p)), key=p.__getitem__),
-            "argmax_after": max(range(len(q)), key=q.__getitem__),
-            "top_jaccard": inter / union if union else 1.0,
-            # not normalised: how much the summed importance grew (the paper's 8B curves drop as a whole, Fig. 3)
+    argmax = lambda d: max(range(len(d)), key=d.__getitem__)
+    # total_ratio, not normalised: how much the summed importance grew (the paper's 8B curves drop as a whole, Fig. 3)
+    return {"js": js_divergence(p, q), "spearman": spearman(p, q), "argmax_before": argmax(p),
+            "argmax_after": argmax(q), "top_jaccard": inter / union if union else 1.0,
             "total_ratio": sum(ln) / max(sum(lo), 1e-30)}
 
 def noise_floor(per_row, n, draws=200, seed=0):
-    """How far the layer distribution moves by chance alone [ours]: JS between two disjoint random sets of n rows of
-    per_row (rows x layers: estimate_importance's per_batch, one row a batch; summed, as JS normalises), over `draws`
-    pairs. A second calibration set is one such draw, maybe far in the tail; the mean is the noise floor."""
+    """[ours] How far the layer distribution moves by chance: JS between the sums of two disjoint random sets of n rows
+    of per_row (rows x layers, e.g. per_batch), over `draws` pairs; the mean is the noise floor (one set: one draw)."""
     x = torch.as_tensor(per_row, dtype=torch.float64)  # (rows, layers)
     if not 0 < 2 * n <= len(x):
         raise ValueError(f"noise_floor: two disjoint sets of {n} rows need at least {2 * n} rows, got {len(x)}")
@@ -218,9 +202,8 @@ def _head_share(counts, lines):
     return float(c[i] + (x - i) * (c[i + 1] - c[i]))
 
 def row_col_concentration(matrix, frac=0.05, lines=0.05):
-    """Do the top-frac entries of |matrix| (importance map or ΔW) cluster on few rows and columns? row_share: their
-    fraction in the `lines` (5%) of rows holding most of them; col_share: columns; an even spread gives uniform_share
-    = lines; ratio = mean share / lines (1 = no structure, 1/lines = all on 5% of the rows and 5% of the columns)."""
+    """Fig. 1/4: do |matrix|'s top-frac entries cluster on few rows/columns? row_share (col_share): their fraction in
+    the `lines` fullest rows (columns), uniform_share if spread evenly; ratio = mean share / lines (1: no structure)."""
     a = matrix.detach().abs().float().cpu()
     idx = a.flatten().topk(max(1, int(round(frac * a.numel())))).indices
     top = torch.zeros(a.numel(), dtype=torch.bool).index_fill_(0, idx, True).view(a.shape)
@@ -246,9 +229,8 @@ def layer_lr_scale(layer_importance, lam=0.4):
     return [1.0] * len(imp) if hi == lo else [1.0 - lam * (x - lo) / (hi - lo) for x in imp]
 
 def layer_param_groups(named_params, scales, base_lr, weight_decay=0.0):
-    """AdamW groups of the trainable params: one per LLM layer i at base_lr·scales[i], and "rest" (embeddings, head,
-    final norm, adaptor) at base_lr; scales=None: one group "all". Weight decay goes to >= 2-D weights only, so with
-    weight_decay > 0 a group comes as two (same name and lr). A schedule sets lr = initial_lr * its multiplier."""
+    """AdamW groups: layer i's trainable params at lr = initial_lr = base_lr·scales[i], "rest" (embeddings, head,
+    adaptor) at base_lr (scales=None: one group "all"); weight_decay > 0 splits each in two, decaying >= 2-D weights."""
     trainable = [(n, p) for n, p in named_params if p.requires_grad]
     names = ["all"] if scales is None else [f"layer{i}" for i in range(len(scales))] + ["rest"]
     mults = [1.0] if scales is None else [float(s) for s in scales] + [1.0]
@@ -282,64 +264,50 @@ def bar_chart(dists, width=40):
             lines.append(f"{f'layer {i:>2}' if j == 0 else '':<8}  {name:<{w}} {bar:<{width}} {v:.3f}")
     return "\n".join(lines)
 
-def pyplot():  # matplotlib's pyplot drawing to files, or None: the figures are optional
+def _figure(figsize):  # a matplotlib Figure without pyplot (no global state, nothing to close), or None: no matplotlib
     try:
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return None
-    plt.switch_backend("Agg")
-    return plt
-
-def save_figure(plt, fig, path, dpi=120):
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
-
-def plot_distributions(dists, path):
-    """Fig. 2/3-style line plot of layer distributions to a PNG; None when matplotlib is not installed."""
-    if (plt := pyplot()) is None:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, d in dists.items():
-        ax.plot(range(len(d)), d, marker="o", label=name)
-    ax.set(xlabel="layer", ylabel="share of importance")
-    ax.legend()
-    return save_figure(plt, fig, path)
+    return Figure(figsize=figsize, layout="tight")
 
 def plot_shift(runs, path):
-    """The shift itself, per layer: each method's share minus the original's (runs: one {name: distribution} per
-    seed, with "original_text"); a thin line per seed, the mean bold. -> path, or None without matplotlib."""
-    if (plt := pyplot()) is None:
+    """Fig. 2/3 to a PNG (runs: a {name: layer distribution} per seed, with "original_text"). Left, each distribution
+    (mean over seeds); right, the shift: each share minus the original's, a thin line per seed, the mean bold."""
+    if (fig := _figure((11, 3.5))) is None:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    names = [k for k in runs[0] if not k.startswith("original")]
-    for i, name in enumerate(names):
-        diffs = torch.tensor([[a - b for a, b in zip(r[name], r["original_text"])] for r in runs])  # (seeds, layers)
-        for d in diffs:
-            ax.plot(d.numpy(), color=f"C{i}", lw=0.7, alpha=0.4)
-        ax.plot(diffs.mean(0).numpy(), color=f"C{i}", lw=2.2, marker="o", label=name)
-    ax.axhline(0, color="k", lw=0.6)
-    ax.set_xticks(range(len(runs[0]["original_text"])))
-    ax.set(xlabel="layer", ylabel="share of importance − original's", title=f"the shift ({len(runs)} seed(s))")
-    ax.legend()
-    return save_figure(plt, fig, path)
+    left, right = fig.subplots(1, 2)
+    orig = torch.tensor([r["original_text"] for r in runs], dtype=torch.float64)  # (seeds, layers)
+    for i, name in enumerate(["original_text"] + [k for k in runs[0] if not k.startswith("original")]):
+        dist = torch.tensor([r[name] for r in runs], dtype=torch.float64)  # (seeds, layers)
+        left.plot(dist.mean(0).numpy(), color=f"C{i}", marker="o", label=name)
+        for row in dist - orig:  # the shift (the original's own: the zero line)
+            right.plot(row.numpy(), color=f"C{i}", lw=0.7, alpha=0.4)
+        right.plot((dist - orig).mean(0).numpy(), color=f"C{i}", lw=2.2, marker="o", label=name)
+    left.set(ylabel="share of importance", title=f"layer distributions (mean of {len(runs)} seed(s))")
+    right.set(ylabel="share of importance − original's", title=f"the shift ({len(runs)} seed(s))")
+    for ax in (left, right):
+        ax.set(xlabel="layer", xticks=range(orig.shape[1]))
+        ax.legend()
+    fig.savefig(path, dpi=120)
+    return path
 
 def plot_matrices(importance, deltas, path, frac=0.05, title=""):
     """Fig. 1 and 4 as pictures: one matrix's importance with its top-frac entries marked, and each method's |ΔW| on
     the same matrix (deltas: {name: 2-D tensor}). -> path, or None without matplotlib."""
-    if (plt := pyplot()) is None:
-        return None
     mats = {"original importance": importance, **{f"{n} |ΔW|": d for n, d in deltas.items()}}
-    fig, axes = plt.subplots(1, len(mats), figsize=(3.2 * len(mats), 3.4), squeeze=False)
-    for ax, (name, m) in zip(axes[0], mats.items()):
+    if (fig := _figure((3.2 * len(mats), 3.4))) is None:
+        return None
+    axes = fig.subplots(1, len(mats), squeeze=False)[0]
+    for ax, (name, m) in zip(axes, mats.items()):
         a = m.detach().abs().float().cpu()
         low = a[a > 0].min() if (a > 0).any() else 1e-30
         ax.imshow(a.clamp(min=low).log10().numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
         top = a.flatten().topk(max(1, int(round(frac * a.numel())))).indices
         rows, cols = top // a.shape[1], top % a.shape[1]
         ax.scatter(cols.numpy(), rows.numpy(), s=1, c="red", marker="s", linewidths=0, label=f"top {frac:.0%}")
-        ax.set(title=name, xlabel="input column", ylabel="output row" if ax is axes[0][0] else None)
-    axes[0][0].legend(loc="upper right", markerscale=4, fontsize=7)
+        ax.set(title=name, xlabel="input column", ylabel="output row" if ax is axes[0] else None)
+    axes[0].legend(loc="upper right", markerscale=4, fontsize=7)
     fig.suptitle(f"{title}: log10 |value|; red: the top {frac:.0%} of each", fontsize=9)
-    return save_figure(plt, fig, path, dpi=80)
+    fig.savefig(path, dpi=80)
+    return path

@@ -1,12 +1,10 @@
-"""LoRA from scratch: low-rank adapters for a frozen HuggingFace causal LM.
+"""LoRA from scratch: low-rank adapters for a frozen HuggingFace causal LM, the LoRA mitigation of arXiv 2509.23755.
 
-Implements the LoRA mitigation of arXiv 2509.23755: a rank-r update dW = B @ A, scaled by alpha / r, on every
-attention and MLP linear of the LLM (q, k, v, o, gate, up, down); r = 8 for the 1B and 16 for the 8B model, alpha = 2r,
-base LLM frozen. Follows Hu et al. 2021 (arXiv 2106.09685) with the loralib parameter layout; rslora scaling
-alpha / sqrt(r) is Kalajdzievski 2023. Needs only torch (safetensors is imported lazily by save_peft_adapter).
-
-Nothing here imports the project: copy this file alone. On a plain transformers LlamaForCausalLM (the
-README shows these lines; test_all.py runs them):
+A rank-r update dW = B @ A, scaled by alpha / r, on every attention and MLP linear of the LLM (q, k, v, o, gate, up,
+down); r = 8 for the 1B and 16 for the 8B model, alpha = 2r, base LLM frozen. Follows Hu et al. 2021 (arXiv
+2106.09685) with the loralib parameter layout; rslora's alpha / sqrt(r) is Kalajdzievski 2023. Needs only torch
+(save_peft_adapter imports safetensors lazily). Nothing here imports the project: copy this file alone. On a plain
+transformers LlamaForCausalLM (the README shows these lines; test_all.py runs them):
 
     from transformers import LlamaConfig, LlamaForCausalLM
     from lora import count_parameters, inject_lora, mark_only_lora_as_trainable, save_peft_adapter, unload_lora
@@ -113,8 +111,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
-# Merging is always an explicit call, never a side effect of .train()/.eval() as in loralib, so weights (and
-# checkpoints) never change behind the caller's back.
+# Merging is an explicit call, never a side effect of .train()/.eval() as in loralib: weights never change unasked.
 def merge_lora(model: nn.Module) -> int:
     return sum(m.set_merged(True) for _, m in _lora_modules(model))
 

@@ -321,3 +321,11 @@ def set_trainable(model, prefixes):
 def count(model):  # what is printed before every stage
     trainable, total = lora.count_parameters(model)
     return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M ({100 * trainable / total:.1f}%)"
+
+def build_model(cfg, seed, device, stages=()):
+    """Seeded initial (or pretrained) weights, then the finished stages' trained ones (their checkpoints' "model")."""
+    torch.manual_seed(seed)
+    model = SpeechLLM(cfg).to(device)
+    for state in stages:
+        model.load_state_dict(state, strict=False)
+    return model

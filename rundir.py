@@ -194,7 +194,7 @@ def init_from(run, src, copied):
     for k, v in rep.items():  # the original LLM's entries; a method's are its own
         run.report[k] = {**run.report.get(k, {}), **{n: x for n, x in v.items() if n.startswith("original")}} if k in \
             ("distribution", "top5_share", "concentration", "distribution_own") else v
-    for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt", "self_targets.json"):
+    for f in ("pretrain.pt", "align_raw.pt", "align.pt", "importance_original.pt", "self_targets.pt"):
         if run.master and os.path.exists(os.path.join(src, f)) and not os.path.exists(run.path(f)):
             shutil.copyfile(os.path.join(src, f), run.path(f))
     barrier(run.world)

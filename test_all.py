@@ -30,7 +30,7 @@ import rundir
 import train
 from importance import (aggregate, bar_chart, estimate_importance, format_lr_table, global_mask,
                         importance_params, js_divergence, layer_distribution, layer_lr_scale,
-                        layer_param_groups, masked_eval, noise_floor, plot_distributions, plot_matrices, plot_shift,
+                        layer_param_groups, masked_eval, noise_floor, plot_matrices, plot_shift,
                         row_col_concentration,
                         shift_metrics, spearman, table1, top_share_by_layer)
 from lora import (LoRALinear, TARGETS, count_parameters, inject_lora, load_lora_state_dict,
@@ -1423,15 +1423,29 @@ def test_row_col_concentration_rank1_vs_gaussian():
         "model.layers.1.self_attn.q_proj.weight"])["ratio"]) / 3)
 
 
-def test_display_helpers(tmp_path):
+def test_display_helpers(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    import importance
     chart = bar_chart({"original": [0.2, 0.5, 0.3], "full FT": [0.5, 0.3, 0.2]}, width=10)
     assert chart.count("\n") == 5 and "█" in chart and "layer  2" in chart
-    out = plot_distributions({"original": [0.2, 0.5, 0.3]}, tmp_path / "dist.png")
-    assert out is None or (tmp_path / "dist.png").exists()
-    runs = [{"original_text": [0.2, 0.5, 0.3], "full": [0.1, 0.5, 0.4]}] * 2
-    assert plot_shift(runs, tmp_path / "s.png") in (None, tmp_path / "s.png")  # None: no matplotlib
-    out = plot_matrices(torch.rand(8, 6), {"full": torch.randn(8, 6)}, tmp_path / "m.png", title="w")
-    assert out is None or (tmp_path / "m.png").exists()
+    runs = [{"original_text": [0.2, 0.5, 0.3], "original_speech": [0.3, 0.3, 0.4], "full": [0.1, 0.5, 0.4],
+             "lora": [0.2, 0.4, 0.4]}, {"original_text": [0.3, 0.4, 0.3], "full": [0.2, 0.4, 0.4], "lora": [0.3, 0.4, 0.3]}]
+    figs, new_figure = [], importance._figure
+    monkeypatch.setattr(importance, "_figure", lambda size: figs.append(new_figure(size)) or figs[-1])
+    shift = plot_shift(runs, tmp_path / "s.png")
+    mats = plot_matrices(torch.rand(8, 6), {"full": torch.randn(8, 6)}, tmp_path / "m.png", title="w")
+    if importlib.util.find_spec("matplotlib"):  # installed: both PNGs written
+        assert (shift, mats) == (tmp_path / "s.png", tmp_path / "m.png")
+        assert all(p.read_bytes()[:4] == b"\x89PNG" for p in (shift, mats))
+        left, right = figs[0].axes  # left: the 3 distributions (original_text, full, lora; not original_speech)
+        assert len(left.lines) == 3 and len(right.lines) == 3 * (2 + 1)  # right: per name a line per seed + the mean
+        assert right.lines[2].get_ydata().tolist() == pytest.approx([0.0, 0.0, 0.0])  # the original's: zero
+        assert right.lines[5].get_ydata().tolist() == pytest.approx([-0.1, 0.0, 0.1])  # full's mean shift
+    else:
+        assert shift is None and mats is None
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
+    assert plot_shift(runs, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def test_all_reduce_single_process_matches(tmp_path):
