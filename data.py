@@ -103,8 +103,7 @@ def make_splits(world, seed=0):
     asr(2 * len(world), random.Random(seed + 3), 2, "test", "asr_test")  # not dependent on the ASR training set's size
     return rows
 
-def question_words():
-    """Every word of every question phrasing (the entity slot left out): what the test questions say."""
+def question_words():  # every word of every question phrasing (the entity slot left out): what the tests say
     return sorted({w for qs in QUESTIONS.values() for q in qs for w in q.replace("{e}", "").split()})
 
 def finetune_rows(rows):
@@ -149,9 +148,9 @@ class HFTokenizer:
         self.decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)
 
     def prompt(self, user):
-        text = self.tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                            add_generation_prompt=True) if self.tok.chat_template else (
-            (self.tok.bos_token or "") + user + "\n")
+        t, turn = self.tok, [{"role": "user", "content": user}]
+        text = t.apply_chat_template(turn, tokenize=False, add_generation_prompt=True) if t.chat_template else (
+            (t.bos_token or "") + user + "\n")
         before, *after = text.split("<speech>")
         return self.encode(before) + ([self.speech_id] + self.encode(after[0]) if after else [])
 
@@ -172,8 +171,7 @@ def train_tokenizer(texts, model_prefix, vocab_size=256):
 VOWELS = {"a": (730, 1090), "e": (530, 1840), "i": (270, 2290), "o": (570, 840), "u": (300, 870), "y": (440, 2000)}
 VOICED = {"b": (200, 900), "d": (250, 1700), "g": (250, 2300), "l": (360, 1300), "m": (250, 1100), "n": (250, 1600),
           "r": (420, 1300), "v": (220, 1400), "z": (250, 1900), "w": (300, 600), "j": (280, 2200)}
-_EDGES = np.geomspace(400, 7600, 21)
-NOISY = {c: (float(_EDGES[i]), float(_EDGES[i + 1])) for i, c in enumerate("bcdfghjklmnpqrstvwxz")}
+NOISY = {c: tuple(np.geomspace(400, 7600, 21)[i:i + 2].tolist()) for i, c in enumerate("bcdfghjklmnpqrstvwxz")}
 LETTER_S = 0.1  # a vowel lasts 100 ms, a CV syllable ~0.18 s as in real speech: ~3 adaptor frames (10 Hz) per token
 
 @dataclass
@@ -209,9 +207,8 @@ def synthesize(text, spk: Speaker):
     phase = 2 * np.pi * np.cumsum(f0, dtype=np.float64) / SAMPLE_RATE
     # harmonics below 4.5 kHz, each weighted by the formant resonances. The gains change slowly: computed every
     # D-th sample and held; sin(h·phase) by the recurrence sin((h+1)x) = 2 cos(x) sin(hx) - sin((h-1)x)
-    D, y = 8, np.zeros(N)
+    D, y, s_prev, s_cur, c2 = 8, np.zeros(N), np.zeros(N), np.sin(phase), 2 * np.cos(phase)
     F1d, F2d, f0d = F1[::D], F2[::D], f0[::D]
-    s_prev, s_cur, c2 = np.zeros(N), np.sin(phase), 2 * np.cos(phase)
     for h in range(1, int(4500 / spk.f0)):
         fh = h * f0d
         gain = np.exp(-0.5 * ((fh - F1d) / 110) ** 2) + 0.7 * np.exp(-0.5 * ((fh - F2d) / 150) ** 2) + 1e-3
@@ -292,7 +289,9 @@ def log_mel(wav, n_mels=N_MELS):
 
 # -----------------------------------------------------------------------------
 # Manifest: one JSON object a line: id, audio, transcript, question, answer, task, split
-TASKS = ("qa", "asr", "lm", "copy")
+TASKS = {"qa": ("id", "transcript", "question", "answer"), "asr": ("id", "transcript", "answer"),  # and what each
+         "lm": ("id", "answer"), "copy": ("id", "question", "answer")}  # task needs: non-empty strings
+TEXT = ("audio", "transcript", "question", "answer", "relation", "entity", "instruction")  # strings where given
 SPLITS = ("pretrain", "pretrain_val", "speech_train", "val", "test", "asr_test")
 
 def read_manifest(path):
@@ -310,13 +309,13 @@ def read_manifest(path):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: malformed JSON ({e.msg})")
             if not isinstance(r, dict) or r.get("task") not in TASKS:
-                raise ValueError(f"{path}:{i}: each line must be an object with task in {TASKS}")
-            if r["task"] in ("qa", "asr") and not str(r.get("transcript", "")).strip():
-                raise ValueError(f"{path}:{i}: empty transcript")
+                raise ValueError(f"{path}:{i}: each line must be an object with task in {tuple(TASKS)}")
+            if bad := [k for k in TASKS[r["task"]] if not isinstance(r.get(k), str) or not r[k].strip()]:
+                raise ValueError(f"{path}:{i}: {r['task']} rows need a non-empty string {bad[0]}: got {r.get(bad[0])!r}")
+            if bad := [k for k in TEXT if r.get(k) is not None and not isinstance(r[k], str)]:
+                raise ValueError(f"{path}:{i}: {bad[0]} must be a string, got {r[bad[0]]!r}")
             if r.get("split") not in SPLITS:
                 raise ValueError(f"{path}:{i}: split {r.get('split')!r} is not one of {SPLITS}")
-            if not str(r.get("answer", "")).strip():
-                raise ValueError(f"{path}:{i}: empty answer")
             if r.get("audio"):  # relative to the manifest
                 r["audio"] = os.path.join(os.path.dirname(os.path.abspath(path)), r["audio"])
             if r.get("audio") and not os.path.isfile(r["audio"]):
@@ -324,14 +323,13 @@ def read_manifest(path):
             if r.get("audio") and (sec := seconds(r["audio"], path, i)) > MAX_SECONDS:
                 raise ValueError(f"{path}:{i}: {r['audio']} lasts {sec:.1f} s, longer than the encoder's "
                                  f"{MAX_SECONDS} s window; split or crop it")
-            if r.get("id") in ids:  # features are stored by id: a second row would be answered from the first's audio
-                raise ValueError(f"{path}:{i}: id {r['id']!r} is also the id of line {ids[r['id']]}; ids must be unique")
-            ids[r.get("id")] = i
+            if r["id"] in ids:  # features are stored by id: a second row would be answered from the first's audio
+                raise ValueError(f"{path}:{i}: id {r['id']!r} is also line {ids[r['id']]}'s; ids must be unique")
+            ids[r["id"]] = i
             rows.append(r)
     return rows
 
-def seconds(audio, path, line):
-    """An utterance's length from its header alone (non-WAV: with the optional soundfile, else not checked here)."""
+def seconds(audio, path, line):  # an utterance's length from its header (non-WAV: with soundfile, or unchecked)
     if not audio.lower().endswith(".wav"):
         return importlib.import_module("soundfile").info(audio).duration if importlib.util.find_spec("soundfile") else 0
     try:
@@ -347,6 +345,9 @@ def check_rows(rows, needed, path, batch_size):
     for name, s in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train", finetune_rows(rows))):
         if 0 < len(s) < batch_size:
             raise SystemExit(f"--batch-size {batch_size}: larger than the {name} split ({len(s)} rows in {path})")
+    asked = {r["question"].lower() for r in rows if r["split"] == "speech_train" and r["task"] == "qa"}
+    if leak := [r["id"] for r in rows if r["split"] in ("val", "test") and r.get("question", "").lower() in asked]:
+        print(f"warning: {path}: {len(leak)} val/test questions also in speech_train (e.g. {leak[0]}): memory, not S2T")
 
 def fingerprint(path):
     """A manifest's content hash with its audio files' sizes and mtimes (run.json): changed data is another run."""

@@ -200,13 +200,13 @@ def save_matrices(path, original, name, weights, w0):
     save_checkpoint(path, mats)
 
 # -----------------------------------------------------------------------------
-# Reporting: Tables 1 and 2, Fig. 2 as terminal bars (+ PNGs with matplotlib), mean ± sd over seeds
+# Reporting: Tables 1 and 2, Fig. 2 as terminal bars, mean ± sd over seeds; Fig. 1-4 as PNGs (matplotlib)
 def report(results, rep, out=None, sd=None, runs=None):
     """Print Fig. 2's analogue, Tables 2 and 1; the figures into `out` (runs: each seed's distributions)."""
     dists = {k: v for k, v in rep["distribution"].items() if k != "original_speech"}
     print("\nLayer-wise textual importance (Fig. 2 analogue):\n" + imp.bar_chart(dists))
     mats = out and os.path.exists(os.path.join(out, "matrices.pt")) and load_checkpoint(os.path.join(out, "matrices.pt"))
-    for fig in (out and imp.plot_shift(runs or [dists], os.path.join(out, "shift.png")), mats and imp.plot_matrices(
+    for fig in (out and plot_shift(runs or [dists], os.path.join(out, "shift.png")), mats and plot_matrices(
             mats["importance"], mats["delta_w"], os.path.join(out, "matrices.png"), title=mats["key"])):
         print(f"figure: {fig}" if fig else "", end="\n" if fig else "")
     if conc := {k: v["all"]["ratio"] for k, v in rep.get("concentration", {}).items()}:
@@ -274,9 +274,58 @@ def format_table1(results, sd=None):
     cell = lambda m, s, k: f"{m[k]:.3f}x" + (f" ± {s[k]:.3f}" if k in s else "") if k in m else "-"
     for kind, m, s in (("text", val, sdv), ("speech", val.get("speech", {}), sdv.get("speech", {}))):
         for sub, mm, ss in (("all", m, s), ("answered", m.get("answered", {}), s.get("answered", {}))):
-            lines += [f"{kind:<8}{sub:<10}{mm.get('n_rows', 0):>6.0f}{mm['baseline_ppl']:>10.3f}" + "".join(
-                f"{cell(mm, ss, f'{w}_ratio'):>20}" for w in ("top", "bottom", "random"))] * ("baseline_ppl" in mm)
+            if "baseline_ppl" in mm:
+                lines.append(f"{kind:<8}{sub:<10}{mm.get('n_rows', 0):>6.0f}{mm['baseline_ppl']:>10.3f}" + "".join(
+                    f"{cell(mm, ss, f'{w}_ratio'):>20}" for w in ("top", "bottom", "random")))
     return "\n".join(lines) * bool(val)
+
+def _figure(figsize):  # a matplotlib Figure without pyplot (no global state, nothing to close), or None: no matplotlib
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure(figsize=figsize, layout="tight")
+
+def plot_shift(runs, path):
+    """Fig. 2/3 to a PNG (runs: a {name: layer distribution} per seed, with "original_text"). Left, each distribution
+    (mean over seeds); right, the shift: each share minus the original's, a thin line per seed, the mean bold."""
+    if (fig := _figure((11, 3.5))) is None:
+        return None
+    left, right = fig.subplots(1, 2)
+    orig = torch.tensor([r["original_text"] for r in runs], dtype=torch.float64)  # (seeds, layers)
+    for i, name in enumerate(["original_text"] + [k for k in runs[0] if not k.startswith("original")]):
+        dist = torch.tensor([r[name] for r in runs], dtype=torch.float64)  # (seeds, layers)
+        left.plot(dist.mean(0).numpy(), color=f"C{i}", marker="o", label=name)
+        for row in dist - orig:  # the shift (the original's own: the zero line)
+            right.plot(row.numpy(), color=f"C{i}", lw=0.7, alpha=0.4)
+        right.plot((dist - orig).mean(0).numpy(), color=f"C{i}", lw=2.2, marker="o", label=name)
+    left.set(ylabel="share of importance", title=f"layer distributions (mean of {len(runs)} seed(s))")
+    right.set(ylabel="share of importance − original's", title=f"the shift ({len(runs)} seed(s))")
+    for ax in (left, right):
+        ax.set(xlabel="layer", xticks=range(orig.shape[1]))
+        ax.legend()
+    fig.savefig(path, dpi=120)
+    return path
+
+def plot_matrices(importance, deltas, path, frac=0.05, title=""):
+    """Fig. 1 and 4 as pictures: one matrix's importance with its top-frac entries marked, and each method's |ΔW| on
+    the same matrix (deltas: {name: 2-D tensor}). -> path, or None without matplotlib."""
+    mats = {"original importance": importance, **{f"{n} |ΔW|": d for n, d in deltas.items()}}
+    if (fig := _figure((3.2 * len(mats), 3.4))) is None:
+        return None
+    axes = fig.subplots(1, len(mats), squeeze=False)[0]
+    for ax, (name, m) in zip(axes, mats.items()):
+        a = m.detach().abs().float().cpu()
+        low = a[a > 0].min() if (a > 0).any() else 1e-30
+        ax.imshow(a.clamp(min=low).log10().numpy(), cmap="viridis", aspect="auto", interpolation="nearest")
+        top = a.flatten().topk(max(1, int(round(frac * a.numel())))).indices
+        rows, cols = top // a.shape[1], top % a.shape[1]
+        ax.scatter(cols.numpy(), rows.numpy(), s=1, c="red", marker="s", linewidths=0, label=f"top {frac:.0%}")
+        ax.set(title=name, xlabel="input column", ylabel="output row" if ax is axes[0] else None)
+    axes[0].legend(loc="upper right", markerscale=4, fontsize=7)
+    fig.suptitle(f"{title}: log10 |value|; red: the top {frac:.0%} of each", fontsize=9)
+    fig.savefig(path, dpi=80)
+    return path
 
 if __name__ == "__main__":
     path = os.path.join(sys.argv[-1], "results.json")

@@ -322,6 +322,9 @@ def count(model):  # what is printed before every stage
     trainable, total = lora.count_parameters(model)
     return f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.2f}M ({100 * trainable / total:.1f}%)"
 
+def mel_bins(encoder):  # the log-mel bins the encoder reads: a pretrained Whisper's own, else ModelConfig's
+    return WhisperConfig.from_pretrained(encoder).num_mel_bins if encoder else ModelConfig.n_mels
+
 def build_model(cfg, seed, device, stages=()):
     """Seeded initial (or pretrained) weights, then the finished stages' trained ones (their checkpoints' "model")."""
     torch.manual_seed(seed)

@@ -30,7 +30,7 @@ import rundir
 import train
 from importance import (aggregate, bar_chart, estimate_importance, format_lr_table, global_mask,
                         importance_params, js_divergence, layer_distribution, layer_lr_scale,
-                        layer_param_groups, masked_eval, noise_floor, plot_matrices, plot_shift,
+                        layer_param_groups, masked_eval, noise_floor,
                         row_col_concentration,
                         shift_metrics, spearman, table1, top_share_by_layer)
 from lora import (LoRALinear, TARGETS, count_parameters, inject_lora, load_lora_state_dict,
@@ -324,11 +324,17 @@ def test_bad_audio_and_manifest_errors(tmp_path):
         data.read_manifest(str(m))
     m.write_text(json.dumps({**good, "audio": None}) + "\n")  # no audio: a typed row
     assert data.read_manifest(str(m))[0]["audio"] is None
-    m.write_text(json.dumps({**good, "transcript": " "}) + "\n")
-    with pytest.raises(ValueError, match=r"m.jsonl:1: empty transcript"):
-        data.read_manifest(str(m))
+    for change, msg in (({"transcript": " "}, "qa rows need a non-empty string transcript, got ' '"),
+                        ({"transcript": None}, "qa rows need a non-empty string transcript, got None"),
+                        ({"answer": 7}, "qa rows need a non-empty string answer, got 7"),
+                        ({"question": ""}, "qa rows need a non-empty string question, got ''"),
+                        ({"id": None}, "qa rows need a non-empty string id, got None"),
+                        ({"relation": ["a"]}, r"relation must be a string, got \['a'\]")):
+        m.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "b", **change}) + "\n")  # line 2, checked
+        with pytest.raises(ValueError, match=r"m.jsonl:2: " + msg):                     # before any work
+            data.read_manifest(str(m))
     m.write_text(json.dumps(good) + "\n" + json.dumps({**good, "answer": "y"}) + "\n")  # features are kept by id
-    with pytest.raises(ValueError, match=r"m.jsonl:2: id 'a' is also the id of line 1; ids must be unique"):
+    with pytest.raises(ValueError, match=r"m.jsonl:2: id 'a' is also line 1's; ids must be unique"):
         data.read_manifest(str(m))
 
 
@@ -483,7 +489,7 @@ def test_train_main_tiny_run(tmp_path, world):
         assert {"t2t_acc", "s2t_acc", "wer", "importance_js", "importance_spearman", "ms_per_step",
                 "trainable"} <= set(res["methods"][m])
     assert res["methods"]["lora"]["trainable"] < res["methods"]["full"]["trainable"]
-    assert "ms/step" in evaluate.format_tradeoff(res)
+    assert "ms/step" in evaluate.format_table(res).splitlines()[0]
     assert res["methods"]["frozen"]["importance_js"] == pytest.approx(0, abs=1e-9)  # LLM untouched
     assert "delta_w_concentration" not in res["methods"]["frozen"]  # ΔW = 0: no structure to measure
     assert all(res["methods"][m]["delta_w_concentration"] >= 1 for m in ("full", "lora"))
@@ -1426,15 +1432,14 @@ def test_row_col_concentration_rank1_vs_gaussian():
 def test_display_helpers(tmp_path, monkeypatch):
     import importlib.util
     import sys
-    import importance
     chart = bar_chart({"original": [0.2, 0.5, 0.3], "full FT": [0.5, 0.3, 0.2]}, width=10)
     assert chart.count("\n") == 5 and "█" in chart and "layer  2" in chart
     runs = [{"original_text": [0.2, 0.5, 0.3], "original_speech": [0.3, 0.3, 0.4], "full": [0.1, 0.5, 0.4],
              "lora": [0.2, 0.4, 0.4]}, {"original_text": [0.3, 0.4, 0.3], "full": [0.2, 0.4, 0.4], "lora": [0.3, 0.4, 0.3]}]
-    figs, new_figure = [], importance._figure
-    monkeypatch.setattr(importance, "_figure", lambda size: figs.append(new_figure(size)) or figs[-1])
-    shift = plot_shift(runs, tmp_path / "s.png")
-    mats = plot_matrices(torch.rand(8, 6), {"full": torch.randn(8, 6)}, tmp_path / "m.png", title="w")
+    figs, new_figure = [], evaluate._figure
+    monkeypatch.setattr(evaluate, "_figure", lambda size: figs.append(new_figure(size)) or figs[-1])
+    shift = evaluate.plot_shift(runs, tmp_path / "s.png")
+    mats = evaluate.plot_matrices(torch.rand(8, 6), {"full": torch.randn(8, 6)}, tmp_path / "m.png", title="w")
     if importlib.util.find_spec("matplotlib"):  # installed: both PNGs written
         assert (shift, mats) == (tmp_path / "s.png", tmp_path / "m.png")
         assert all(p.read_bytes()[:4] == b"\x89PNG" for p in (shift, mats))
@@ -1445,7 +1450,7 @@ def test_display_helpers(tmp_path, monkeypatch):
     else:
         assert shift is None and mats is None
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
-    assert plot_shift(runs, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    assert evaluate.plot_shift(runs, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def test_all_reduce_single_process_matches(tmp_path):
@@ -1883,10 +1888,12 @@ def test_freezing_keeps_the_chosen_entries_bit_identical(world):
     assert any((masks["top"][k] != masks["random"][k]).any() for k in masks["top"])
 
 
-def test_tradeoff_lists_text_kept_against_spoken_qa_gained():
-    res = {"no_ft": {"t2t_acc": 0.8, "s2t_acc": 0.4},
+def test_table_lists_text_kept_and_spoken_qa_against_no_fine_tuning():
+    """Table 2's analogue: each method's T2T / S2T (± sd over seeds) and their change from the aligned model."""
+    res = {"no_ft": {"t2t_acc": 0.8, "s2t_acc": 0.4}, "s2t_chance": 0.125,
            "methods": {"full": {"t2t_acc": 0.7, "s2t_acc": 0.45}, "lora": {"t2t_acc": 0.78, "s2t_acc": 0.47}}}
     sd = {"methods": {"full": {"t2t_acc": 0.02, "s2t_acc": 0.01}}}
-    lines = evaluate.format_tradeoff(res, sd).splitlines()
-    assert [l.split()[0] for l in lines[1:]] == ["no", "lora", "full"]  # by text kept
-    assert lines[-1].split()[1:3] == ["70.0", "±"] and lines[-1].split()[-2:] == ["-10.0", "+5.0"]  # vs no FT
+    lines = evaluate.format_table(res, sd).splitlines()
+    assert [l.split()[0] for l in lines[1:4]] == ["no", "full", "lora"] and "chance" in lines[4] and "12.5" in lines[4]
+    full = lines[2].split()
+    assert full[1:7] == ["70.0", "±", "2.0", "45.0", "±", "1.0"] and full[-2:] == ["-10.0", "+5.0"]  # vs no FT

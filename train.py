@@ -1,9 +1,6 @@
-"""
-train.py - the paper's pipeline, one function per stage, and the one hand-written training loop they share:
-data (data.py) -> pretrain (the tiny LLM learns every fact from text: "the original LLM") -> align (encoder +
-adaptor feed the frozen LLM: "no fine-tuning") -> analyse (the original's importance, Table 1, the noise floor) ->
-per method (METHODS), from the same aligned model: finetune, then measure (T2T / S2T / WER, the shift, Fig. 2/3).
-Where results and checkpoints live, and which stages are finished: rundir.py.
+"""train.py - the paper's pipeline, a function per stage, one training loop: data -> pretrain (the tiny LLM learns every
+fact from text: "the original LLM") -> align (encoder + adaptor feed the frozen LLM: "no fine-tuning") -> analyse (the
+original's importance, Table 1, the noise floor) -> per method (METHODS), from the aligned model: finetune, measure.
 
     python train.py --quick                    # every stage, tiny: ~30 s on 2 CPU cores
     python train.py                            # the default comparison (README: Results)
@@ -11,26 +8,24 @@ Where results and checkpoints live, and which stages are finished: rundir.py.
     torchrun --nproc_per_node 2 train.py --device cuda ...   # DDP: one process per GPU (gloo on CPU)
 """
 import argparse, copy, json, math, os, random, re, sys, time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
-from transformers import WhisperConfig
 
-import data, evaluate, lora
-import importance as imp
-from model import ModelConfig, SpeechLLM, autocast, count, path_problem, set_trainable, trainable_state
+import data, evaluate, importance as imp, lora
+from model import ModelConfig, autocast, build_model, count, mel_bins, path_problem, set_trainable, trainable_state
 from rundir import RunDir, barrier, check_init_from, init_from, merge, read_record, resume, save_checkpoint, save_json
 
-# -----------------------------------------------------------------------------
-# Settings. Sizes that are not flags: --quick and --real set their own, and Python callers main(argv, **sizes).
+# ---- Settings. Sizes that are not flags: --quick and --real set their own, and Python callers main(argv, **sizes)
 SIZES = dict(n_entities=data.N_ENTITIES, n_layers=ModelConfig.n_layers, d_llm=ModelConfig.d_llm, compress_steps=150,
              calib_min=256, data_dir="", log_every=100)  # compress: more align steps, CTC compression on (ours)
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
+FINE_TUNING = {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}  # --init-from may change
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=type(
@@ -72,13 +67,10 @@ def get_args(argv=None, preset=None, **sizes):  # preset: defaults of a mode (re
     p, argv = get_parser(), list(sys.argv[1:] if argv is None else argv)
     p.set_defaults(**{**SIZES, **(QUICK if "--quick" in argv else {}), **(preset or {}), **sizes})
     args = p.parse_args(argv)
-    p._defaults.clear()
-    for a in p._actions:  # which flags were given (--reanalyse takes the others from run.json)
-        a.default = argparse.SUPPRESS
-    args.given = set(vars(p.parse_args(argv))) | set(sizes)
-    for k in ("batch_size", "grad_accum", "steps", "lora_r", "pretrain_steps", "align_steps"):
-        if getattr(args, k) < (low := int(k not in ("pretrain_steps", "align_steps"))):
-            p.error(f"--{k.replace('_', '-')}: must be >= {low}, got {getattr(args, k)}")
+    unset = argparse.Namespace(**dict.fromkeys(vars(args)))  # None: parse_args sets only the flags given (--reanalyse)
+    args.given = {k for k, v in vars(p.parse_args(argv, unset)).items() if v is not None} | set(sizes)
+    for k, low in dict(batch_size=1, grad_accum=1, steps=1, lora_r=1, pretrain_steps=0, align_steps=0).items():
+        if getattr(args, k) < low: p.error(f"--{k.replace('_', '-')}: must be >= {low}, got {getattr(args, k)}")
     if not (args.lr > 0 and args.lora_lr > 0 and 0 <= args.lam <= 1):
         p.error(f"--lr, --lora-lr: must be > 0; --lam: in [0, 1]; got {args.lr}, {args.lora_lr}, {args.lam}")
     try:
@@ -86,8 +78,7 @@ def get_args(argv=None, preset=None, **sizes):  # preset: defaults of a mode (re
         args.seed_list = [int(s) for s in args.seeds.split(",") if s]
     except ValueError as e:
         p.error(str(e) if "--method" in str(e) else "--seeds: comma-separated integers expected")
-    if not args.methods:
-        p.error("--method: give at least one method, e.g. --method full")
+    if not args.methods: p.error("--method: give at least one method, e.g. --method full")
     if len(set(args.seed_list)) < len(args.seed_list):
         p.error(f"--seeds {args.seeds}: a seed given twice would count twice in the mean ± sd")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -97,9 +88,8 @@ def get_args(argv=None, preset=None, **sizes):  # preset: defaults of a mode (re
     args.dtype = {"auto": "bf16" if args.device.startswith("cuda") else "fp32"}.get(args.dtype, args.dtype)
     if args.real and not (args.llm and args.encoder and args.manifest):
         p.error("--real: run it as python train.py --real, or python real.py (real.main): real.py brings its paths")
-    for flag, path in (("--llm", args.llm), ("--encoder", args.encoder)):
-        if path and (problem := path_problem(path)):  # before any work
-            raise SystemExit(f"{flag} {path}: {problem}")
+    for flag, path in (("--llm", args.llm), ("--encoder", args.encoder)):  # before any work
+        if path and (problem := path_problem(path)): raise SystemExit(f"{flag} {path}: {problem}")
     world = f"formant-e{args.n_entities}-s0-v{data.WORLD_VERSION}"  # one cache beside OUT for every run
     args.data_dir = args.data_dir or (os.path.join(args.out, "data") if args.manifest else
                                       os.path.join(os.path.dirname(os.path.abspath(args.out)), "data", world))
@@ -107,8 +97,7 @@ def get_args(argv=None, preset=None, **sizes):  # preset: defaults of a mode (re
         setattr(args, k, getattr(args, k) and os.path.abspath(getattr(args, k)))
     return args
 
-# -----------------------------------------------------------------------------
-# The fine-tuning methods: one row each. The encoder is always frozen and the adaptor always trains.
+# ---- The fine-tuning methods: one row each. The encoder is always frozen and the adaptor always trains
 @dataclass(frozen=True)
 class Method:
     llm: bool = False       # the LLM's own weights train (full fine-tuning)
@@ -133,15 +122,13 @@ METHODS = {
     "freeze_random": Method(llm=True, freeze="random"),    # ... or as many random ones: the control
 }
 
-def method_row(name):
-    """A METHODS row, or the LoRA row at rank N for `lora_r<N>` (Table 3: the rank ablation)."""
+def method_row(name):  # a METHODS row, or the LoRA row at rank N for lora_r<N> (Table 3: the rank ablation)
     m = re.fullmatch(r"lora_r(\d+)", name)
     if name not in METHODS and not (m and int(m.group(1)) >= 1):
         raise ValueError(f"--method: unknown method {name!r} (choose from {', '.join(METHODS)}, or lora_r<N>)")
     return METHODS.get(name) or replace(METHODS["lora"], r=int(m.group(1)))
 
-# -----------------------------------------------------------------------------
-# The training loop: every stage, every method
+# ---- The training loop: every stage, every method
 @dataclass
 class TrainConfig:
     name: str = "train"        # stage name: log lines and the resume checkpoint OUT/<name>.partial.pt
@@ -158,15 +145,13 @@ class TrainConfig:
     rank: int = 0              # DDP: this process, and how many there are
     world: int = 1
 
-def get_lr(it, total, warmup):
-    """LR multiplier at step `it`: linear warmup, then cosine decay to 10% of the peak at `total`."""
+def get_lr(it, total, warmup):  # LR multiplier at step it: linear warmup, then cosine decay to 10% of the peak
     if it < warmup:
         return (it + 1) / warmup
     progress = min(1.0, (it - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
-def batch_rows(rows, batch_size, step, seed):
-    """The rows of batch number `step`: epochs are seeded permutations, so any step can be rebuilt (resume)."""
+def batch_rows(rows, batch_size, step, seed):  # epochs are seeded permutations: any step's rows can be rebuilt (resume)
     start, out = step * batch_size, []
     while len(out) < batch_size:
         epoch, i = divmod(start + len(out), len(rows))
@@ -177,58 +162,47 @@ def batch_rows(rows, batch_size, step, seed):
 
 def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
     """step -> this rank's micro-batches m·world + rank of the step; replay_frac of each from replay_rows."""
-    B, A, W = cfg.batch_size, cfg.grad_accum, cfg.world
-    k = round(replay_frac * B) if replay_rows else 0  # replayed rows per micro-batch
-
+    k = round(replay_frac * cfg.batch_size) if replay_rows else 0  # replayed rows per micro-batch
+    n, A, W = cfg.batch_size - k, cfg.grad_accum, cfg.world  # n: the rows' own per micro-batch
     def batches(step):
-        glob = batch_rows(rows, (B - k) * A * W, step, cfg.seed)
+        glob = batch_rows(rows, n * A * W, step, cfg.seed)
         text = batch_rows(replay_rows, k * A * W, step, cfg.seed + 1) if k else []
-        return [make_batch(glob[i * (B - k):(i + 1) * (B - k)] + text[i * k:(i + 1) * k])
-                for i in (m * W + cfg.rank for m in range(A))]
+        return [make_batch(glob[i * n:(i + 1) * n] + text[i * k:(i + 1) * k]) for i in range(cfg.rank, A * W, W)]
     return batches
 
 def train(model, param_groups, batches, steps, cfg, teacher=None):
     """One loop for every stage: AdamW groups with their own `initial_lr`, batches(step) -> micro-batches. teacher:
     the loss is KL to its answer distribution on the same rows typed (batch["typed"]). -> every step's loss"""
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), fused=True)  # fused: one kernel for every param
-    params = [p for g in param_groups for p in g["params"]]
     A, W, cuda = cfg.grad_accum, cfg.world, cfg.device.startswith("cuda")
-    # DDP averages the gradients over ranks during backward (and broadcasts rank 0's weights at the start)
+    # DDP broadcasts rank 0's weights, then averages gradients in backward; fp16 needs loss scaling (else a no-op)
     fwd = DDP(model, device_ids=[torch.device(cfg.device).index] if cuda else None) if W > 1 else model.loss
-    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op)
     scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=cfg.dtype == "fp16")
     partial = os.path.join(cfg.out, f"{cfg.name}.partial.pt") if cfg.out else ""  # the resume file
     start, losses = resume(partial, model, opt, cfg.resume)
-    warmup = max(1, int(0.05 * steps))  # 5% of the stage's steps
     model.train()
     t0 = time.time()
     for step in (bar := tqdm(range(start, steps), desc=cfg.name, leave=False, disable=None if cfg.rank == 0 else True)):
-        lrm = get_lr(step, steps, warmup)
-        for g in opt.param_groups:
-            g["lr"] = g["initial_lr"] * lrm
+        for g in opt.param_groups:  # each group's peak LR x the schedule (warmup: 5% of the stage's steps)
+            g["lr"] = g["initial_lr"] * get_lr(step, steps, max(1, int(0.05 * steps)))
         micro = batches(step)
-        # the summed cross-entropy is divided by the answer tokens of the WHOLE step (all micro-batches, all
-        # ranks; x W because DDP averages over ranks): the gradient is then exactly that of one big batch,
-        # however the answer lengths fall. (A mean per micro-batch would weight short answers up.)
+        # summed CE / answer tokens of the WHOLE step (all micro-batches and ranks; / W: DDP averages) = one big batch
         n_tok = torch.tensor(float(sum(len(a) for b in micro for a in b["answers"])), device=cfg.device)
-        if W > 1:
-            dist.all_reduce(n_tok)
+        if W > 1: dist.all_reduce(n_tok)
         total = 0.0
         for m, batch in enumerate(micro):
             with fwd.no_sync() if W > 1 and m < A - 1 else nullcontext():  # all-reduce on the last micro-batch only
-                with autocast(cfg.device, cfg.dtype):
+                with autocast(cfg.device, cfg.dtype):  # ctc_weight / A: the CTC loss is a mean per micro-batch
                     kl = {} if teacher is None else {"teacher_logits": teacher.answer_logits(batch["typed"])}  # T = 1
-                    loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=cfg.ctc_weight / A,  # CTC: mean per micro-batch
-                               ctc_only=cfg.ctc_only, **kl)
+                    loss = fwd(batch, n_tokens=n_tok / W, ctc_weight=cfg.ctc_weight / A, ctc_only=cfg.ctc_only, **kl)
                 scaler.scale(loss).backward()
             total += loss.detach()
-        if W > 1:
-            dist.all_reduce(total)
-            total /= W
+        if W > 1: dist.all_reduce(total)
+        total /= W  # the mean over ranks
         if not torch.isfinite(total):  # all ranks see the same reduced loss, so all stop together
             raise SystemExit(f"{cfg.name}: loss is {total.item()} at step {step}; stopped (last good checkpoint kept)")
         scaler.unscale_(opt)
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        norm = torch.nn.utils.clip_grad_norm_([p for g in param_groups for p in g["params"]], 1.0)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -241,12 +215,10 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
             if cfg.rank == 0 and partial:
                 save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(),
                                           "step": step + 1, "rng": torch.get_rng_state(), "losses": losses})
-    if cfg.rank == 0 and partial and os.path.exists(partial):
-        os.remove(partial)
+    if cfg.rank == 0 and partial and os.path.exists(partial): os.remove(partial)
     return losses
 
-def param_groups(model, base_lr, scales=None):
-    """AdamW groups of the trainable parameters; with `scales`, one group per LLM layer (Eq. 3), printed."""
+def param_groups(model, base_lr, scales=None):  # AdamW groups; with scales, one per LLM layer (Eq. 3), printed
     groups = imp.layer_param_groups(model.named_parameters(), scales, base_lr)
     print(imp.format_lr_table(groups) if scales is not None else "", end="\n" if scales is not None else "")
     return groups
@@ -267,16 +239,14 @@ def setup_method(model, method, scales, lr, lora_lr, lora_r=8, importance=None, 
             params[k].register_hook(lambda g, free=~frozen.to(params[k].device): g * free)
     return param_groups(model, lora_lr if method.lora else lr, scales if method.layer_lr else None)
 
-# -----------------------------------------------------------------------------
-# The stages: values in, a checkpoint dict out (its "results" and "report" go to results.json and importance.json)
+# ---- The stages: values in, a checkpoint dict out (its "results" and "report" go to results.json, importance.json)
 def load_data(args, master, world, rows, splits):
-    """The manifest (the world built, or yours: rows), the tokenizer (a pretrained LLM's own), log-mels, calibration."""
-    if master and not (rows and args.llm):
-        data.build(args.data_dir, n_entities=args.n_entities, rows=rows)  # the world, or your text's tokenizer
+    """The manifest (the world built, or yours: rows), its tokenizer (trained, or --llm's), log-mels, calibration."""
+    if master and not (rows and args.llm): data.build(args.data_dir, n_entities=args.n_entities, rows=rows)
     barrier(world)
     rows = rows or data.read_manifest(os.path.join(args.data_dir, "manifest.jsonl"))
     tok = data.HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model"))
-    n_mels = WhisperConfig.from_pretrained(args.encoder).num_mel_bins if args.encoder else ModelConfig.n_mels
+    n_mels = mel_bins(args.encoder)
     data.check_rows(rows, splits, args.manifest or args.data_dir, args.batch_size)
     return data.Data(rows, tok, data.load_features(rows, n_mels), *data.calibration_sets(rows, args.calib_min)), n_mels
 
@@ -293,9 +263,8 @@ def pretrain(model, d, tc, steps, lr=3e-3):
             "results": {"pretrain": {**acc, "steps": steps}, "train_loss": {"pretrain": loss_summary(losses)}}}
 
 def align(model, d, tc, steps, compressed, lr=3e-3):
-    """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC: ours). Phase 1 (align_raw.pt):
-    raw 10 Hz frames; with compression coming the LLM will read only softmax(x E^T) E, so CTC alone, the LLM not run.
-    Phase 2 (align.pt; compressed, a third of the LR): compression on. The last one is the "no fine-tuning" model."""
+    """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC: ours). align_raw.pt: raw 10 Hz
+    frames (compression coming: CTC alone, the LLM not run); align.pt: compressed, LR / 3. The last: no fine-tuning."""
     set_trainable(model, ["adaptor."] + ([] if model.cfg.encoder else ["encoder."]))  # a real Whisper stays frozen
     print(f"align: {count(model)}")
     rows, make, compress = d.split("speech_train"), d.speech_batch, model.cfg.ctc_compress
@@ -337,15 +306,14 @@ def analyse(run, args, model, d, tc):
         later = {r["id"] for r in data.finetune_rows(d.rows) + [r for r in d.rows if r["split"] != "speech_train"]}
         d.encoded = model.precompute_encoder({k: v for k, v in d.features.items() if k in later},
                                              by_length=bool(args.encoder))
-    kind, per_row = args.importance_kind, [] if args.importance_kind != "taylor" else None  # per_row: noise draws
-    work = lambda: evaluate.original_controls(model, d, evaluate.analyse_original(
-        model, d, kind, args.seed, tc.batch_size, per_row), kind, args.seed, tc.batch_size, per_row)
+    per_row = [] if args.importance_kind != "taylor" else None  # the per-row importances: the noise floor's draws
+    how = (args.importance_kind, args.seed, tc.batch_size, per_row)
+    work = lambda: evaluate.original_controls(model, d, evaluate.analyse_original(model, d, *how), *how)
     with autocast(tc.device, tc.dtype):  # --reanalyse measures it again
-        return run.finish("importance_original", work) if args.reanalyse else stage(run, "importance_original", None,
-                                                                                    work)
+        return stage(run, "importance_original", None, work, redo=args.reanalyse)
 
-def measure(run, model, name, w0, original, d, tc, args):
-    """Stage 5, one fine-tuned model: T2T / S2T / WER, what it reads, and how far its textual importance moved."""
+def measure(run, model, name, w0, original, d, tc, args, ck):
+    """Stage 5, a fine-tuned model (ck: its stage): T2T / S2T / WER, what it reads, how its textual importance moved."""
     with autocast(tc.device, tc.dtype):
         m = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, d.ft_batch)
     lora.merge_lora(model)  # the weights the model uses, W + BA; in fp32, outside autocast
@@ -356,7 +324,8 @@ def measure(run, model, name, w0, original, d, tc, args):
     if run.master:  # Fig. 1/4 as pictures: the original's most important matrix, and each method's ΔW there
         evaluate.save_matrices(run.path("matrices.pt"), original["text"], name, imp.importance_params(model), w0)
     print(f"{name}: " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
-    return {**m, **shift, **more}
+    return {**m, **shift, **more, "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
+            "train_loss": loss_summary(ck["losses"])}
 
 def settings(args):  # every flag outside the "Run" group, the sizes, the DDP world size: another value, another run
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions} | {"log_every"}
@@ -365,32 +334,25 @@ def settings(args):  # every flag outside the "Run" group, the sizes, the DDP wo
         mine["data_fingerprint"] = data.fingerprint(args.manifest)
     return mine
 
-FINE_TUNING = {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}  # --init-from may change
-
 def loss_summary(losses):  # mean training loss over the first and the last 10% of a stage's steps
     n = max(1, len(losses) // 10)
     return {"first": sum(losses[:n]) / n, "last": sum(losses[-n:]) / n} if losses else {}
 
-def stage(run, name, model, work):
-    """A finished stage is skipped, here alone: OUT/<name>.pt loaded (into `model`); else work() runs, saved there."""
-    return run.load(name, model) if run.done(name) else run.finish(name, work)
+def stage(run, name, model, work, redo=False):
+    """The one skip: a finished stage's OUT/<name>.pt loaded (into `model`); else (or redo) work() runs, saved there."""
+    return run.load(name, model) if run.done(name) and not redo else run.finish(name, work)
 
-# -----------------------------------------------------------------------------
-# main: the pipeline, one call per stage
+# ---- main: the pipeline, one call per stage
 def run_pipeline(args):
     rank, world = setup_ddp(args)
-    if args.reanalyse:
-        read_record(args)
+    if args.reanalyse: read_record(args)
     splits = ("speech_train", "test") + (() if args.llm else ("pretrain",))  # what the stages read
     rows = data.read_manifest(args.manifest) if args.manifest else None  # your data, checked before any write
-    if rows:
-        data.check_rows(rows, splits, args.manifest, args.batch_size)
+    if rows: data.check_rows(rows, splits, args.manifest, args.batch_size)
     mine = settings(args)  # (a manifest's fingerprint read once)
     src = check_init_from(args.init_from, mine, FINE_TUNING) if args.init_from else None
-    run = RunDir(args.out, mine, args.force, args.reanalyse, rank == 0, world)
-    try:
-        if src:
-            init_from(run, args.init_from, src)
+    with closing(RunDir(args.out, mine, args.force, args.reanalyse, rank == 0, world)) as run:  # closed: lock released
+        if src: init_from(run, args.init_from, src)
         t = time.time()
         d, n_mels = load_data(args, rank == 0, world, rows, splits)
         run.results["timing_s"].setdefault("data", round(time.time() - t, 1))
@@ -413,8 +375,7 @@ def run_pipeline(args):
             for r in data.finetune_rows(d.rows):  # align, fine-tuning and calibration train on them; scoring: gold
                 r["target"] = own[r["id"]]
         done.append(stage(run, "align_raw", model, lambda: align(model, d, tc, args.align_steps, False)))
-        if compress:
-            done.append(stage(run, "align", model, lambda: align(model, d, tc, args.compress_steps, True)))
+        if compress: done.append(stage(run, "align", model, lambda: align(model, d, tc, args.compress_steps, True)))
         print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
         aligned = lambda: build_model(cfg, args.seed, args.device, [ck["model"] for ck in done])  # afresh, each time
         original = analyse(run, args, aligned(), d, tc)
@@ -422,11 +383,8 @@ def run_pipeline(args):
         run.save(final=True)
         evaluate.report(run.results, run.report, run.out if run.master else None)
         return run.results
-    finally:
-        run.close()
 
-def finetune_all(run, args, aligned, original, d, tc):
-    """Stages 4 and 5 per method, each from the aligned model (aligned(): a fresh copy): fine-tune, then measure."""
+def finetune_all(run, args, aligned, original, d, tc):  # per method, from a fresh aligned(): finetune, measure
     scales = imp.layer_lr_scale(imp.aggregate(original["text"])["layer"], args.lam)  # Eq. (3): the ORIGINAL's
     todo, measured = run.todo(args.methods, args.reanalyse)
     for name in todo:
@@ -439,26 +397,13 @@ def finetune_all(run, args, aligned, original, d, tc):
             ck = stage(run, f"ft_{name}", model, lambda: finetune(model, groups, d, replace(tc, name=f"ft_{name}"),
                                                                  args.steps, teacher, row.replay))
         except SystemExit as e:  # --reanalyse: an unreadable checkpoint keeps its method's previous results
-            if not (args.reanalyse and name in measured):
-                raise
+            if not (args.reanalyse and name in measured): raise
             print(f"{e}; {name} keeps its previous results")
             continue
-        run.results["methods"][name] = {**measure(run, model, name, w0, original, d, tc, args),
-                                        "ms_per_step": ck["ms_per_step"], "trainable": ck["trainable"],
-                                        "train_loss": loss_summary(ck["losses"])}
+        run.results["methods"][name] = measure(run, model, name, w0, original, d, tc, args, ck)
         run.save()
 
-def build_model(cfg, seed, device, stages=()):
-    """The seeded initial (or pretrained) weights, then the finished stages' trained ones (checkpoints' "model")."""
-    torch.manual_seed(seed)
-    model = SpeechLLM(cfg).to(device)
-    for state in stages:
-        model.load_state_dict(state, strict=False)
-    return model
-
-
-def setup_ddp(args):
-    """nanoGPT-style: under torchrun each process joins one group (NCCL; gloo on CPU); rank 0 alone writes, prints."""
+def setup_ddp(args):  # nanoGPT-style: under torchrun one process group (NCCL; gloo on CPU); rank 0 alone writes, prints
     rank, args.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # world: a setting
     if args.world > 1 and not dist.is_initialized():
         if args.device.startswith("cuda"):
@@ -469,8 +414,7 @@ def setup_ddp(args):
     torch.manual_seed(args.seed)
     return rank, args.world
 
-def run_seeds(args):
-    """--seeds 0,1,2: the pipeline per seed in OUT/seed<N> (from --init-from RUN/seed<N>, or RUN), then mean ± sd."""
+def run_seeds(args):  # --seeds: the pipeline per seed in OUT/seed<N> (from --init-from RUN/seed<N>, or RUN); mean ± sd
     per_seed, reports = {}, []
     for s in args.seed_list:
         print(f"\n=== seed {s} ===")
@@ -479,17 +423,15 @@ def run_seeds(args):
         per_seed[str(s)] = run_pipeline(argparse.Namespace(**{**vars(args), "seed": s, "out": out, "init_from": init}))
         reports.append(json.load(open(os.path.join(out, "importance.json")))["distribution"])
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
-    dists = {k: [sum(r[k][i] for r in reports) / len(reports) for i in range(len(v))] for k, v in reports[0].items()
-             if k != "original_speech"}
-    between = evaluate.js_between_seeds(reports, dists)  # R4's null
-    save_json(os.path.join(args.out, "results.json"), dict(seeds=per_seed, mean=mean, sd=sd, n_seeds=len(per_seed),
-                                                           js_between_seeds=between))
-    save_json(os.path.join(args.out, "importance.json"), {"distribution_mean": dists,
-                                                          "distribution_seeds": dict(zip(per_seed, reports))})
+    dists = {k: [sum(x) / len(x) for x in zip(*(r[k] for r in reports))] for k in reports[0] if k != "original_speech"}
+    js = evaluate.js_between_seeds(reports, dists)  # R4's null
+    path = lambda name: os.path.join(args.out, name)
+    save_json(path("results.json"), dict(seeds=per_seed, mean=mean, sd=sd, n_seeds=len(per_seed), js_between_seeds=js))
+    save_json(path("importance.json"), {"distribution_mean": dists, "distribution_seeds": dict(zip(per_seed, reports))})
     print(f"\nmean over seeds {args.seeds}:")
     evaluate.report(mean, {"distribution": dists}, args.out, sd, [{k: r[k] for k in dists} for r in reports])
     print("importance JS between seeds (R4's null: 'A moves less than B' needs a larger paired difference): "
-          + ", ".join(f"{k} {v:.5f}" for k, v in between.items()))
+          + ", ".join(f"{k} {v:.5f}" for k, v in js.items()))
     return mean
 
 def main(argv=None, preset=None, **sizes):
