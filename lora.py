@@ -17,8 +17,7 @@ transformers LlamaForCausalLM (the README shows these lines; test_all.py runs th
     save_peft_adapter(model, "out/adapter", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     unload_lora(model).save_pretrained("out/merged")                      # or a plain merged checkpoint
 """
-import json
-import os
+import json, os
 
 import torch
 import torch.nn as nn
@@ -94,6 +93,9 @@ def inject_lora(model: nn.Module, targets=TARGETS, r: int = 8, alpha: float = 16
     for name in found:
         _replace(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, rslora))
     return found
+
+def max_rank(model, targets=TARGETS):  # the largest r inject_lora takes: the smallest side of an adapted matrix
+    return min((min(m.weight.shape) for n, m in model.named_modules() if n.rpartition(".")[2] in targets), default=0)
 
 def mark_only_lora_as_trainable(model: nn.Module, also: tuple[str, ...] = ()) -> None:
     """Freeze all params except lora_A/lora_B and those whose name starts with a prefix in `also`."""

@@ -1,40 +1,27 @@
 """
-rundir.py - the run directory OUT, so that train.py reads as the paper's pipeline: the settings that made the run
-(run.json), one writer at a time (.lock), a checkpoint per finished stage (<stage>.pt; --resume: <stage>.partial.pt),
-results.json and importance.json replaced whole, --reanalyse's record and --init-from's copy. Imports no project file.
+rundir.py - the run directory OUT, so that train.py reads as the paper's pipeline: its settings (run.json), one writer
+(.lock), a stamped checkpoint per finished stage (<stage>.pt; --resume: <stage>.partial.pt), results.json and
+importance.json replaced whole, --reanalyse's record and --init-from's copy. Imports no project file.
 """
-import json, os, re, shutil, time, zipfile
+import hashlib, json, os, re, shutil, time, zipfile
 fcntl = __import__("fcntl") if os.name == "posix" else None  # the lock (Windows runs without)
 
 import torch
 import torch.distributed as dist
 
-def save_checkpoint(path, ckpt):
-    """One dict (config, weights, ...), written atomically: a crash never leaves half a checkpoint."""
+def save_checkpoint(path, ckpt):  # one dict (config, weights, ...), atomically: a crash never leaves half of one
     torch.save(ckpt, path + ".tmp")
     os.replace(path + ".tmp", path)
 
-def load_checkpoint(path):
-    """A checkpoint on the CPU; one that cannot be read is named, with the fix, in one line."""
+def load_checkpoint(path):  # on the CPU; one that cannot be read is named, with the fix, in one line
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated (PytorchStreamReader), not a zip, a pickle that is not plain data, ...
         raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to redo that stage "
                          "(a .partial.pt: to restart it), or --force to start over")
 
-def load_stage(path, cfg=None):
-    """A stage checkpoint, refused in one line when it is unreadable or was made with another model config (cfg: a
-    dataclass; a field newer than the checkpoint counts at its default)."""
-    ck = load_checkpoint(path)
-    theirs = {**vars(type(cfg)()), **ck.get("config", {})} if cfg is not None else {}
-    if cfg is not None and theirs != vars(cfg):
-        diff = [k for k in theirs if theirs[k] != vars(cfg).get(k)]
-        raise SystemExit(f"{path}: made with another model config ({', '.join(diff)}); use --force or another --out")
-    return ck
-
 def resume(partial, model, opt, go_on):
-    """An interrupted stage's resume file: with --resume (go_on) its weights, optimizer, RNG and losses are loaded,
-    else it is named. -> (the step to start at, the losses so far)"""
+    """An interrupted stage's resume file: loaded with --resume (go_on), else named. -> (start step, losses so far)"""
     if partial and os.path.exists(partial) and go_on:
         ck = load_checkpoint(partial)
         model.load_state_dict(ck["model"], strict=False)
@@ -43,8 +30,7 @@ def resume(partial, model, opt, go_on):
         print(f"{os.path.basename(partial)[:-11]}: resumed at step {ck['step']}")
         return ck["step"], ck["losses"]
     if partial and os.path.exists(partial):
-        print(f"{os.path.basename(partial)[:-11]}: starting over; {partial} holds an interrupted run of it (--resume "
-              "continues it exactly)")
+        print(f"{os.path.basename(partial)[:-11]}: starting over; {partial} holds an interrupted run (--resume: go on)")
     return 0, []
 
 def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
@@ -66,10 +52,18 @@ def barrier(world):  # DDP: wait until rank 0 has written what the other ranks r
     if world > 1:
         dist.barrier()
 
+def portable(s):  # where the data and the source run lie is no setting: a moved run is the same run
+    return {k: os.path.basename(str(v)) if k in ("data_dir", "manifest", "init_from") else v for k, v in s.items()}
+
+def stamp(settings, skip=()):  # a checkpoint's mark of the settings that made it
+    mine = {k: v for k, v in portable(settings).items() if k not in skip}
+    return hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()[:12]
+
 class RunDir:
-    def __init__(self, out, settings, force=False, reanalyse=False, master=True, world=1):
-        """One writer (a lock the OS drops when the process ends, however); OUT holds one run: its settings."""
+    def __init__(self, out, settings, force=False, reanalyse=False, master=True, world=1, shared=()):
+        """One writer (a lock the OS drops at exit), one run: its settings, stamped on its checkpoints (but shared's)."""
         self.out, self.master, self.world = out, master, world
+        self.stamps = stamp(settings), stamp(settings, shared)
         self.defer = reanalyse  # --reanalyse: results files replaced once, complete
         self.lock = lock(out) if master else None
         try:
@@ -84,9 +78,9 @@ class RunDir:
 
     def check(self, mine, force):
         """Another run's settings, or a setting this train.py no longer has, are refused; --force starts over."""
-        made = [f for f in os.listdir(self.out) if f.endswith(".pt") or f == "data"]
+        made, ours = [f for f in os.listdir(self.out) if f.endswith(".pt") or f == "data"], portable(mine)
         diff = [f"{k}={v!r}->{mine[k]!r}" if k in mine else f"{k}={v!r}: not a setting now"
-                for k, v in read_json(self.path("run.json"), {}).items() if k not in mine or mine[k] != v]
+                for k, v in portable(read_json(self.path("run.json"), {})).items() if k not in ours or ours[k] != v]
         if made and diff and not force:
             raise SystemExit(f"--out {self.out}: holds a run with other settings ({', '.join(diff[:4])}); "
                              "use another --out, or --force to delete it")
@@ -103,20 +97,28 @@ class RunDir:
         return os.path.exists(self.path(f"{name}.pt"))
 
     def load(self, name, model=None):
-        """A finished stage's checkpoint (its weights loaded into `model`, whose config it must have been made with)."""
-        ck = load_stage(self.path(f"{name}.pt"), model and model.cfg)
+        """A finished stage's checkpoint, made by this run (its stamp) with `model`'s config (a field newer than the
+        checkpoint: at its default); its weights into `model`, its numbers into the results (a lost one is rebuilt)."""
+        path, want = self.path(f"{name}.pt"), self.stamps[not name.startswith("ft_")]  # ft_*: every setting
+        ck = load_checkpoint(path)
+        if model is not None and (theirs := {**vars(type(model.cfg)()), **ck.get("config", {})}) != vars(model.cfg):
+            diff = [k for k in theirs if theirs[k] != vars(model.cfg).get(k)]
+            raise SystemExit(f"{path}: made with another model config ({', '.join(diff)}); --force or another --out")
+        if ck.get("settings", want) != want:
+            raise SystemExit(f"{path}: made by a run with other settings than OUT/run.json's; delete it to redo it")
         if model is not None:
             model.load_state_dict(ck["model"], strict=False)
+        merge(self.results, ck.get("results", {}))
+        merge(self.report, ck.get("report", {}))
         return ck
 
-    def finish(self, name, fn):
-        """Run a stage: ck = fn(), saved as OUT/<name>.pt; its "results" and "report" go to the results files."""
+    def finish(self, name, fn):  # run a stage: ck = fn(), saved as OUT/<name>.pt (stamped); its numbers to the results
         t, ck = time.time(), fn()
-        merge(self.results, ck.pop("results", {}))
-        merge(self.report, ck.pop("report", {}))
+        merge(self.results, ck.get("results", {}))
+        merge(self.report, ck.get("report", {}))
         self.results["timing_s"][name] = round(time.time() - t, 1)
         if self.master:
-            save_checkpoint(self.path(f"{name}.pt"), ck)
+            save_checkpoint(self.path(f"{name}.pt"), {**ck, "settings": self.stamps[not name.startswith("ft_")]})
         self.save()
         barrier(self.world)  # the checkpoint is written before any rank reads it
         return ck
@@ -146,10 +148,9 @@ def lock(out):
         os.makedirs(out, exist_ok=True)
         f = open(os.path.join(out, ".lock"), "a+")
     except OSError as e:
-        raise SystemExit(f"--out {out}: cannot create it ({e.strerror})")
+        raise SystemExit(f"--out {out}: cannot write there ({e.strerror}); give a writable directory")
     try:
-        if fcntl:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl and fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (Windows: no lock)
     except BlockingIOError:
         f.seek(0)
         holder = f.read()
@@ -165,8 +166,9 @@ def read_record(args):
     """--reanalyse: the settings not given on the command line from OUT/run.json, the methods from OUT/ft_*.pt."""
     if not os.path.exists(os.path.join(args.out, "run.json")):
         raise SystemExit(f"--reanalyse: {os.path.join(args.out, 'run.json')} not found; give a run made by train.py")
-    for k in (rec := read_json(os.path.join(args.out, "run.json"))).keys() - args.given:
-        setattr(args, k, rec[k])
+    for k in (rec := read_json(os.path.join(args.out, "run.json"))).keys() - args.given:  # a moved run: its world
+        setattr(args, k, rec[k] if k != "data_dir" or os.path.exists(rec[k]) else  # (by name) beside OUT
+                os.path.join(os.path.dirname(args.data_dir), os.path.basename(rec[k])))
     if "method" not in args.given:
         args.methods = sorted(f[3:-3] for f in os.listdir(args.out) if re.fullmatch(r"ft_\w+\.pt", f))
     if not args.manifest and not os.path.exists(os.path.join(args.data_dir, "manifest.jsonl")):
@@ -178,14 +180,12 @@ def check_init_from(src, mine, fine_tuning):
     if not all(os.path.exists(os.path.join(src, f)) for f in need):
         raise SystemExit(f"--init-from {src}: not a finished run (needs {', '.join(need)})")
     theirs = read_json(os.path.join(src, "run.json"))
-    diff = [f"{k}={v!r}" for k, v in theirs.items() if k not in fine_tuning and mine.get(k, v) != v]
-    if diff:
+    if diff := [f"{k}={v!r}" for k, v in theirs.items() if k not in fine_tuning and mine.get(k, v) != v]:
         raise SystemExit(f"--init-from {src}: its pretrain/align/analysis settings differ ({', '.join(diff[:4])})")
     return [read_json(os.path.join(src, f)) for f in ("results.json", "importance.json")]
 
 def init_from(run, src, copied):
-    """Copy RUN's pretrain, align and analysis checkpoints, numbers and self targets: seeds of one aligned model.
-    copied: check_init_from's (results, report)."""
+    """Copy RUN's checkpoints and numbers up to the analysis (copied: check_init_from's): seeds of one aligned model."""
     (res, rep), run.results["init_from"] = copied, src
     if os.path.exists(run.path("importance_original.pt")):
         return  # copied by an earlier start of this run

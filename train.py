@@ -1,6 +1,7 @@
-"""train.py - the paper's pipeline, a function per stage, one training loop: data -> pretrain (the tiny LLM learns every
-fact from text: "the original LLM") -> align (encoder + adaptor feed the frozen LLM: "no fine-tuning") -> analyse (the
-original's importance, Table 1, the noise floor) -> per method (METHODS), from the aligned model: finetune, measure.
+"""
+train.py - the paper's pipeline, a function per stage, one training loop: data -> pretrain (the LLM learns every fact
+from text: "the original") -> align (encoder + adaptor feed the frozen LLM: "no fine-tuning") -> analyse (importance,
+Table 1, the noise floor) -> per method (METHODS), from the aligned model: finetune, measure.
 
     python train.py --quick                    # every stage, tiny: ~30 s on 2 CPU cores
     python train.py                            # the default comparison (README: Results)
@@ -246,8 +247,8 @@ def load_data(args, master, world, rows, splits):
     barrier(world)
     rows = rows or data.read_manifest(os.path.join(args.data_dir, "manifest.jsonl"))
     tok = data.HFTokenizer(args.llm) if args.llm else data.Tokenizer(os.path.join(args.data_dir, "tokenizer.model"))
-    n_mels = mel_bins(args.encoder)
     data.check_rows(rows, splits, args.manifest or args.data_dir, args.batch_size)
+    n_mels = mel_bins(args.encoder)
     return data.Data(rows, tok, data.load_features(rows, n_mels), *data.calibration_sets(rows, args.calib_min)), n_mels
 
 def pretrain(model, d, tc, steps, lr=3e-3):
@@ -283,15 +284,13 @@ def align(model, d, tc, steps, compressed, lr=3e-3):
 def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
     """Stage 4, one method, from the align checkpoint (compression's CTC loss stays on, for every method)."""
     make = d.ft_batch if teacher is None else lambda rows: {**d.ft_batch(rows), "typed": d.text_batch(rows)}
-    replay = replay_rows(d.rows) if replay_frac else ()
-    t = time.time()
+    replay, t = replay_rows(d.rows) if replay_frac else (), time.time()
     losses = train(model, groups, batches_of(data.finetune_rows(d.rows), make, tc, replay, replay_frac), steps,
                    replace(tc, ctc_weight=1.0 if model.cfg.ctc_compress else 0.0), teacher)
     return {"config": vars(model.cfg), "model": trainable_state(model), "losses": losses,
             "trainable": lora.count_parameters(model)[0], "ms_per_step": 1000 * (time.time() - t) / steps}
 
-def self_targets(model, d, tc, max_new_tokens=48):
-    """--targets self: each spoken-QA training row's target is the original LLM's greedy answer to it typed."""
+def self_targets(model, d, tc, max_new_tokens=48):  # --targets self: each training QA's original LLM's typed answer
     with autocast(tc.device, tc.dtype):  # as the style control's (evaluate.own_answers)
         own = evaluate.own_answers(model, data.finetune_rows(d.rows), d.text_batch, d.tok, max_new_tokens)
     return {"targets": {r["id"]: r["target"] for r in own}}
@@ -351,7 +350,7 @@ def run_pipeline(args):
     if rows: data.check_rows(rows, splits, args.manifest, args.batch_size)
     mine = settings(args)  # (a manifest's fingerprint read once)
     src = check_init_from(args.init_from, mine, FINE_TUNING) if args.init_from else None
-    with closing(RunDir(args.out, mine, args.force, args.reanalyse, rank == 0, world)) as run:  # closed: lock released
+    with closing(RunDir(args.out, mine, args.force, args.reanalyse, rank == 0, world, FINE_TUNING)) as run:
         if src: init_from(run, args.init_from, src)
         t = time.time()
         d, n_mels = load_data(args, rank == 0, world, rows, splits)
@@ -368,6 +367,9 @@ def run_pipeline(args):
             used = {t for r in d.split("speech_train") for t in d.tok.encode(r["transcript"])} - {d.tok.pad_id}
             cfg.ctc_tokens = [d.tok.pad_id] + sorted(used)  # the blank first
         model = build_model(cfg, args.seed, args.device)
+        if (r := max([method_row(m).r or args.lora_r for m in args.methods if method_row(m).lora], default=0)) > (
+                low := lora.max_rank(model.llm)):  # up front: LoRA's rank within the smallest adapted matrix
+            raise SystemExit(f"--lora-r / lora_r<N>: r={r} exceeds the smallest adapted matrix's side ({low})")
         done = [stage(run, "pretrain", model, lambda: pretrain(model, d, tc, 0 if args.llm else args.pretrain_steps))]
         print(f"pretrained LLM: T2T {run.results['pretrain']['t2t_acc']:.3f}")
         if args.targets == "self":  # behaviour alignment (BLSP, DiVA): answers in the LLM's own words, from here on
@@ -430,8 +432,7 @@ def run_seeds(args):  # --seeds: the pipeline per seed in OUT/seed<N> (from --in
     save_json(path("importance.json"), {"distribution_mean": dists, "distribution_seeds": dict(zip(per_seed, reports))})
     print(f"\nmean over seeds {args.seeds}:")
     evaluate.report(mean, {"distribution": dists}, args.out, sd, [{k: r[k] for k in dists} for r in reports])
-    print("importance JS between seeds (R4's null: 'A moves less than B' needs a larger paired difference): "
-          + ", ".join(f"{k} {v:.5f}" for k, v in js.items()))
+    print("importance JS between seeds (R4's null): " + ", ".join(f"{k} {v:.5f}" for k, v in js.items()))
     return mean
 
 def main(argv=None, preset=None, **sizes):
@@ -440,9 +441,10 @@ def main(argv=None, preset=None, **sizes):
 
 if __name__ == "__main__":
     if "--real" in sys.argv:  # real weights: real.py converts and builds them, then calls main() with their paths
-        os.execv(sys.executable, [sys.executable, os.path.join(os.path.dirname(__file__) or ".", "real.py")]
-                 + sys.argv[1:])
+        os.execv(sys.executable, [sys.executable, __file__.replace("train.py", "real.py"), *sys.argv[1:]])
     try:
         main()
     except ValueError as e:  # bad data (manifest line, audio file): the message names the file; no traceback
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        raise SystemExit("interrupted: finished stages are kept; rerun with --resume: the stage above goes on")
