@@ -311,7 +311,7 @@ def read_manifest(path):
             if not isinstance(r, dict) or r.get("task") not in TASKS:
                 raise ValueError(f"{path}:{i}: each line must be an object with task in {tuple(TASKS)}")
             if bad := [k for k in TASKS[r["task"]] if not isinstance(r.get(k), str) or not r[k].strip()]:
-                raise ValueError(f"{path}:{i}: {r['task']} rows need a non-empty string {bad[0]}: got {r.get(bad[0])!r}")
+                raise ValueError(f"{path}:{i}: {r['task']} rows need a non-empty string {bad[0]}, got {r.get(bad[0])!r}")
             if bad := [k for k in TEXT if r.get(k) is not None and not isinstance(r[k], str)]:
                 raise ValueError(f"{path}:{i}: {bad[0]} must be a string, got {r[bad[0]]!r}")
             if r.get("split") not in SPLITS:

@@ -252,7 +252,7 @@ def format_table(results, sd=None):
     if "s2t_chance" in results:
         lines.append(f"chance (the best constant answer per relation): {100 * results['s2t_chance']:.1f}; S2T name "
                      "heard: on the questions whose entity's name is in the CTC transcript / on the others")
-    lines.append(row("importance", "JS", "JS, 2nd set", "x noise", "importance sum", "JS own answers"))
+    lines.append(row("importance", "importance JS", "JS, 2nd set", "x noise", "importance sum", "JS own answers"))
     for name, m, _ in runs[1:]:
         js, own = m.get("importance_js"), m.get("importance_shift_own", {}).get("js")
         cells = [f"{js:.4f}" if js is not None else "", f"{m['importance_shift_2']['js']:.4f}" if
