@@ -211,8 +211,8 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
-            tqdm.write(f"{cfg.name} step {step + 1}/{steps} | loss {losses[-1]:.4f} | "
-                       f"lr {opt.param_groups[0]['lr']:.2e} | norm {norm:.2f} | {ms:.0f} ms")
+            tqdm.write(f"{cfg.name} step {step + 1}/{steps} | loss {losses[-1]:.4f} | lr {opt.param_groups[0]['lr']:.2e}"
+                       f" | norm {norm:.2f} | {ms:.0f} ms | {ms * (steps - step - 1) / 6e4:.1f} min left of {cfg.name}")
             if cfg.rank == 0 and partial:
                 save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(),
                                           "step": step + 1, "rng": torch.get_rng_state(), "losses": losses})
