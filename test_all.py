@@ -667,7 +667,7 @@ def test_lora_rank_beyond_the_smallest_matrix_stops_before_any_work(tmp_path, wo
 
 
 def test_ctrl_c_is_one_line(tmp_path, world):
-    """Ctrl-C (SIGINT) during a run: one line saying finished stages are kept and --resume goes on; no traceback."""
+    """Ctrl-C (SIGINT) during a stage: one line naming it, that finished stages are kept and --resume goes on."""
     import signal, subprocess, sys
     here = os.path.dirname(os.path.abspath(__file__))
     p = subprocess.Popen([sys.executable, "-u", os.path.join(here, "train.py"), "--out", str(tmp_path / "run"),
@@ -679,7 +679,7 @@ def test_ctrl_c_is_one_line(tmp_path, world):
     p.send_signal(signal.SIGINT)
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 1 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].startswith("interrupted: finished stages are kept; rerun with --resume")
+    assert err.strip().splitlines()[-1] == "pretrain: interrupted; finished stages are kept; rerun with --resume to go on"
 
 
 # ----------------------------------------------------------------------------- rundir.py

@@ -1,7 +1,6 @@
 """
-train.py - the paper's pipeline, a function per stage, one training loop: data -> pretrain (the LLM learns every fact
-from text: "the original") -> align (encoder + adaptor feed the frozen LLM: "no fine-tuning") -> analyse (importance,
-Table 1, the noise floor) -> per method (METHODS), from the aligned model: finetune, measure.
+train.py - the paper's pipeline, a function per stage, one training loop: data -> pretrain (every fact as text: the
+original) -> align (no fine-tuning) -> analyse (importance, Table 1, noise floor) -> per METHODS row: finetune, measure.
 
     python train.py --quick                    # every stage, tiny: ~30 s on 2 CPU cores
     python train.py                            # the default comparison (README: Results)
@@ -84,11 +83,9 @@ def get_args(argv=None, preset=None, **sizes):  # preset: defaults of a mode (re
         p.error(f"--seeds {args.seeds}: a seed given twice would count twice in the mean ± sd")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out}: is a file; give a directory")
+    if os.path.exists(args.out) and not os.path.isdir(args.out): p.error(f"--out {args.out}: is a file; give a directory")
     args.dtype = {"auto": "bf16" if args.device.startswith("cuda") else "fp32"}.get(args.dtype, args.dtype)
-    if args.real and not (args.llm and args.encoder and args.manifest):
-        p.error("--real: run it as python train.py --real, or python real.py (real.main): real.py brings its paths")
+    if args.real and not (args.llm and args.encoder and args.manifest): p.error("--real: runs as python real.py")
     for flag, path in (("--llm", args.llm), ("--encoder", args.encoder)):  # before any work
         if path and (problem := path_problem(path)): raise SystemExit(f"{flag} {path}: {problem}")
     world = f"formant-e{args.n_entities}-s0-v{data.WORLD_VERSION}"  # one cache beside OUT for every run
@@ -292,8 +289,8 @@ def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
 
 def self_targets(model, d, tc, max_new_tokens=48):  # --targets self: each training QA's original LLM's typed answer
     with autocast(tc.device, tc.dtype):  # as the style control's (evaluate.own_answers)
-        own = evaluate.own_answers(model, data.finetune_rows(d.rows), d.text_batch, d.tok, max_new_tokens)
-    return {"targets": {r["id"]: r["target"] for r in own}}
+        return {"targets": {r["id"]: r["target"] for r in evaluate.own_answers(
+            model, data.finetune_rows(d.rows), d.text_batch, d.tok, max_new_tokens)}}
 
 def replay_rows(rows):  # typed QA of the LLM's own text data; a real LLM's is not ours: its fine-tuning rows, typed
     return [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"] or \
@@ -337,9 +334,12 @@ def loss_summary(losses):  # mean training loss over the first and the last 10% 
     n = max(1, len(losses) // 10)
     return {"first": sum(losses[:n]) / n, "last": sum(losses[-n:]) / n} if losses else {}
 
-def stage(run, name, model, work, redo=False):
-    """The one skip: a finished stage's OUT/<name>.pt loaded (into `model`); else (or redo) work() runs, saved there."""
-    return run.load(name, model) if run.done(name) and not redo else run.finish(name, work)
+def stage(run, name, model, work, redo=False):  # the one skip: OUT/<name>.pt loaded (into model), else work() saved
+    if run.done(name) and not redo: return run.load(name, model)
+    try:
+        return run.finish(name, work)
+    except KeyboardInterrupt:  # Ctrl-C: one line naming the stage, not a traceback
+        raise SystemExit(f"{name}: interrupted; finished stages are kept; rerun with --resume to go on") from None
 
 # ---- main: the pipeline, one call per stage
 def run_pipeline(args):
@@ -446,5 +446,5 @@ if __name__ == "__main__":
         main()
     except ValueError as e:  # bad data (manifest line, audio file): the message names the file; no traceback
         raise SystemExit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
-        raise SystemExit("interrupted: finished stages are kept; rerun with --resume: the stage above goes on")
+    except KeyboardInterrupt:  # Ctrl-C between stages (a measurement): one line, not a traceback
+        raise SystemExit("interrupted: finished stages are kept; rerun with --resume to go on")
