@@ -327,6 +327,9 @@ def read_manifest(path):
                 raise ValueError(f"{path}:{i}: id {r['id']!r} is also line {ids[r['id']]}'s; ids must be unique")
             ids[r["id"]] = i
             rows.append(r)
+    asked = {r["question"].lower() for r in rows if r["split"] == "speech_train" and r["task"] == "qa"}
+    if leak := [r["id"] for r in rows if r["split"] in ("val", "test") and r.get("question", "").lower() in asked]:
+        print(f"warning: {path}: {len(leak)} val/test questions also in speech_train (e.g. {leak[0]}): memory, not S2T")
     return rows
 
 def seconds(audio, path, line):  # an utterance's length from its header (non-WAV: with soundfile, or unchecked)
@@ -345,9 +348,6 @@ def check_rows(rows, needed, path, batch_size):
     for name, s in (("pretrain", [r for r in rows if r["split"] == "pretrain"]), ("speech_train", finetune_rows(rows))):
         if 0 < len(s) < batch_size:
             raise SystemExit(f"--batch-size {batch_size}: larger than the {name} split ({len(s)} rows in {path})")
-    asked = {r["question"].lower() for r in rows if r["split"] == "speech_train" and r["task"] == "qa"}
-    if leak := [r["id"] for r in rows if r["split"] in ("val", "test") and r.get("question", "").lower() in asked]:
-        print(f"warning: {path}: {len(leak)} val/test questions also in speech_train (e.g. {leak[0]}): memory, not S2T")
 
 def fingerprint(path):
     """A manifest's content hash with its audio files' sizes and mtimes (run.json): changed data is another run."""
