@@ -117,6 +117,7 @@ SPECIALS = ["<user>", "<assistant>", "<speech>"]
 
 class Tokenizer:
     """encode/decode plus the prompt format. `<speech>` is one token that the model replaces by audio."""
+    answer_tokens = 16  # the most tokens an answer is generated to in evaluation (the world's answers: 1-3)
     def __init__(self, model_file):
         import sentencepiece as spm
         self.sp = spm.SentencePieceProcessor(model_file=model_file)
@@ -138,6 +139,7 @@ class Tokenizer:
 
 class HFTokenizer:
     """A pretrained LLM's transformers tokenizer (dir or .gguf) as a Tokenizer: chat template, `<speech>` as id -1."""
+    answer_tokens = 48  # an instruct LLM may answer in a sentence: generated to 48 tokens, as self targets, none cut
     def __init__(self, path):
         from transformers import AutoTokenizer
         gguf = dict(gguf_file=os.path.basename(path)) if path.endswith(".gguf") else {}

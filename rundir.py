@@ -20,18 +20,20 @@ def load_checkpoint(path):  # on the CPU; one that cannot be read is named, with
         raise SystemExit(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to redo that stage "
                          "(a .partial.pt: to restart it), or --force to start over")
 
-def resume(partial, model, opt, go_on):
-    """An interrupted stage's resume file: loaded with --resume (go_on), else named. -> (start step, losses so far)"""
+def resume(partial, model, opt, go_on, held):
+    """An interrupted stage's resume file: loaded with --resume (go_on), else named. -> (start step, losses so far,
+    held-out losses so far: into held)"""
     if partial and os.path.exists(partial) and go_on:
         ck = load_checkpoint(partial)
         model.load_state_dict(ck["model"], strict=False)
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])  # dropout draws continue exactly (batches are a function of step)
         print(f"{os.path.basename(partial)[:-11]}: resumed at step {ck['step']}")
-        return ck["step"], ck["losses"]
+        held[:] = ck.get("held", [])
+        return ck["step"], ck["losses"], held
     if partial and os.path.exists(partial):
         print(f"{os.path.basename(partial)[:-11]}: starting over; {partial} holds an interrupted run (--resume: go on)")
-    return 0, []
+    return 0, [], held
 
 def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
     try:

@@ -22,7 +22,7 @@ from rundir import RunDir, barrier, check_init_from, init_from, merge, read_reco
 
 # ---- Settings. Sizes that are not flags: --quick and --real set their own, and Python callers main(argv, **sizes)
 SIZES = dict(n_entities=data.N_ENTITIES, n_layers=ModelConfig.n_layers, d_llm=ModelConfig.d_llm, compress_steps=150,
-             calib_min=256, data_dir="", log_every=100)  # compress: more align steps, CTC compression on (ours)
+             calib_min=256, data_dir="", log_every=100, stop_every=0)  # compress: align's 2nd phase (below)
 QUICK = dict(out="runs/quick", n_entities=16, n_layers=4, d_llm=64, batch_size=16, pretrain_steps=400,
              align_steps=100, compress_steps=40, steps=30, calib_min=16, log_every=50)  # numbers mean little
 FINE_TUNING = {"steps", "lr", "lora_lr", "lora_r", "lam", "seed", "data_dir", "init_from"}  # --init-from may change
@@ -136,6 +136,7 @@ class TrainConfig:
     ctc_weight: float = 0.0    # weight of the auxiliary CTC loss (model.py: ctc_loss)
     ctc_only: bool = False     # the CTC loss alone, the LLM not run (align's first phase with CTC compression)
     log_every: int = 100       # steps between log lines and resume checkpoints
+    stop_every: int = 0        # early stopping (align's CTC phase): a held-out loss every N steps; 3 without a new best
     seed: int = 0              # the order of the batches
     device: str = "cpu"
     dtype: str = "fp32"        # autocast dtype of the forward passes
@@ -168,16 +169,17 @@ def batches_of(rows, make_batch, cfg, replay_rows=(), replay_frac=0.0):
         return [make_batch(glob[i * n:(i + 1) * n] + text[i * k:(i + 1) * k]) for i in range(cfg.rank, A * W, W)]
     return batches
 
-def train(model, param_groups, batches, steps, cfg, teacher=None):
+def train(model, param_groups, batches, steps, cfg, teacher=None, held_out=None, held=None):
     """One loop for every stage: AdamW groups with their own `initial_lr`, batches(step) -> micro-batches. teacher:
-    the loss is KL to its answer distribution on the same rows typed (batch["typed"]). -> every step's loss"""
+    the loss is KL to its answer distribution on the same rows typed (batch["typed"]). held_out() -> a held-out loss
+    every cfg.stop_every steps, appended to held; stop once 3 in a row beat no earlier one. -> every step's loss"""
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95), fused=True)  # fused: one kernel for every param
     A, W, cuda = cfg.grad_accum, cfg.world, cfg.device.startswith("cuda")
     # DDP broadcasts rank 0's weights, then averages gradients in backward; fp16 needs loss scaling (else a no-op)
     fwd = DDP(model, device_ids=[torch.device(cfg.device).index] if cuda else None) if W > 1 else model.loss
     scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=cfg.dtype == "fp16")
     partial = os.path.join(cfg.out, f"{cfg.name}.partial.pt") if cfg.out else ""  # the resume file
-    start, losses = resume(partial, model, opt, cfg.resume)
+    start, losses, held = resume(partial, model, opt, cfg.resume, [] if held is None else held)
     model.train()
     t0 = time.time()
     for step in (bar := tqdm(range(start, steps), desc=cfg.name, leave=False, disable=None if cfg.rank == 0 else True)):
@@ -206,13 +208,21 @@ def train(model, param_groups, batches, steps, cfg, teacher=None):
         opt.zero_grad(set_to_none=True)
         losses.append(total.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if held_out and (step + 1) % cfg.stop_every == 0:  # early stopping, checked before the resume file is written
+            held.append(held_out())
+            model.train()
+            stop = len(held) > 3 and min(held[-3:]) >= min(held[:-3])
+            tqdm.write(f"{cfg.name} step {step + 1}: held-out loss {held[-1]:.4f}" + " (3 without a new best: stop)" * stop)
+            steps = step + 1 if stop else steps  # this step the last
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
             tqdm.write(f"{cfg.name} step {step + 1}/{steps} | loss {losses[-1]:.4f} | lr {opt.param_groups[0]['lr']:.2e}"
                        f" | norm {norm:.2f} | {ms:.0f} ms | {ms * (steps - step - 1) / 6e4:.1f} min left of {cfg.name}")
             if cfg.rank == 0 and partial:
                 save_checkpoint(partial, {"model": trainable_state(model), "optimizer": opt.state_dict(),
-                                          "step": step + 1, "rng": torch.get_rng_state(), "losses": losses})
+                                          "step": step + 1, "rng": torch.get_rng_state(), "losses": losses, "held": held})
+        if step + 1 == steps:
+            break
     if cfg.rank == 0 and partial and os.path.exists(partial): os.remove(partial)
     return losses
 
@@ -261,19 +271,20 @@ def pretrain(model, d, tc, steps, lr=3e-3):
             "results": {"pretrain": {**acc, "steps": steps}, "train_loss": {"pretrain": loss_summary(losses)}}}
 
 def align(model, d, tc, steps, compressed, lr=3e-3):
-    """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC: ours). align_raw.pt: raw 10 Hz
-    frames (compression coming: CTC alone, the LLM not run); align.pt: compressed, LR / 3. The last: no fine-tuning."""
+    """Stage 2: encoder + adaptor learn to feed the frozen LLM (ASR + spoken QA, + CTC: ours). align_raw.pt: CTC
+    alone on the raw 10 Hz frames, the LLM not run (--real: stopped by the val questions' CTC loss); align.pt: CTC
+    compression on, the LLM's loss too, LR / 3 (--real: 0 steps; its loss rose). The last: no fine-tuning."""
     set_trainable(model, ["adaptor."] + ([] if model.cfg.encoder else ["encoder."]))  # a real Whisper stays frozen
     print(f"align: {count(model)}")
-    rows, make, compress = d.split("speech_train"), d.speech_batch, model.cfg.ctc_compress
+    rows, make, val, held = d.split("speech_train"), d.speech_batch, d.split("val"), []
     if model.cfg.encoder:  # a frozen pretrained encoder: its outputs once, not at every step
         d.encoded, make = d.encoded or model.precompute_encoder(d.features, by_length=True), d.ft_batch
-    model.cfg.ctc_compress, name = compressed, "align_compress" if compressed else "align"
+    name = "align_compress" if compressed else "align"
+    stop = tc.stop_every and not compressed and val and (lambda: evaluate.ctc_loss(model, val, make))
     losses = train(model, param_groups(model, lr / 3 if compressed else lr), batches_of(rows, make, tc), steps,
-                   replace(tc, name=name, ctc_weight=1.0, ctc_only=compress and not compressed))
-    model.cfg.ctc_compress = compress
-    res = {"train_loss": {name: loss_summary(losses)}}
-    if compressed or not compress:
+                   replace(tc, name=name, ctc_weight=1.0, ctc_only=not compressed), held_out=stop, held=held)
+    res = {"train_loss": {name: loss_summary(losses)}, **({"held_out_ctc": held} if held else {})}
+    if compressed:
         with autocast(tc.device, tc.dtype):
             res["no_ft"] = evaluate.evaluate_all(model, d.rows, d.tok, d.text_batch, make)
     return {"config": vars(model.cfg), "model": trainable_state(model), "results": res}
@@ -288,9 +299,9 @@ def finetune(model, groups, d, tc, steps, teacher=None, replay_frac=0.0):
             "trainable": lora.count_parameters(model)[0], "ms_per_step": 1000 * (time.time() - t) / steps}
 
 def self_targets(model, d, tc, max_new_tokens=48):  # --targets self: each training QA's original LLM's typed answer
-    with autocast(tc.device, tc.dtype):  # as the style control's (evaluate.own_answers)
-        return {"targets": {r["id"]: r["target"] for r in evaluate.own_answers(
-            model, data.finetune_rows(d.rows), d.text_batch, d.tok, max_new_tokens)}}
+    with autocast(tc.device, tc.dtype):  # as the style control's (evaluate.own_answers); cut: ran out before EOS
+        own = evaluate.own_answers(model, data.finetune_rows(d.rows), d.text_batch, d.tok, max_new_tokens, cut := [])
+    return {"targets": {r["id"]: r["target"] for r in own}, "results": {"self_targets_cut": sum(cut) / len(cut)}}
 
 def replay_rows(rows):  # typed QA of the LLM's own text data; a real LLM's is not ours: its fine-tuning rows, typed
     return [r for r in rows if r["split"] == "pretrain" and r["task"] == "qa"] or \
@@ -359,11 +370,10 @@ def run_pipeline(args):
         run.results["s2t_chance"] = evaluate.chance(d.split("test"))  # beside every S2T
         print(f"data: {len(d.rows)} rows, {len(d.features)} spoken, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
         tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, rank=rank, world=world,
-                         **{k: getattr(args, k) for k in ("log_every", "seed", "device", "dtype", "resume")})
-        compress = args.compress_steps > 0  # CTC compression (ours): ~1 vector a token
+                         **{k: getattr(args, k) for k in ("log_every", "stop_every", "seed", "device", "dtype", "resume")})
         cfg = ModelConfig(vocab_size=d.tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
-                          encoder=args.encoder, n_mels=n_mels, ctc_compress=compress)
-        if args.llm and compress:  # a pretrained LLM's CTC head scores only the training transcripts' tokens
+                          encoder=args.encoder, n_mels=n_mels, ctc_compress=True)  # CTC compression (ours)
+        if args.llm:  # a pretrained LLM's CTC head scores only the training transcripts' tokens
             used = {t for r in d.split("speech_train") for t in d.tok.encode(r["transcript"])} - {d.tok.pad_id}
             cfg.ctc_tokens = [d.tok.pad_id] + sorted(used)  # the blank first
         model = build_model(cfg, args.seed, args.device)
@@ -377,7 +387,7 @@ def run_pipeline(args):
             for r in data.finetune_rows(d.rows):  # align, fine-tuning and calibration train on them; scoring: gold
                 r["target"] = own[r["id"]]
         done.append(stage(run, "align_raw", model, lambda: align(model, d, tc, args.align_steps, False)))
-        if compress: done.append(stage(run, "align", model, lambda: align(model, d, tc, args.compress_steps, True)))
+        done.append(stage(run, "align", model, lambda: align(model, d, tc, args.compress_steps, True)))
         print("no fine-tuning: " + " | ".join(f"{k} {v:.3f}" for k, v in run.results["no_ft"].items()))
         aligned = lambda: build_model(cfg, args.seed, args.device, [ck["model"] for ck in done])  # afresh, each time
         original = analyse(run, args, aligned(), d, tc)
