@@ -263,6 +263,11 @@ def format_table(results, sd=None):
     if "s2t_chance" in results:
         lines.append(f"chance (the best constant answer per relation): {100 * results['s2t_chance']:.1f}; S2T name "
                      "heard: on the questions whose entity's name is in the CTC transcript / on the others")
+    if "whisper_wer" in results:  # real.py's reference for the CTC WER: the encoder's own decoder, same audio
+        lines.append(f"Whisper's own WER on {results['whisper_wer_n']:.0f} of these spoken test questions: "
+                     f"{100 * results['whisper_wer']:.1f} (the CTC WER's reference)")
+    if cut := [f"{n} {100 * m['t2t_cut']:.0f}/{100 * m['s2t_cut']:.0f}" for n, m, _ in runs if "t2t_cut" in m]:
+        lines.append("answers without EOS within the token limit, % T2T/S2T: " + ", ".join(cut))
     lines.append(row("importance", "importance JS", "JS, 2nd set", "x noise", "importance sum", "JS own answers"))
     for name, m, _ in runs[1:]:
         js, own = m.get("importance_js"), m.get("importance_shift_own", {}).get("js")

@@ -175,7 +175,8 @@ def whisper_dir(ct2, out):
     beside it): --encoder's."""
     if not os.path.isfile(os.path.join(out, "config.json")):
         load_ct2_whisper(ct2).save_pretrained(f"{out}.{os.getpid()}.tmp")
-        shutil.copy(os.path.join(ct2, "tokenizer.json"), f"{out}.{os.getpid()}.tmp")
+        if os.path.isfile(os.path.join(ct2, "tokenizer.json")):  # Whisper's own transcripts need it (a reference)
+            shutil.copy(os.path.join(ct2, "tokenizer.json"), f"{out}.{os.getpid()}.tmp")
         os.replace(f"{out}.{os.getpid()}.tmp", out)  # whole, or not at all
     return out
 

@@ -12,6 +12,7 @@ label mask covers only the answer.
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -340,6 +341,34 @@ def test_get_lr_schedule():
     assert train.get_lr(9, 100, 10) == pytest.approx(1.0)
     assert train.get_lr(99, 100, 10) == pytest.approx(0.1, abs=1e-3)
     assert all(train.get_lr(i, 100, 10) >= train.get_lr(i + 1, 100, 10) for i in range(10, 99))
+
+
+def test_train_stops_on_a_held_out_loss_and_resumes_with_its_checks(tmp_path):
+    """Early stopping (align's CTC phase under --real): a held-out loss every stop_every steps; the stage ends at the
+    check after which 3 in a row beat no earlier one. A stage interrupted between checks resumes with the checks it
+    had: it stops at the same step, with the same curve."""
+    class Quad(torch.nn.Module):  # loss = |w|^2: the loop only needs .loss and "answers" to count tokens
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+        def loss(self, batch, **kw):
+            return (self.w ** 2).sum()
+    def run(curve, **kw):
+        model, held, it = Quad(), [], iter(curve)
+        def held_out():  # the next value of the curve (an exception in it: raised, as a Ctrl-C there)
+            v = next(it)
+            if v is KeyboardInterrupt: raise v
+            return v
+        losses = train.train(model, [{"params": [model.w], "initial_lr": 0.01}], lambda step: [{"answers": [[1]]}],
+                             100, train.TrainConfig(name="t", out=str(tmp_path), stop_every=2, log_every=2, **kw),
+                             held_out=held_out, held=held)
+        return len(losses), held
+    checks = [5, 4, 3, 3.5, 3.2, 3.1, 1.0]  # the best (3) at check 3; checks 4-6 beat nothing earlier: stop at step 12
+    assert run(checks) == (12, checks[:6])
+    with pytest.raises(KeyboardInterrupt):  # killed at check 5 (step 10): the resume file holds step 8, 4 checks
+        run(checks[:4] + [KeyboardInterrupt])
+    assert os.path.exists(tmp_path / "t.partial.pt")
+    assert run(checks[4:], resume=True) == (12, checks[:6])  # losses: 8 from the file + 4
 
 
 def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
@@ -1413,6 +1442,27 @@ def test_scorer_refuses_answers_that_list_candidates():
     assert evaluate.right(rows, preds) == [True, False, True, True]  # "new york" contains york: not a wrong value
 
 
+def test_answers_that_run_out_of_tokens_are_counted():
+    """generate stops each answer at its EOS or at the limit (tok.answer_tokens: 16 for the world, 48 for a real
+    LLM's sentences); accuracy's 4th value is the share that hit the limit without an EOS (t2t_cut / s2t_cut)."""
+    class Model(torch.nn.Module):  # answers: 3 tokens then EOS (2), or no EOS at all
+        def generate(self, batch, n, eos):
+            out = [[5, 6, 7, eos][:n] if "short" in p else [5] * 50 for p in batch["prompts"]]
+            return [t[: t.index(eos)] if eos in t else t[:n] for t in out]
+    class Tok:
+        answer_tokens, eos_id = 16, 2
+        decode = staticmethod(lambda ids: " ".join(map(str, ids)))
+    rows = [{"prompts": "short", "answer": "5 6 7"}, {"prompts": "long", "answer": "5"}, {"prompts": "short",
+                                                                                      "answer": "x"}]
+    make = lambda rs: {"prompts": [r["prompts"] for r in rs]}
+    cut = []
+    preds = evaluate.generate(Model(), rows, make, Tok, cut=cut)
+    assert cut == [False, True, False] and len(preds[1].split()) == 16 and preds[0] == "5 6 7"
+    acc, em, _, share = evaluate.accuracy(Model(), rows, make, Tok)
+    assert share == pytest.approx(1 / 3) and em == pytest.approx(1 / 3)
+    assert data.HFTokenizer.answer_tokens == 48 >= data.Tokenizer.answer_tokens  # a real LLM answers in sentences
+
+
 def test_wer_hand_checked():
     assert evaluate.wer(["a b c d"], ["a b c d"]) == 0
     assert evaluate.wer(["a b c d"], ["a x c d"]) == 0.25            # 1 substitution
@@ -1953,8 +2003,7 @@ def test_real_rows_split_by_entity_with_held_out_phrasings():
     entity = {(rel, slug(e)): e for rel, (_, _, facts) in REAL.items() for e in facts}
     splits, templates = {}, {"speech_train": set(), "val": set(), "test": set()}
     words = [r for r in rows if r["id"].startswith("words-")]
-    asr_test = [r for r in rows if r["split"] == "asr_test"]
-    rows = [r for r in rows if r not in words and r not in asr_test]
+    rows = [r for r in rows if r not in words]
     for r in rows:
         assert r["answer"].strip() and r["transcript"].strip() and r["task"] in ("qa", "asr")
         split, rel, ent = r["id"].split("-")[:3] if r["task"] == "qa" else ("speech_train", *r["id"].split("-")[1:3])
@@ -1974,13 +2023,30 @@ def test_real_rows_split_by_entity_with_held_out_phrasings():
     qa_test = [r for r in rows if r["split"] == "test"]
     assert len(qa_test) == 2 * len({r["id"].rsplit("-", 1)[0] for r in qa_test})  # 2 held-out phrasings a fact
     assert all(r["instruction"] == real.INSTRUCTION for r in rows if r["task"] == "qa")
-    # WER rows: one phrasing of each test question; word strings: every word a question says, no answer of a
-    # held-out fact next to its entity (they are random strings of 2-6 words, all speech_train ASR)
-    assert sorted(r["transcript"] for r in asr_test) == sorted(r["question"] for r in qa_test if r["id"].endswith("-3"))
+    assert {r["split"] for r in rows} == {"speech_train", "val", "test"}  # recognition: the test questions' CTC WER
     assert len(words) == real.WORD_STRINGS and all(r["split"] == "speech_train" and r["task"] == "asr"
-                                                         and 2 <= len(r["transcript"].split()) <= 6 for r in words)
-    said = {w for r in words for w in r["transcript"].split()}
-    assert said == {w for r in rows for w in re.findall(r"[\w']+", r["transcript"])}
+                                                   for r in words)
+
+
+def test_real_training_speech_covers_the_test_questions():
+    """Coverage: every word of every test question, and every whole multi-word name, is spoken in training (in the
+    random word strings: ~20 times each), and no speech_train utterance says a val/test entity with its answer."""
+    import re
+    rows, facts = real.make_rows(seed=0), real.read_facts()
+    train_said = [f" {r['transcript'].lower()} " for r in rows if r["split"] == "speech_train"]
+    words = " ".join(f" {r['transcript'].lower()} " for r in rows if r["id"].startswith("words-"))
+    test = [r for r in rows if r["split"] == "test"]
+    for w in {w.lower() for r in test for w in re.findall(r"[\w']+", r["transcript"])}:
+        assert words.count(f" {w} ") >= 5, w
+    names = {r["entity"].lower() for r in test if " " in r["entity"]}
+    assert len(names) >= 50 and all(words.count(f" {n} ") >= 5 for n in names)
+    every = sorted({e.lower() for _, _, ents in facts.values() for e in ents}, key=len, reverse=True)
+    for r in (r for r in rows if r["split"] in ("val", "test")):  # the fact: its entity and its answer together
+        e, a = r["entity"].lower(), r["answer"].lower()
+        longer = [n for n in every if e in n and n != e]  # "Equatorial Guinea" names another country than "Guinea"
+        for said in train_said:
+            said = functools.reduce(lambda t, n: t.replace(f" {n} ", " # "), longer, said)
+            assert not (f" {e} " in said and f" {a} " in said.replace(f" {e} ", " # ")), (e, a, said)
 
 
 def test_real_scoring_per_relation_and_first_line():
@@ -2031,16 +2097,20 @@ def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(real, "whisper_dir", lambda ct2, o: touch(o, "config.json"))
     monkeypatch.setattr(real, "build", lambda d: touch(d, "manifest.jsonl"))
     calls = []
-    monkeypatch.setattr(train, "main", lambda argv, preset, **sizes: calls.append((argv, preset)))
+    monkeypatch.setattr(train, "main", lambda argv, preset, **sizes: calls.append((argv, preset)) or open(os.path.join(
+        argv[argv.index("--out") + 1], "results.json"), "w").write('{"methods": {}}'))  # a stand-in run: its results
+    monkeypatch.setattr(real, "whisper_reference", lambda whisper, manifest: {"whisper_wer": 0.1, "whisper_wer_n": 2})
+    os.makedirs(out)
     real.main(["--out", out, "--steps", "3"])
+    assert json.load(open(os.path.join(out, "results.json"))) == {"methods": {}, "whisper_wer": 0.1, "whisper_wer_n": 2}
     argv, preset = calls[0]
     assert argv[argv.index("--encoder") + 1] == str(here / "tiny.en")
     assert argv[argv.index("--manifest") + 1] == str(here / f"real-s0-v{real.VERSION}" / "manifest.jsonl")
     args = train.get_args(argv, preset)
     rec = train.settings(args)
-    assert rec["real"] and rec["steps"] == 3 and rec["compress_steps"] == 200 and rec["dtype"] == "bf16"
+    assert rec["real"] and rec["steps"] == 3 and rec["compress_steps"] == 0 and rec["dtype"] == "bf16"
     assert all(rec[k] == v for k, v in real.PRESET.items() if k not in ("out", "steps", "log_every", "method"))
-    assert args.methods == ["full", "layer_lr", "lora", "lora_layer_lr"] and rec["llm"] == str(tmp_path / "llm")
+    assert args.methods == ["full", "layer_lr", "lora"] and rec["llm"] == str(tmp_path / "llm")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # on a GPU: real.CUDA's steps and rows over PRESET
     real.main(["--out", out, "--device", "cuda", "--steps", "5"])
     rec = train.settings(train.get_args(*calls[1]))
@@ -2051,6 +2121,25 @@ def test_real_mode_settings_and_missing_packages(tmp_path, monkeypatch, capsys):
     assert "python real.py" in capsys.readouterr().err.strip().splitlines()[-1]
     for f in ("model.py", "train.py", "evaluate.py", "importance.py", "lora.py", "data.py", "rundir.py"):
         assert "import real" not in open(f).read() and "__import__(\"real\")" not in open(f).read(), f
+
+
+def test_stm_reader_and_a_recording_read_from_a_wheel(tmp_path):
+    """The human-speech check's reader: NIST STM (';;' comments, an optional <LABEL>, transcripts with spaces) ->
+    (start, end, speaker, text); a bad line is named; wheel_sample reads a WAV + STM out of a zip, importing nothing."""
+    stm = (";; comment line\nsample 1 Diane 6.68 7.16 Hello?\n\nsample 1 Sheila 8.4 9.8 <o,f0,female> I didn't know.\n"
+           "sample 1 Sheila 10 12\n")
+    assert real.read_stm(stm) == [(6.68, 7.16, "Diane", "Hello?"), (8.4, 9.8, "Sheila", "I didn't know."),
+                                  (10.0, 12.0, "Sheila", "")]
+    with pytest.raises(ValueError, match="STM line 2"):
+        real.read_stm("a 1 b 0 1 ok\nbroken line\n")
+    import zipfile
+    wav = torch.sin(torch.arange(16000) / 10.0) * 0.5
+    data.save_wav(str(tmp_path / "s.wav"), wav.numpy())
+    with zipfile.ZipFile(tmp_path / "pkg-1.0-py3-none-any.whl", "w") as z:
+        z.write(tmp_path / "s.wav", "pkg/sample/sample.wav")
+        z.writestr("pkg/sample/sample.stm", "sample 1 A 0.1 0.5 one two\n")
+    audio, segments = real.wheel_sample(str(tmp_path / "pkg-1.0-py3-none-any.whl"), "pkg/sample/sample")
+    assert torch.allclose(audio, wav, atol=1e-4) and segments == [(0.1, 0.5, "A", "one two")]
 
 
 def test_build_real_tiny(tmp_path, monkeypatch):
@@ -2069,7 +2158,7 @@ def test_build_real_tiny(tmp_path, monkeypatch):
         pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
     path = real.build(str(tmp_path / "real"))
     rows = data.read_manifest(path)
-    assert {r["split"] for r in rows} == {"speech_train", "val", "test", "asr_test"} and all(r["audio"] for r in rows)
+    assert {r["split"] for r in rows} == {"speech_train", "val", "test"} and all(r["audio"] for r in rows)
     for r in rows[:3]:
         with wave.open(r["audio"]) as w:
             assert w.getframerate() == data.SAMPLE_RATE and w.getnframes() > data.SAMPLE_RATE

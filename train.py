@@ -209,11 +209,10 @@ def train(model, param_groups, batches, steps, cfg, teacher=None, held_out=None,
         losses.append(total.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if held_out and (step + 1) % cfg.stop_every == 0:  # early stopping, checked before the resume file is written
-            held.append(held_out())
-            model.train()
-            stop = len(held) > 3 and min(held[-3:]) >= min(held[:-3])
-            tqdm.write(f"{cfg.name} step {step + 1}: held-out loss {held[-1]:.4f}" + " (3 without a new best: stop)" * stop)
-            steps = step + 1 if stop else steps  # this step the last
+            held.append(held_out()), model.train()
+            steps = step + 1 if len(held) > 3 and min(held[-3:]) >= min(held[:-3]) else steps  # stop: this step the last
+            tqdm.write(f"{cfg.name} step {step + 1}: held-out loss {held[-1]:.4f}" + " (3 without a new best: stop)" * (
+                steps == step + 1))
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
             tqdm.write(f"{cfg.name} step {step + 1}/{steps} | loss {losses[-1]:.4f} | lr {opt.param_groups[0]['lr']:.2e}"
