@@ -292,7 +292,7 @@ def format_table1(results, sd=None):
         for sub, mm, ss in (("all", m, s), ("answered", m.get("answered", {}), s.get("answered", {}))):
             if "baseline_ppl" in mm:
                 lines.append(f"{kind:<8}{sub:<10}{mm.get('n_rows', 0):>6.0f}{mm['baseline_ppl']:>10.3f}" + "".join(
-                    f"{cell(mm, ss, f'{w}_ratio'):>20}" for w in ("top", "bottom", "random")))
+                    f" {cell(mm, ss, f'{w}_ratio'):>19}" for w in ("top", "bottom", "random")))
     return "\n".join(lines) * bool(val)
 
 def _figure(figsize):  # a matplotlib Figure without pyplot (no global state, nothing to close), or None: no matplotlib
