@@ -35,6 +35,20 @@ def resume(partial, model, opt, go_on, held):
         print(f"{os.path.basename(partial)[:-11]}: starting over; {partial} holds an interrupted run (--resume: go on)")
     return 0, [], held
 
+def train_plan(args, done):  # -> TrainConfig.plan: train()'s stage names and steps, those not done, then later seeds
+    plan = [("pretrain", 0 if args.llm else args.pretrain_steps), ("align", args.align_steps),
+            ("align_compress", args.compress_steps)] + [(f"ft_{m}", args.steps) for m in args.methods]
+    plan = [(n, s) for n, s in plan if s and not done({"align": "align_raw", "align_compress": "align"}.get(n, n))]
+    return tuple(plan) + (("later seeds", getattr(args, "seeds_after", 0) * sum(s for _, s in plan)),)
+
+def eta_line(plan, name, left, sec):  # stage `name` has `left` steps; every later stage's too, at its sec per step
+    names = [n for n, _ in plan]
+    left += sum(s for _, s in plan[names.index(name) + 1:])
+    t = left * sec
+    when = f"{t / 86400:.1f} days" if t > 2 * 86400 else f"{t / 3600:.1f} h" if t > 7200 else f"{t / 60:.0f} min"
+    return (f"{name}: the whole run has {left:,} training steps left, about {when} at this stage's "
+            f"{1000 * sec:.0f} ms per step (at most: early stopping; measurements not counted)")
+
 def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
     try:
         return json.load(open(path)) if empty is None or os.path.exists(path) else empty

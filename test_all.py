@@ -371,6 +371,26 @@ def test_train_stops_on_a_held_out_loss_and_resumes_with_its_checks(tmp_path):
     assert run(checks[4:], resume=True) == (12, checks[:6])  # losses: 8 from the file + 4
 
 
+def test_the_whole_runs_eta_is_printed_once_its_first_steps_are_timed(capsys):
+    """The plan: every stage still to train (done ones and 0-step ones left out), then the later seeds, each a run
+    of the same stages. train() prints the whole run's steps left after its 10th step: a 10^9-step run says so."""
+    args = types.SimpleNamespace(llm="", pretrain_steps=40, align_steps=4, compress_steps=0, steps=10 ** 9,
+                              methods=["full", "lora"], seeds_after=2)
+    plan = rundir.train_plan(args, lambda name: name == "pretrain")  # pretrain done; compress: 0 steps
+    assert plan == (("align", 4), ("ft_full", 10 ** 9), ("ft_lora", 10 ** 9), ("later seeds", 2 * (4 + 2 * 10 ** 9)))
+    w = torch.nn.Parameter(torch.ones(2))
+    model = types.SimpleNamespace(loss=lambda batch, **kw: (w ** 2).sum(), train=lambda: None)
+    train.train(model, [{"params": [w], "initial_lr": 0.01}], lambda step: [{"answers": [[1]]}], 12,
+                train.TrainConfig(name="ft_full", plan=plan))
+    out = capsys.readouterr().out
+    assert out.count("the whole run has") == 1  # once, at step 10 of 12: 2 + 10^9 (lora) + 2 (4 + 2·10^9) steps
+    assert f"the whole run has {2 + 10 ** 9 + 2 * (4 + 2 * 10 ** 9):,} training steps left, about" in out
+    assert "days at this stage's" in out
+    train.train(model, [{"params": [w], "initial_lr": 0.01}], lambda step: [{"answers": [[1]]}], 12,
+                train.TrainConfig(name="t"))  # a stage outside the plan (a direct call): no ETA
+    assert "the whole run" not in capsys.readouterr().out
+
+
 def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
     cases = [(["--method", "nope"], "--method"), (["--method", "lora_r0"], "--method"), (["--lora-r", "0"], "--lora-r"),

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 import data, evaluate, importance as imp, lora
 from model import ModelConfig, autocast, build_model, count, mel_bins, path_problem, set_trainable, trainable_state
-from rundir import RunDir, barrier, check_init_from, init_from, merge, read_record, resume, save_checkpoint, save_json
+from rundir import (RunDir, barrier, check_init_from, eta_line, init_from, merge, read_record, resume, save_checkpoint,
+                    save_json, train_plan)
 
 # ---- Settings. Sizes that are not flags: --quick and --real set their own, and Python callers main(argv, **sizes)
 SIZES = dict(n_entities=data.N_ENTITIES, n_layers=ModelConfig.n_layers, d_llm=ModelConfig.d_llm, compress_steps=150,
@@ -143,6 +144,7 @@ class TrainConfig:
     resume: bool = False       # continue from OUT/<name>.partial.pt
     rank: int = 0              # DDP: this process, and how many there are
     world: int = 1
+    plan: tuple = ()           # (name, steps) of the run's stages still to train: the whole run's ETA (train_plan)
 
 def get_lr(it, total, warmup):  # LR multiplier at step it: linear warmup, then cosine decay to 10% of the peak
     if it < warmup:
@@ -213,6 +215,8 @@ def train(model, param_groups, batches, steps, cfg, teacher=None, held_out=None,
             steps = step + 1 if len(held) > 3 and min(held[-3:]) >= min(held[:-3]) else steps  # stop: this step the last
             tqdm.write(f"{cfg.name} step {step + 1}: held-out loss {held[-1]:.4f}" + " (3 without a new best: stop)" * (
                 steps == step + 1))
+        if step + 1 - start == min(10, steps - start) and cfg.name in dict(cfg.plan):  # the whole run's ETA, up front
+            tqdm.write(eta_line(cfg.plan, cfg.name, steps - step - 1, (time.time() - t0) / (step + 1 - start)))
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
             tqdm.write(f"{cfg.name} step {step + 1}/{steps} | loss {losses[-1]:.4f} | lr {opt.param_groups[0]['lr']:.2e}"
@@ -335,7 +339,8 @@ def measure(run, model, name, w0, original, d, tc, args, ck):
 
 def settings(args):  # every flag outside the "Run" group, the sizes, the DDP world size: another value, another run
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions} | {"log_every"}
-    mine = {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
+    skip = run | {"help", "given", "methods", "seed_list", "seeds_after"}
+    mine = {k: v for k, v in vars(args).items() if k not in skip}
     if args.manifest and os.path.isfile(args.manifest):  # a run knows its data: changed data is another run
         mine["data_fingerprint"] = data.fingerprint(args.manifest)
     return mine
@@ -369,7 +374,8 @@ def run_pipeline(args):
         run.results["s2t_chance"] = evaluate.chance(d.split("test"))  # beside every S2T
         print(f"data: {len(d.rows)} rows, {len(d.features)} spoken, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
         tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, rank=rank, world=world,
-                         **{k: getattr(args, k) for k in ("log_every", "stop_every", "seed", "device", "dtype", "resume")})
+                         plan=train_plan(args, run.done), **{k: getattr(args, k) for k in (
+                             "log_every", "stop_every", "seed", "device", "dtype", "resume")})
         cfg = ModelConfig(vocab_size=d.tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
                           encoder=args.encoder, n_mels=n_mels, ctc_compress=True)  # CTC compression (ours)
         if args.llm:  # a pretrained LLM's CTC head scores only the training transcripts' tokens
@@ -427,11 +433,12 @@ def setup_ddp(args):  # nanoGPT-style: under torchrun one process group (NCCL; g
 
 def run_seeds(args):  # --seeds: the pipeline per seed in OUT/seed<N> (from --init-from RUN/seed<N>, or RUN); mean ± sd
     per_seed, reports = {}, []
-    for s in args.seed_list:
+    for i, s in enumerate(args.seed_list):
         print(f"\n=== seed {s} ===")
         init, out = args.init_from and os.path.join(args.init_from, f"seed{s}"), os.path.join(args.out, f"seed{s}")
         init = init if init and os.path.isdir(init) else args.init_from
-        per_seed[str(s)] = run_pipeline(argparse.Namespace(**{**vars(args), "seed": s, "out": out, "init_from": init}))
+        per_seed[str(s)] = run_pipeline(argparse.Namespace(**{**vars(args), "seed": s, "out": out, "init_from": init,
+                                                                  "seeds_after": len(args.seed_list) - i - 1}))
         reports.append(json.load(open(os.path.join(out, "importance.json")))["distribution"])
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
     dists = {k: [sum(x) / len(x) for x in zip(*(r[k] for r in reports))] for k in reports[0] if k != "original_speech"}
