@@ -35,19 +35,23 @@ def resume(partial, model, opt, go_on, held):
         print(f"{os.path.basename(partial)[:-11]}: starting over; {partial} holds an interrupted run (--resume: go on)")
     return 0, [], held
 
-def train_plan(args, done):  # -> TrainConfig.plan: train()'s stage names and steps, those not done, then later seeds
-    plan = [("pretrain", 0 if args.llm else args.pretrain_steps), ("align", args.align_steps),
-            ("align_compress", args.compress_steps)] + [(f"ft_{m}", args.steps) for m in args.methods]
-    plan = [(n, s) for n, s in plan if s and not done({"align": "align_raw", "align_compress": "align"}.get(n, n))]
-    return tuple(plan) + (("later seeds", getattr(args, "seeds_after", 0) * sum(s for _, s in plan)),)
+CHECKPOINT = {"align": "align_raw", "align_compress": "align"}  # train()'s stage name -> its OUT/<name>.pt, if other
 
-def eta_line(plan, name, left, sec):  # stage `name` has `left` steps; every later stage's too, at its sec per step
-    names = [n for n, _ in plan]
-    left += sum(s for _, s in plan[names.index(name) + 1:])
+def train_plan(args, done, seeds_after=0):
+    """-> TrainConfig.plan: (train()'s stage name, steps) of each stage still to train, then the later --seeds' steps
+    (each: every stage, or the fine-tuning alone when --init-from brings the aligned model)."""
+    every = [] if args.init_from else [("pretrain", 0 if args.llm else args.pretrain_steps),
+                                       ("align", args.align_steps), ("align_compress", args.compress_steps)]
+    every += [(f"ft_{m}", args.steps) for m in args.methods]
+    plan = [(n, s) for n, s in every if s and not done(CHECKPOINT.get(n, n))]
+    return tuple(plan) + (("later seeds", seeds_after * sum(s for _, s in every)),)
+
+def eta_line(plan, name, left, sec):  # this stage's `left` steps and every later one's, all at this stage's sec a step
+    left += sum(s for _, s in plan[[n for n, _ in plan].index(name) + 1:])
     t = left * sec
-    when = f"{t / 86400:.1f} days" if t > 2 * 86400 else f"{t / 3600:.1f} h" if t > 7200 else f"{t / 60:.0f} min"
-    return (f"{name}: the whole run has {left:,} training steps left, about {when} at this stage's "
-            f"{1000 * sec:.0f} ms per step (at most: early stopping; measurements not counted)")
+    when = f"{t / 86400:.1f} days" if t > 2 * 86400 else f"{t / 3600:.1f} h" if t > 7200 else f"{t / 60:.1f} min"
+    return (f"{name}: the whole run has {left:,} training steps left, about {when} at this stage's {1000 * sec:.0f} "
+            "ms a step (a guide: stages differ in speed, early stopping may end one sooner, measurements not counted)")
 
 def read_json(path, empty=None):  # (or `empty` if there is none); an unreadable one is named in one line
     try:

@@ -372,19 +372,26 @@ def test_train_stops_on_a_held_out_loss_and_resumes_with_its_checks(tmp_path):
 
 
 def test_the_whole_runs_eta_is_printed_once_its_first_steps_are_timed(capsys):
-    """The plan: every stage still to train (done ones and 0-step ones left out), then the later seeds, each a run
-    of the same stages. train() prints the whole run's steps left after its 10th step: a 10^9-step run says so."""
-    args = types.SimpleNamespace(llm="", pretrain_steps=40, align_steps=4, compress_steps=0, steps=10 ** 9,
-                              methods=["full", "lora"], seeds_after=2)
-    plan = rundir.train_plan(args, lambda name: name == "pretrain")  # pretrain done; compress: 0 steps
-    assert plan == (("align", 4), ("ft_full", 10 ** 9), ("ft_lora", 10 ** 9), ("later seeds", 2 * (4 + 2 * 10 ** 9)))
+    """The plan: every stage still to train (by train()'s names; done ones, by their checkpoints, and 0-step ones left
+    out), then the later seeds: every stage again, or the fine-tuning alone under --init-from. train() prints the
+    whole run's steps left after its 10th step: a 10^9-step run says so before it starts the long stage."""
+    args = types.SimpleNamespace(llm="", pretrain_steps=40, align_steps=4, compress_steps=2, steps=10 ** 9,
+                                 methods=["full", "lora"], init_from="")
+    every = 40 + 4 + 2 + 2 * 10 ** 9
+    assert rundir.train_plan(args, lambda ck: False) == (("pretrain", 40), ("align", 4), ("align_compress", 2),
+                                                         ("ft_full", 10 ** 9), ("ft_lora", 10 ** 9), ("later seeds", 0))
+    plan = rundir.train_plan(args, lambda ck: ck in ("pretrain", "align_raw"), seeds_after=2)  # align_raw.pt: align's
+    assert plan == (("align_compress", 2), ("ft_full", 10 ** 9), ("ft_lora", 10 ** 9), ("later seeds", 2 * every))
+    args.init_from = "RUN"  # its aligned model: pretrain and align copied, in this seed and the later ones
+    plan_b = rundir.train_plan(args, lambda ck: ck == "ft_full", 1)
+    assert plan_b == (("ft_lora", 10 ** 9), ("later seeds", 2 * 10 ** 9))
     w = torch.nn.Parameter(torch.ones(2))
     model = types.SimpleNamespace(loss=lambda batch, **kw: (w ** 2).sum(), train=lambda: None)
     train.train(model, [{"params": [w], "initial_lr": 0.01}], lambda step: [{"answers": [[1]]}], 12,
                 train.TrainConfig(name="ft_full", plan=plan))
     out = capsys.readouterr().out
-    assert out.count("the whole run has") == 1  # once, at step 10 of 12: 2 + 10^9 (lora) + 2 (4 + 2·10^9) steps
-    assert f"the whole run has {2 + 10 ** 9 + 2 * (4 + 2 * 10 ** 9):,} training steps left, about" in out
+    assert out.count("the whole run has") == 1  # once, at step 10 of 12: 2 + 10^9 (lora) + the 2 later seeds
+    assert f"ft_full: the whole run has {2 + 10 ** 9 + 2 * every:,} training steps left, about" in out
     assert "days at this stage's" in out
     train.train(model, [{"params": [w], "initial_lr": 0.01}], lambda step: [{"answers": [[1]]}], 12,
                 train.TrainConfig(name="t"))  # a stage outside the plan (a direct call): no ETA
@@ -721,7 +728,9 @@ def test_ctrl_c_is_one_line(tmp_path, world):
     here = os.path.dirname(os.path.abspath(__file__))
     p = subprocess.Popen([sys.executable, "-u", os.path.join(here, "train.py"), "--out", str(tmp_path / "run"),
                           "--manifest", os.path.join(world[3], "manifest.jsonl"), "--batch-size", "8"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,  # SIGINT as in a
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # terminal (a background job
+    # started by a script inherits it ignored: Python then installs no KeyboardInterrupt, and the run goes on)
     for line in p.stdout:  # the pretraining has begun
         if line.startswith("pretrain:"):
             break

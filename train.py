@@ -215,7 +215,7 @@ def train(model, param_groups, batches, steps, cfg, teacher=None, held_out=None,
             steps = step + 1 if len(held) > 3 and min(held[-3:]) >= min(held[:-3]) else steps  # stop: this step the last
             tqdm.write(f"{cfg.name} step {step + 1}: held-out loss {held[-1]:.4f}" + " (3 without a new best: stop)" * (
                 steps == step + 1))
-        if step + 1 - start == min(10, steps - start) and cfg.name in dict(cfg.plan):  # the whole run's ETA, up front
+        if step + 1 - start == min(10, steps - start) and cfg.name in dict(cfg.plan):  # 10 steps timed: the run's ETA
             tqdm.write(eta_line(cfg.plan, cfg.name, steps - step - 1, (time.time() - t0) / (step + 1 - start)))
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
             ms = 1000 * (time.time() - t0) / (step + 1 - start)
@@ -339,8 +339,7 @@ def measure(run, model, name, w0, original, d, tc, args, ck):
 
 def settings(args):  # every flag outside the "Run" group, the sizes, the DDP world size: another value, another run
     run = {a.dest for a in get_parser()._action_groups[2]._group_actions} | {"log_every"}
-    skip = run | {"help", "given", "methods", "seed_list", "seeds_after"}
-    mine = {k: v for k, v in vars(args).items() if k not in skip}
+    mine = {k: v for k, v in vars(args).items() if k not in run | {"help", "given", "methods", "seed_list"}}
     if args.manifest and os.path.isfile(args.manifest):  # a run knows its data: changed data is another run
         mine["data_fingerprint"] = data.fingerprint(args.manifest)
     return mine
@@ -357,7 +356,7 @@ def stage(run, name, model, work, redo=False):  # the one skip: OUT/<name>.pt lo
         raise SystemExit(f"{name}: interrupted; finished stages are kept; rerun with --resume to go on") from None
 
 # ---- main: the pipeline, one call per stage
-def run_pipeline(args):
+def run_pipeline(args, seeds_after=0):  # seeds_after: how many --seeds follow this one (the ETA)
     rank, world = setup_ddp(args)
     if args.reanalyse: read_record(args)
     splits = ("speech_train", "test") + (() if args.llm else ("pretrain",))  # what the stages read
@@ -374,7 +373,7 @@ def run_pipeline(args):
         run.results["s2t_chance"] = evaluate.chance(d.split("test"))  # beside every S2T
         print(f"data: {len(d.rows)} rows, {len(d.features)} spoken, vocab {d.tok.vocab_size} ({time.time() - t:.1f}s)")
         tc = TrainConfig(out=args.out, batch_size=args.batch_size, grad_accum=args.grad_accum, rank=rank, world=world,
-                         plan=train_plan(args, run.done), **{k: getattr(args, k) for k in (
+                         plan=train_plan(args, run.done, seeds_after), **{k: getattr(args, k) for k in (
                              "log_every", "stop_every", "seed", "device", "dtype", "resume")})
         cfg = ModelConfig(vocab_size=d.tok.vocab_size, n_layers=args.n_layers, d_llm=args.d_llm, llm=args.llm,
                           encoder=args.encoder, n_mels=n_mels, ctc_compress=True)  # CTC compression (ours)
@@ -437,8 +436,8 @@ def run_seeds(args):  # --seeds: the pipeline per seed in OUT/seed<N> (from --in
         print(f"\n=== seed {s} ===")
         init, out = args.init_from and os.path.join(args.init_from, f"seed{s}"), os.path.join(args.out, f"seed{s}")
         init = init if init and os.path.isdir(init) else args.init_from
-        per_seed[str(s)] = run_pipeline(argparse.Namespace(**{**vars(args), "seed": s, "out": out, "init_from": init,
-                                                                  "seeds_after": len(args.seed_list) - i - 1}))
+        per_seed[str(s)] = run_pipeline(argparse.Namespace(**{**vars(args), "seed": s, "out": out, "init_from": init}),
+                                        len(args.seed_list) - i - 1)
         reports.append(json.load(open(os.path.join(out, "importance.json")))["distribution"])
     mean, sd = evaluate.mean_sd(list(per_seed.values()))
     dists = {k: [sum(x) / len(x) for x in zip(*(r[k] for r in reports))] for k in reports[0] if k != "original_speech"}
