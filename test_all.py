@@ -408,6 +408,7 @@ def test_unknown_method_and_bad_flags_are_one_line_errors(capsys, tmp_path):
              (["--out", str(tmp_path / "afile")], "is a file")]
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU"))
+    assert train.get_args(["--method", "full,lora,full"]).methods == ["full", "lora"]  # a method runs once
     for argv, msg in cases:
         with pytest.raises(SystemExit):
             train.get_args(argv)

@@ -75,7 +75,7 @@ def get_args(argv=None, preset=None, **sizes):  # preset: defaults of a mode (re
     if not (args.lr > 0 and args.lora_lr > 0 and 0 <= args.lam <= 1):
         p.error(f"--lr, --lora-lr: must be > 0; --lam: in [0, 1]; got {args.lr}, {args.lora_lr}, {args.lam}")
     try:
-        args.methods = [method_row(m) and m for m in args.method.split(",") if m]
+        args.methods = list(dict.fromkeys(method_row(m) and m for m in args.method.split(",") if m))  # once each
         args.seed_list = [int(s) for s in args.seeds.split(",") if s]
     except ValueError as e:
         p.error(str(e) if "--method" in str(e) else "--seeds: comma-separated integers expected")
