@@ -53,7 +53,7 @@ def generate(model, rows, make, tok, max_new_tokens=None, ctc=False, batch_size=
     n = max_new_tokens or tok.answer_tokens
     run = lambda b: model.ctc_transcribe(b) if ctc else model.generate(b, n, tok.eos_id)
     ids = [t for i in range(0, len(rows), batch_size) for t in run(make(rows[i:i + batch_size]))]
-    cut.extend(len(t) == n for t in ids) if cut is not None else None  # generate drops the EOS: n tokens = none
+    if cut is not None: cut.extend(len(t) == n for t in ids)  # generate drops the EOS: n tokens = none
     return [tok.decode(t) for t in ids]
 
 def accuracy(model, rows, make, tok):  # -> (contains-accuracy, exact-match accuracy, predictions, share cut)

@@ -21,8 +21,8 @@ def load_checkpoint(path):  # on the CPU; one that cannot be read is named, with
                          "(a .partial.pt: to restart it), or --force to start over")
 
 def resume(partial, model, opt, go_on, held):
-    """An interrupted stage's resume file: loaded with --resume (go_on), else named. -> (start step, losses so far,
-    held-out losses so far: into held)"""
+    """An interrupted stage's resume file: loaded with --resume (go_on), else named; its held-out losses into held.
+    -> (start step, losses so far)"""
     if partial and os.path.exists(partial) and go_on:
         ck = load_checkpoint(partial)
         model.load_state_dict(ck["model"], strict=False)
@@ -30,10 +30,10 @@ def resume(partial, model, opt, go_on, held):
         torch.set_rng_state(ck["rng"])  # dropout draws continue exactly (batches are a function of step)
         print(f"{os.path.basename(partial)[:-11]}: resumed at step {ck['step']}")
         held[:] = ck.get("held", [])
-        return ck["step"], ck["losses"], held
+        return ck["step"], ck["losses"]
     if partial and os.path.exists(partial):
         print(f"{os.path.basename(partial)[:-11]}: starting over; {partial} holds an interrupted run (--resume: go on)")
-    return 0, [], held
+    return 0, []
 
 CHECKPOINT = {"align": "align_raw", "align_compress": "align"}  # train()'s stage name -> its OUT/<name>.pt, if other
 

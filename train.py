@@ -181,7 +181,8 @@ def train(model, param_groups, batches, steps, cfg, teacher=None, held_out=None,
     fwd = DDP(model, device_ids=[torch.device(cfg.device).index] if cuda else None) if W > 1 else model.loss
     scaler = torch.amp.GradScaler(cfg.device.split(":")[0], enabled=cfg.dtype == "fp16")
     partial = os.path.join(cfg.out, f"{cfg.name}.partial.pt") if cfg.out else ""  # the resume file
-    start, losses, held = resume(partial, model, opt, cfg.resume, [] if held is None else held)
+    held = [] if held is None else held  # the caller's list: it reads the curve
+    start, losses = resume(partial, model, opt, cfg.resume, held)
     model.train()
     t0 = time.time()
     for step in (bar := tqdm(range(start, steps), desc=cfg.name, leave=False, disable=None if cfg.rank == 0 else True)):
@@ -215,10 +216,10 @@ def train(model, param_groups, batches, steps, cfg, teacher=None, held_out=None,
             steps = step + 1 if len(held) > 3 and min(held[-3:]) >= min(held[:-3]) else steps  # stop: this step the last
             tqdm.write(f"{cfg.name} step {step + 1}: held-out loss {held[-1]:.4f}" + " (3 without a new best: stop)" * (
                 steps == step + 1))
+        ms = 1000 * (time.time() - t0) / (step + 1 - start)  # a step's mean time so far
         if step + 1 - start == min(10, steps - start) and cfg.name in dict(cfg.plan):  # 10 steps timed: the run's ETA
-            tqdm.write(eta_line(cfg.plan, cfg.name, steps - step - 1, (time.time() - t0) / (step + 1 - start)))
+            tqdm.write(eta_line(cfg.plan, cfg.name, steps - step - 1, ms / 1000))
         if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            ms = 1000 * (time.time() - t0) / (step + 1 - start)
             tqdm.write(f"{cfg.name} step {step + 1}/{steps} | loss {losses[-1]:.4f} | lr {opt.param_groups[0]['lr']:.2e}"
                        f" | norm {norm:.2f} | {ms:.0f} ms | {ms * (steps - step - 1) / 6e4:.1f} min left of {cfg.name}")
             if cfg.rank == 0 and partial:
